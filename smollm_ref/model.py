@@ -270,6 +270,8 @@ class LlamaForCausalLM(nn.Module):
         zero, the padding row zero, RMSNorm weights one."""
         std = self.config.initializer_range
         for module in self.modules():
+            if module is self.lm_head and self.config.tie_word_embeddings:
+                continue  # the embedding's initialisation (padding row zero) is the tied weight's
             if isinstance(module, nn.Linear):
                 module.weight.normal_(0.0, std)
                 if module.bias is not None:
@@ -298,6 +300,28 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(h)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss)
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Change the vocabulary to `vocab_size` rows (e.g. for GPT-2's tokenizer plus special tokens):
+        existing rows are kept, new ones drawn N(0, initializer_range), and `config.vocab_size` records it."""
+        old = self.model.embed_tokens
+        if vocab_size == old.num_embeddings:
+            return
+        self.config = self.config.replace(vocab_size=vocab_size)
+        self.model.config = self.config
+        keep = min(vocab_size, old.num_embeddings)
+        embed = nn.Embedding(vocab_size, old.embedding_dim, self.config.pad_token_id, device=old.weight.device, dtype=old.weight.dtype)
+        embed.weight.normal_(0.0, self.config.initializer_range)
+        embed.weight[:keep] = old.weight[:keep]
+        self.model.embed_tokens = embed
+        head = nn.Linear(old.embedding_dim, vocab_size, bias=False, device=old.weight.device, dtype=old.weight.dtype)
+        if self.config.tie_word_embeddings:
+            head.weight = embed.weight
+        else:
+            head.weight.normal_(0.0, self.config.initializer_range)
+            head.weight[:keep] = self.lm_head.weight[:keep]
+        self.lm_head = head
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)

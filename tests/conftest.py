@@ -1,0 +1,60 @@
+"""Shared fixtures: deterministic seeds and default dtype restored around every test, tiny configs,
+and transformers twins of tiny models built through the production converter."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from smollm_ref.config import ModelConfig
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    dtype = torch.get_default_dtype()
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """A 2-layer GQA model small enough for exhaustive checks (vocab 256, 4 query heads, 2 KV heads)."""
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        initializer_range=0.05,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config()
+
+
+def pytest_collection_modifyitems(config, items):
+    """CUDA tests are skipped, with the reason shown, where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

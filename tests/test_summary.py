@@ -1,0 +1,13 @@
+from smollm_ref.summary import main
+
+
+def test_summary_compare_hf_counts_equal(capsys):
+    assert main(["--config", "smollm2-tiny", "--compare-hf", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "per-module parameter counts equal" in out
+    assert out.count("3,244,352") >= 2  # smollm_ref and transformers totals
+
+
+def test_summary_bad_config(capsys):
+    assert main(["--config", "no-such-preset"]) == 2
+    assert "unknown model config" in capsys.readouterr().err

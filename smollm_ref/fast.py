@@ -1,0 +1,450 @@
+"""Fast paths for training and decoding, kept apart from the readable reference in `model.py`.
+
+Nothing here owns parameters: every function reads the reference `LlamaForCausalLM`'s own Parameters
+(same state dict, same optimizer), so the reference and the fast path are two ways of running one model.
+What makes them faster, and why each is safe:
+
+- `pack_weights`: q/k/v and gate/up weights concatenated and cast to the compute dtype once per step,
+  instead of autocast casting every weight at every op (and again in backward). The cast is part of the
+  autograd graph, so gradients still land, in float32, on the reference Parameters.
+- `chunked_cross_entropy`: the lm_head matmul, log-softmax and their gradients done a chunk of rows at a
+  time in one pass, so the (B, T, V) float32 logits (400 MB at 4x512 tokens) never exist. It computes the
+  gradient in the forward pass (the loss is the last op of the graph), as Liger's fused linear
+  cross-entropy does.
+- Attention uses SDPA's grouped-query mode; the residual stream stays float32 in mixed precision, as it
+  does under autocast, so the numerics are autocast's.
+- `StaticKVCache` + `decode_step`: a preallocated cache and a decode step with fixed shapes, which
+  `torch.compile` can turn into one graph (and CUDA graphs on GPU).
+
+Mixed precision here means what `torch.autocast` means for this model: matmuls and attention in the
+low-precision dtype, norms, RoPE and the residual stream in float32, loss in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .generate import _check_args, sample_next
+from .model import LlamaForCausalLM, rotate_half
+
+IGNORE_INDEX = -100
+
+
+# ---- loss -------------------------------------------------------------------------------------------
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(hidden @ weight.T, targets) / n_valid, with both gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int):
+        n_valid = (targets != IGNORE_INDEX).sum()
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        scale = 1.0 / n_valid.clamp(min=1).float()
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]  # (n, C)
+            t = targets[start : start + chunk_size]  # (n,)
+            valid = t != IGNORE_INDEX
+            safe_t = t.masked_fill(~valid, 0)
+            # transformers' loss upcasts the (possibly bf16) logits to float32 before log-softmax: same here.
+            logits = F.linear(h, weight).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            if not (need_h or need_w):
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
+            probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+            grad_logits = (probs * (valid[:, None] * scale)).to(hidden.dtype)  # (n, V)
+            if need_h:
+                grad_h[start : start + chunk_size] = grad_logits @ weight
+            if need_w:
+                grad_w += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        # n_valid == 0 gives 0/0 = nan, as F.cross_entropy does with every target ignored.
+        return total / n_valid.float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * grad_out if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024):
+    """`F.cross_entropy(lm_head(hidden).float(), targets)` (mean, -100 ignored) without the (B, T, V) logits.
+
+    hidden (..., C); lm_head_weight (V, C); targets (...) aligned with hidden (row i's target is
+    targets[i], no shift). Gradients flow to hidden and the weight; the weight gradient is accumulated
+    in float32 and cast to the weight's dtype by autograd."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, targets.reshape(-1), chunk_size)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024):
+    """`model.causal_lm_loss(lm_head(hidden), labels)` without the (B, T, V) logits: labels (B, T) are
+    unshifted, -100 ignored, position t predicts labels[t + 1] (transformers' ForCausalLMLoss)."""
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return linear_cross_entropy(hidden, lm_head_weight, targets, chunk_size)
+
+
+# ---- packed weights ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedLayer:
+    ln1: torch.Tensor  # (C,) input_layernorm, float32 (or the model's dtype)
+    qkv: torch.Tensor  # ((H + 2K) * D, C)
+    o: torch.Tensor  # (C, H * D)
+    ln2: torch.Tensor  # (C,)
+    gate_up: torch.Tensor  # (2I, C)
+    down: torch.Tensor  # (C, I)
+    qkv_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+@dataclass
+class PackedWeights:
+    embed: torch.Tensor  # (V, C), the residual dtype (the lookup is not a matmul)
+    layers: list[PackedLayer]
+    norm: torch.Tensor  # (C,)
+    lm_head: torch.Tensor  # (V, C), the compute dtype
+    dtype: torch.dtype  # compute dtype of matmuls and attention
+
+
+def _cat(tensors, dtype):
+    if any(t is None for t in tensors):
+        return None
+    return torch.cat([t.to(dtype) for t in tensors])
+
+
+def pack_weights(model: LlamaForCausalLM, dtype: torch.dtype | None = None) -> PackedWeights:
+    """The model's weights fused (qkv, gate|up) and cast to `dtype` (default: the parameters' dtype).
+
+    Differentiable: called under grad, backward sends the gradients to the reference Parameters. A tied
+    lm_head is cast once and shared. Norm weights keep the parameters' dtype (norms run in float32)."""
+    dtype = dtype or model.lm_head.weight.dtype
+    layers = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        layers.append(
+            PackedLayer(
+                ln1=layer.input_layernorm.weight,
+                qkv=_cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dtype),
+                o=a.o_proj.weight.to(dtype),
+                ln2=layer.post_attention_layernorm.weight,
+                gate_up=_cat([m.gate_proj.weight, m.up_proj.weight], dtype),
+                down=m.down_proj.weight.to(dtype),
+                qkv_bias=_cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], dtype),
+                o_bias=None if a.o_proj.bias is None else a.o_proj.bias.to(dtype),
+                gate_up_bias=_cat([m.gate_proj.bias, m.up_proj.bias], dtype),
+                down_bias=None if m.down_proj.bias is None else m.down_proj.bias.to(dtype),
+            )
+        )
+    embed = model.model.embed_tokens.weight
+    lm_head = model.lm_head.weight.to(dtype)
+    return PackedWeights(embed=embed, layers=layers, norm=model.model.norm.weight, lm_head=lm_head, dtype=dtype)
+
+
+# ---- the forward pass -------------------------------------------------------------------------------
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # The reference's order exactly: float32 variance, cast back to x's dtype, then the weight multiply.
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated in cos's dtype (float32 in mixed precision, as under autocast)."""
+    x = x.to(cos.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_table(config: ModelConfig, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (length, D) for positions 0..length-1, computed as `LlamaRotaryEmbedding` does."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    freqs = torch.arange(length, device=device).float()[:, None] * inv_freq  # (length, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _block(x, p: PackedLayer, cos, sin, config: ModelConfig, dtype: torch.dtype):
+    """One decoder layer without a cache. x (B, T, C) in the residual dtype; cos/sin (T, D)."""
+    b, t, c = x.shape
+    h_, k_, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    h = _rms_norm(x, p.ln1, config.rms_norm_eps).to(dtype)
+    q, k, v = F.linear(h, p.qkv, p.qkv_bias).split([h_ * d, k_ * d, k_ * d], dim=-1)
+    q = _rope(q.view(b, t, h_, d).transpose(1, 2), cos, sin).to(dtype)  # (B, H, T, D)
+    k = _rope(k.view(b, t, k_, d).transpose(1, 2), cos, sin).to(dtype)  # (B, K, T, D)
+    v = v.view(b, t, k_, d).transpose(1, 2)  # (B, K, T, D)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=d**-0.5, enable_gqa=k_ != h_)
+    x = x + F.linear(y.transpose(1, 2).reshape(b, t, h_ * d), p.o, p.o_bias)
+    h = _rms_norm(x, p.ln2, config.rms_norm_eps).to(dtype)
+    gate, up = F.linear(h, p.gate_up, p.gate_up_bias).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, p.down, p.down_bias)
+
+
+class FastForward:
+    """A faster forward of a reference model: packed weights, GQA attention, optional per-block compile.
+
+    dtype: compute dtype of matmuls and attention (default: the parameters' dtype). When it is lower
+    than the parameters' dtype this is autocast-style mixed precision (float32 residual and norms).
+    compile: `torch.compile` one decoder block (the same compiled code serves every layer).
+    chunk_size: rows of logits the loss holds at once (default 512 on CPU, 4096 on CUDA).
+    """
+
+    def __init__(
+        self, model: LlamaForCausalLM, dtype: torch.dtype | None = None, compile: bool = False, chunk_size: int | None = None
+    ):
+        self.model = model
+        self.config = model.config
+        self.dtype = dtype or model.lm_head.weight.dtype
+        # Rows of logits per loss chunk: 512 x 49152 float32 is 100 MB on CPU; a GPU wants bigger matmuls.
+        self.chunk_size = chunk_size or (4096 if model.lm_head.weight.is_cuda else 512)
+        self.block: Callable = torch.compile(_block, dynamic=False) if compile else _block
+        self._rope: dict = {}
+
+    def _rope_for(self, t: int, device, dtype):
+        key = (t, str(device), dtype)
+        if key not in self._rope:
+            self._rope = {key: rope_table(self.config, t, dtype, device)}
+        return self._rope[key]
+
+    def hidden(self, input_ids: torch.Tensor, packed: PackedWeights | None = None) -> torch.Tensor:
+        """(B, T) -> final-norm hidden states (B, T, C) in the compute dtype. No padding, no cache."""
+        packed = packed or pack_weights(self.model, self.dtype)
+        x = F.embedding(input_ids, packed.embed)  # (B, T, C), the residual dtype
+        cos, sin = self._rope_for(input_ids.shape[1], input_ids.device, x.dtype)
+        for p in packed.layers:
+            x = self.block(x, p, cos, sin, self.config, self.dtype)
+        return _rms_norm(x, packed.norm, self.config.rms_norm_eps).to(self.dtype)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, V) logits in the compute dtype, as the reference gives under autocast."""
+        packed = pack_weights(self.model, self.dtype)
+        return F.linear(self.hidden(input_ids, packed), packed.lm_head)
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The reference's `model(input_ids, labels=labels).loss`, without the float32 logits."""
+        packed = pack_weights(self.model, self.dtype)
+        return chunked_cross_entropy(self.hidden(input_ids, packed), packed.lm_head, labels, self.chunk_size)
+
+    def lm_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """`train.lm_loss(model, inputs, targets)`: targets already shifted (row t predicts targets[t])."""
+        packed = pack_weights(self.model, self.dtype)
+        return linear_cross_entropy(self.hidden(inputs, packed), packed.lm_head, targets, self.chunk_size)
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """`torch.optim.AdamW` with the fused kernel where this torch has it for the parameters' device."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
+# ---- decoding ---------------------------------------------------------------------------------------
+
+
+class StaticKVCache:
+    """Keys and values of every layer in preallocated (L, B, K, S_max, D) buffers, written in place,
+    so a decode step has the same shapes every time (what compile and CUDA graphs need)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+
+def _attend_cached(q, kc, vc, valid):
+    """q (B, H, 1, D); kc/vc (B, K, S, D); valid (S,) bool. Grouped-query attention written out, so
+    that it compiles to one fixed-shape graph: the G = H/K queries of a KV head share its keys."""
+    b, h, _, d = q.shape
+    k_heads = kc.shape[1]
+    qg = q.reshape(b, k_heads, h // k_heads, d)  # (B, K, G, D)
+    scores = (qg @ kc.transpose(-1, -2)).float() * d**-0.5  # (B, K, G, S)
+    scores = scores.masked_fill(~valid, float("-inf"))
+    y = scores.softmax(-1).to(vc.dtype) @ vc  # (B, K, G, D)
+    return y.reshape(b, h, 1, d)
+
+
+def decode_step(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache, tokens, pos, cos_table, sin_table):
+    """One new token per row at position `pos` (a 0-d long tensor): writes its keys and values into the
+    cache and returns the (B, V) logits. Every shape is fixed, so this compiles to one graph."""
+    b = tokens.shape[0]
+    h_, k_, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    dtype = packed.dtype
+    x = F.embedding(tokens, packed.embed)  # (B, 1, C)
+    index = pos.reshape(1)
+    # index_select, not cos_table[pos]: a tensor index would make the shape depend on data for compile.
+    cos, sin = cos_table.index_select(0, index), sin_table.index_select(0, index)  # (1, D)
+    valid = torch.arange(cache.max_len, device=tokens.device) <= pos  # (S,)
+    for i, p in enumerate(packed.layers):
+        h = _rms_norm(x, p.ln1, config.rms_norm_eps).to(dtype)
+        q, k, v = F.linear(h, p.qkv, p.qkv_bias).split([h_ * d, k_ * d, k_ * d], dim=-1)
+        q = _rope(q.view(b, 1, h_, d).transpose(1, 2), cos, sin).to(dtype)  # (B, H, 1, D)
+        k = _rope(k.view(b, 1, k_, d).transpose(1, 2), cos, sin).to(dtype)  # (B, K, 1, D)
+        cache.k[i].index_copy_(2, index, k)
+        cache.v[i].index_copy_(2, index, v.view(b, 1, k_, d).transpose(1, 2).to(cache.v.dtype))
+        y = _attend_cached(q, cache.k[i], cache.v[i], valid)
+        x = x + F.linear(y.transpose(1, 2).reshape(b, 1, h_ * d), p.o, p.o_bias)
+        h = _rms_norm(x, p.ln2, config.rms_norm_eps).to(dtype)
+        gate, up = F.linear(h, p.gate_up, p.gate_up_bias).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, p.down, p.down_bias)
+    h = _rms_norm(x, packed.norm, config.rms_norm_eps).to(dtype)
+    return F.linear(h[:, -1], packed.lm_head)  # (B, V)
+
+
+def _prefill(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache, input_ids, cos_table, sin_table):
+    """The prompt in one causal pass from position 0, filling cache[:, :, :, :T]; returns (B, V) logits."""
+    b, t = input_ids.shape
+    h_, k_, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    dtype = packed.dtype
+    x = F.embedding(input_ids, packed.embed)
+    cos, sin = cos_table[:t], sin_table[:t]
+    for i, p in enumerate(packed.layers):
+        h = _rms_norm(x, p.ln1, config.rms_norm_eps).to(dtype)
+        q, k, v = F.linear(h, p.qkv, p.qkv_bias).split([h_ * d, k_ * d, k_ * d], dim=-1)
+        q = _rope(q.view(b, t, h_, d).transpose(1, 2), cos, sin).to(dtype)
+        k = _rope(k.view(b, t, k_, d).transpose(1, 2), cos, sin).to(dtype)
+        v = v.view(b, t, k_, d).transpose(1, 2)
+        cache.k[i, :, :, :t] = k
+        cache.v[i, :, :, :t] = v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=d**-0.5, enable_gqa=k_ != h_)
+        x = x + F.linear(y.transpose(1, 2).reshape(b, t, h_ * d), p.o, p.o_bias)
+        h = _rms_norm(x, p.ln2, config.rms_norm_eps).to(dtype)
+        gate, up = F.linear(h, p.gate_up, p.gate_up_bias).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, p.down, p.down_bias)
+    h = _rms_norm(x[:, -1:], packed.norm, config.rms_norm_eps).to(dtype)
+    return F.linear(h[:, -1], packed.lm_head)
+
+
+class FastGenerator:
+    """KV-cached generation with a static cache and a fixed-shape decode step, for one model.
+
+    Greedy output equals `generate.generate` (float32: token for token on the tested configs).
+    compile: `torch.compile` the decode step (on CUDA with CUDA graphs, mode "reduce-overhead").
+    Weights are packed once and repacked only when a parameter changed (its version counter moved).
+    No padding: prompts of one batch must have the same length (use `generate.generate` otherwise).
+    """
+
+    def __init__(self, model: LlamaForCausalLM, compile: bool = False):
+        self.model = model
+        self.config = model.config
+        self._packed: PackedWeights | None = None
+        self._versions: tuple | None = None
+        self._step: Callable = decode_step
+        self.cuda_graphs = compile and model.lm_head.weight.device.type == "cuda"
+        if compile:
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            self._step = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+        self._tables: dict = {}
+        self._caches: dict = {}
+
+    def packed(self) -> PackedWeights:
+        versions = tuple(p._version for p in self.model.parameters())
+        if self._packed is None or versions != self._versions:
+            with torch.no_grad():
+                self._packed = pack_weights(self.model)
+            self._versions = versions
+            if self.cuda_graphs:
+                # CUDA graphs copy every input that does not have a static address at each replay: the
+                # weights must not be among them.
+                for t in _tensors(self._packed):
+                    torch._dynamo.mark_static_address(t)
+        return self._packed
+
+    def _cache(self, batch_size, max_len, dtype, device) -> StaticKVCache:
+        # One cache per shape, reused across calls: a new cache would be a new static address, hence a
+        # recompile. Stale entries past the current position are masked out, never read.
+        key = (batch_size, max_len, dtype, str(device))
+        if key not in self._caches:
+            cache = StaticKVCache(self.config, batch_size, max_len, dtype, device)
+            if self.cuda_graphs:
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+            self._caches = {key: cache}
+        return self._caches[key]
+
+    def _rope(self, length, device, dtype):
+        key = (length, str(device), dtype)
+        if key not in self._tables:
+            self._tables[key] = rope_table(self.config, length, dtype, device)
+        return self._tables[key]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n)."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("FastGenerator does not take padded batches; use smollm_ref.generate.generate for those")
+        _check_args(self.model, input_ids, max_new_tokens, temperature, top_k, top_p)
+        if max_new_tokens == 0:
+            return input_ids
+        packed = self.packed()
+        device = input_ids.device
+        eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=device, dtype=torch.long)
+        b, t = input_ids.shape
+        max_len = t + max_new_tokens
+        # The residual stream runs in the embedding's dtype; cos/sin follow it, as in the reference.
+        cos_table, sin_table = self._rope(max_len, device, packed.embed.dtype)
+        cache = self._cache(b, max_len, packed.dtype, device)
+        logits = _prefill(packed, self.config, cache, input_ids, cos_table, sin_table)
+        unfinished = torch.ones(b, dtype=torch.bool, device=device)
+        steps = []
+        pos = torch.tensor(t, device=device)
+        for i in range(max_new_tokens):
+            next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_ids.numel():
+                next_tokens = torch.where(unfinished, next_tokens, eos_ids[0])
+                unfinished &= ~torch.isin(next_tokens, eos_ids)
+            steps.append(next_tokens)
+            if i == max_new_tokens - 1 or (eos_ids.numel() and not unfinished.any()):
+                break
+            logits = self._step(packed, self.config, cache, next_tokens[:, None], pos, cos_table, sin_table)
+            if self.cuda_graphs:
+                logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
+            pos += 1
+        return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
+
+
+def _tensors(packed: PackedWeights) -> list[torch.Tensor]:
+    out = [packed.embed, packed.norm, packed.lm_head]
+    for layer in packed.layers:
+        out += [t for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    return out
+
+
+def fast_generate(model: LlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """One-off `FastGenerator(model).generate(...)`; keep a FastGenerator to reuse packed weights."""
+    return FastGenerator(model).generate(input_ids, max_new_tokens, **kwargs)

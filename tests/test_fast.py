@@ -1,0 +1,286 @@
+"""The fast paths (smollm_ref.fast) against the reference model: float32 to rounding, bf16 inside the
+envelope the reference itself has under autocast (its own error against float32, times two)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smollm_ref.fast import (
+    FastForward,
+    FastGenerator,
+    adamw,
+    chunked_cross_entropy,
+    fast_generate,
+    linear_cross_entropy,
+    pack_weights,
+)
+from smollm_ref.generate import generate
+from smollm_ref.model import LlamaForCausalLM, causal_lm_loss
+
+from .conftest import tiny_config
+
+ENVELOPE = 2.0  # a fast bf16 path may be at most this many times further from float32 than the reference's bf16
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), out
+
+
+@pytest.fixture
+def model():
+    return LlamaForCausalLM(tiny_config())
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 256, (2, 24))
+
+
+# ---- float32: the same function ---------------------------------------------------------------------
+
+
+def test_fast_forward_logits_match_reference_fp32(model, ids):
+    ref = model(ids).logits
+    torch.testing.assert_close(FastForward(model).logits(ids), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_loss_and_gradients_match_reference_fp32(model, ids):
+    labels = ids.clone()
+    labels[0, :5] = -100  # ignored positions must be ignored the same way
+    ref_loss, ref_grads = grads(model, lambda: model(ids, labels=labels).loss)
+    fast_loss, fast_grads = grads(model, lambda: FastForward(model, chunk_size=7).loss(ids, labels))
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert fast_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lm_loss_takes_shifted_targets_like_the_trainer(model, ids):
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    expected = F.cross_entropy(model(inputs).logits.float().reshape(-1, 256), targets.reshape(-1))
+    torch.testing.assert_close(FastForward(model).lm_loss(inputs, targets), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "rows, chunk, n_ignored, seed",
+    [(1, 1, 0, 0), (1, 5, 1, 1), (7, 3, 0, 2), (7, 7, 2, 3), (9, 4, 9, 4), (9, 12, 8, 5), (8, 2, 3, 6), (5, 1, 4, 7)],
+)
+def test_chunked_cross_entropy_equals_full_logits(rows, chunk, n_ignored, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, rows, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (1, rows), generator=g)
+    labels[0, : min(n_ignored, rows)] = -100
+    expected = causal_lm_loss(F.linear(hidden, weight), labels)
+    got = chunked_cross_entropy(hidden, weight, labels, chunk)
+    if torch.isnan(expected):  # every target ignored: both are 0/0
+        assert torch.isnan(got)
+        return
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    exp_h, exp_w = torch.autograd.grad(expected * 3.0, (hidden, weight))
+    got_h, got_w = torch.autograd.grad(got * 3.0, (hidden, weight))  # the upstream gradient is honoured
+    torch.testing.assert_close(got_h, exp_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, exp_w, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_frozen_weight_and_bad_arguments():
+    hidden = torch.randn(5, 4, requires_grad=True)
+    weight = torch.randn(7, 4)  # frozen head: no gradient computed for it
+    targets = torch.tensor([1, 2, -100, 6, 0])
+    loss = linear_cross_entropy(hidden, weight, targets, 2)
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.t(), targets), rtol=1e-6, atol=1e-6)
+    loss.backward()
+    assert hidden.grad is not None and weight.grad is None
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(hidden, weight, targets, 0)
+    with pytest.raises(ValueError, match="targets shape"):
+        linear_cross_entropy(hidden, weight, targets[:3], 2)
+
+
+def test_pack_weights_shares_one_cast_of_the_tied_head(model):
+    packed = pack_weights(model, torch.bfloat16)
+    assert packed.lm_head.dtype == torch.bfloat16 and packed.embed.dtype == torch.float32
+    assert packed.layers[0].qkv.shape == (4 * 16 + 2 * 2 * 16, 64)
+    packed.lm_head.float().sum().backward()  # the cast is differentiable back to the one tied Parameter
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_biases_are_packed_and_used():
+    model = LlamaForCausalLM(tiny_config(attention_bias=True, mlp_bias=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    ids = torch.randint(0, 256, (1, 9))
+    torch.testing.assert_close(FastForward(model).logits(ids), model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- bf16 mixed precision: inside the reference's own envelope --------------------------------------
+
+
+def test_bf16_mixed_loss_logits_and_gradients_inside_autocast_envelope(model, ids):
+    ref32_loss, ref32 = grads(model, lambda: model(ids, labels=ids).loss)
+    logits32 = model(ids).logits.detach()
+
+    def autocast_loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(ids, labels=ids).loss
+
+    ac_loss, ac = grads(model, autocast_loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ac_logits = model(ids).logits.detach()
+    fast = FastForward(model, torch.bfloat16)
+    fast_loss, fg = grads(model, lambda: fast.loss(ids, ids))
+    fast_logits = fast.logits(ids).detach()
+    assert fast_logits.dtype == torch.bfloat16
+    assert rel_err(fast_logits, logits32) <= ENVELOPE * rel_err(ac_logits, logits32) + 1e-7
+    assert abs(fast_loss - ref32_loss) <= ENVELOPE * abs(ac_loss - ref32_loss) + 1e-4
+    for name in ref32:
+        assert fg[name].dtype == torch.float32, name  # gradients land on the float32 master weights
+        assert rel_err(fg[name], ref32[name]) <= ENVELOPE * rel_err(ac[name], ref32[name]) + 1e-6, name
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+
+def test_fast_generate_greedy_equals_reference_fp32(model):
+    prompt = torch.randint(0, 256, (3, 7))
+    expected = generate(model, prompt, 20, eos_token_id=[])
+    assert torch.equal(fast_generate(model, prompt, 20, eos_token_id=[]), expected)
+
+
+def test_fast_generate_stops_at_eos_like_reference(model):
+    prompt = torch.randint(0, 256, (2, 5))
+    free = generate(model, prompt, 12, eos_token_id=[])
+    eos = int(free[0, 5 + 3])  # row 0 produces this token at step 4: rows finish at different times
+    expected = generate(model, prompt, 12, eos_token_id=eos)
+    assert torch.equal(fast_generate(model, prompt, 12, eos_token_id=eos), expected)
+
+
+def test_fast_generate_sampling_follows_the_generator(model):
+    prompt = torch.randint(0, 256, (2, 4))
+
+    def run(fn):
+        return fn(model, prompt, 10, temperature=0.8, top_k=20, eos_token_id=[], generator=torch.Generator().manual_seed(3))
+
+    assert torch.equal(run(fast_generate), run(generate))
+
+
+def test_bf16_decode_logits_inside_envelope(model):
+    """Teacher-forced decode: the fast path's bf16 logits against float32, beside the bf16 reference's."""
+    tokens = torch.randint(0, 256, (2, 12))
+    logits32 = model(tokens).logits[:, 5:]
+    ref16 = LlamaForCausalLM(model.config).to(torch.bfloat16)
+    ref16.load_state_dict(model.state_dict())
+    ref_logits, fast_logits = [], []
+    cache = ref16.new_kv_cache()
+    with torch.no_grad():
+        ref_logits.append(ref16(tokens[:, :6], kv_cache=cache).logits[:, -1])
+        for t in range(6, 12):
+            ref_logits.append(ref16(tokens[:, t : t + 1], kv_cache=cache).logits[:, -1])
+        from smollm_ref.fast import StaticKVCache, _prefill, decode_step, rope_table
+
+        packed = pack_weights(ref16)
+        cos, sin = rope_table(model.config, 12, torch.bfloat16, "cpu")
+        fcache = StaticKVCache(model.config, 2, 12, torch.bfloat16, "cpu")
+        fast_logits.append(_prefill(packed, model.config, fcache, tokens[:, :6], cos, sin))
+        for t in range(6, 12):
+            fast_logits.append(decode_step(packed, model.config, fcache, tokens[:, t : t + 1], torch.tensor(t), cos, sin))
+    ref_logits, fast_logits = torch.stack(ref_logits[:-1], 1), torch.stack(fast_logits[:-1], 1)
+    assert rel_err(fast_logits, logits32[:, :6]) <= ENVELOPE * rel_err(ref_logits, logits32[:, :6]) + 1e-7
+
+
+def test_generator_repacks_after_a_weight_update(model):
+    gen = FastGenerator(model)
+    prompt = torch.randint(0, 256, (1, 6))
+    before = gen.generate(prompt, 8, eos_token_id=[])
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # bumps the Parameter's version counter
+    after = gen.generate(prompt, 8, eos_token_id=[])
+    assert torch.equal(after, generate(model, prompt, 8, eos_token_id=[]))
+    assert not torch.equal(after, before)
+
+
+def test_fast_generate_refuses_padding_and_bad_arguments(model):
+    prompt = torch.randint(0, 256, (2, 4))
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="padded"):
+        fast_generate(model, prompt, 3, attention_mask=mask)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        fast_generate(model, prompt, -1)
+    assert torch.equal(fast_generate(model, prompt, 0), prompt)
+
+
+# ---- optimizer --------------------------------------------------------------------------------------
+
+
+def test_adamw_fused_step_matches_default_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 4)
+    b = torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = adamw(a.parameters(), lr=1e-2, weight_decay=0.1), torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            m(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+# ---- compiled and CUDA paths ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_block_matches_eager_cpu(model, ids):
+    eager = FastForward(model).loss(ids, ids)
+    compiled = FastForward(model, compile=True).loss(ids, ids)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_reference_cpu(model):
+    prompt = torch.randint(0, 256, (2, 5))
+    expected = generate(model, prompt, 6, eos_token_id=[])
+    assert torch.equal(FastGenerator(model, compile=True).generate(prompt, 6, eos_token_id=[]), expected)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_compiled_training_inside_envelope():
+    model = LlamaForCausalLM(tiny_config()).cuda()
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    ref32_loss, ref32 = grads(model, lambda: model(ids, labels=ids).loss)
+
+    def autocast_loss():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(ids, labels=ids).loss
+
+    ac_loss, ac = grads(model, autocast_loss)
+    fast = FastForward(model, torch.bfloat16, compile=True)
+    fast_loss, fg = grads(model, lambda: fast.loss(ids, ids))
+    assert abs(fast_loss - ref32_loss) <= ENVELOPE * abs(ac_loss - ref32_loss) + 1e-4
+    for name in ref32:
+        assert rel_err(fg[name], ref32[name]) <= ENVELOPE * rel_err(ac[name], ref32[name]) + 1e-6, name
+
+
+@pytest.mark.cuda
+def test_cuda_graph_decode_equals_reference_fp32():
+    model = LlamaForCausalLM(tiny_config()).cuda()
+    prompt = torch.randint(0, 256, (2, 6), device="cuda")
+    expected = generate(model, prompt, 16, eos_token_id=[])
+    gen = FastGenerator(model, compile=True)
+    assert torch.equal(gen.generate(prompt, 16, eos_token_id=[]), expected)
+    assert torch.equal(gen.generate(prompt, 16, eos_token_id=[]), expected)  # replayed graphs, same tokens

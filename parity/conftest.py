@@ -95,16 +95,6 @@ def theirs(load):
 
 
 @pytest.fixture(scope="session")
-def ours_bf16(load):
-    return load("smollm_ref", torch.bfloat16)
-
-
-@pytest.fixture(scope="session")
-def theirs_bf16(load):
-    return load("transformers", torch.bfloat16)
-
-
-@pytest.fixture(scope="session")
 def bit_identical_expected(report) -> bool:
     expected = sources.expect_bit_identical("cpu")
     pins = sources.pins()

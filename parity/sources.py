@@ -45,13 +45,20 @@ def load_transformers(source: str | os.PathLike = PYPI_SOURCE, dtype: torch.dtyp
     return model.eval()
 
 
-def tokenizer_for(source: str | os.PathLike):
+def tokenizer_for(source: str | os.PathLike, vocab_size: int | None = None):
     """The source's own tokenizer; a source without one (a bare save_pretrained directory) falls back to
-    SmolLM2's, which is correct for every SmolLM2 model. Returns (tokenizer, where it came from)."""
+    SmolLM2's, which is right for every SmolLM2 model. Returns (tokenizer or None, where it came from):
+    None when even the fallback has ids the model lacks (a tiny test model), and inputs are then random ids."""
     try:
         return load_tokenizer(source), str(source)
     except SourceError:
-        return load_tokenizer(PYPI_SOURCE), f"{PYPI_SOURCE} (the source has no tokenizer files)"
+        tok = load_tokenizer(PYPI_SOURCE)
+        if vocab_size is not None and len(tok) > vocab_size:
+            return (
+                None,
+                f"none (the source has no tokenizer and SmolLM2's does not fit {vocab_size} ids): seeded random token ids",
+            )
+        return tok, f"{PYPI_SOURCE} (the source has no tokenizer files)"
 
 
 @cache
@@ -65,8 +72,13 @@ def sample_text() -> str:
     return "\n\n".join(inspect.getsource(m) for m in (argparse, textwrap, typing))
 
 
-def text_ids(tokenizer, n: int, offset: int = 0) -> torch.Tensor:
-    """(1, n) token ids: n consecutive tokens of `sample_text()` starting at token `offset`."""
+def text_ids(tokenizer, n: int, offset: int = 0, vocab_size: int | None = None) -> torch.Tensor:
+    """(1, n) token ids: n consecutive tokens of `sample_text()` from token `offset`; without a tokenizer,
+    n random ids below `vocab_size` (seeded by `offset`, so the same call gives the same ids)."""
+    if tokenizer is None:
+        if vocab_size is None:
+            raise ValueError("text_ids needs a tokenizer or a vocab_size")
+        return torch.randint(0, vocab_size, (1, n), generator=torch.Generator().manual_seed(offset))
     ids = tokenizer(sample_text(), return_tensors="pt").input_ids[:, offset : offset + n]
     if ids.shape[1] < n:
         raise ValueError(f"the sample text has only {ids.shape[1]} tokens from offset {offset}; asked for {n}")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parity import engine, sources
-from parity.report import BoundSection, DiffSection
+from parity import checks, engine, sources
+from parity.report import DiffSection
 from smollm_ref.config import ModelConfig
 from smollm_ref.generate import chat_prompt, generate
 from smollm_ref.model import LlamaForCausalLM
@@ -25,7 +25,6 @@ from smollm_ref.weights import save_pretrained
 
 LENGTHS = {"few": 8, "hundreds": 300, "long": 4096}
 LOW_PRECISION_TOKENS = 256
-BOUND_FACTOR = 1.25
 GRAD_TOKENS = 128
 NEW_TOKENS = 64
 PROMPTS = {
@@ -52,10 +51,7 @@ def expectation(bit_identical_expected: bool) -> str:
 @pytest.mark.parametrize("length", list(LENGTHS))
 def test_float32_forward(length, ours, theirs, tokenizer, report, bit_identical_expected):
     n = min(LENGTHS[length], ours.config.max_position_embeddings)
-    ids = sources.text_ids(tokenizer, n)
-    diffs = engine.compare_models(ours, theirs, ids)
-    info = {"tokens": n, "dtype": "float32", "positions": f"0..{n - 1}"}
-    check(DiffSection(f"float32 forward, {n} tokens", diffs, expectation(bit_identical_expected), info), report)
+    check(checks.float32_forward(ours, theirs, sources.text_ids(tokenizer, n), expectation(bit_identical_expected)), report)
 
 
 def left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,23 +66,20 @@ def left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, to
 
 
 def test_float32_forward_left_padded(ours, theirs, tokenizer, report, bit_identical_expected):
-    rows = [
-        sources.text_ids(tokenizer, 48)[0],
-        sources.text_ids(tokenizer, 29, offset=500)[0],
-        sources.text_ids(tokenizer, 7, offset=900)[0],
-    ]
-    ids, mask = left_padded(rows, pad_id=0)
+    lengths, offsets = (48, 29, 7), (0, 500, 900)
+    ids, mask = left_padded([sources.text_ids(tokenizer, n, offset=o)[0] for n, o in zip(lengths, offsets)], pad_id=0)
     # Positions from the mask, as both libraries' generate() computes them (a bare transformers forward
     # would number the padding too; RoPE is relative, so only rounding would differ).
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    diffs = engine.compare_models(ours, theirs, ids, attention_mask=mask, position_ids=positions)
     info = {
-        "batch": "3 rows of 48, 29 and 7 tokens, left-padded to 48",
+        "batch": f"3 rows of {lengths} tokens, left-padded to {max(lengths)}",
         "position_ids": "counted from each row's first real token (explicit, the same on both sides)",
         "dtype": "float32",
         "labels": "-100 at padding",
     }
-    check(DiffSection("float32 forward, left-padded batch", diffs, expectation(bit_identical_expected), info), report)
+    title = "float32 forward, left-padded batch"
+    expect = expectation(bit_identical_expected)
+    check(checks.float32_forward(ours, theirs, ids, expect, title, info, attention_mask=mask, position_ids=positions), report)
 
 
 # ---- 2. bfloat16 -----------------------------------------------------------------------------------------
@@ -96,32 +89,18 @@ def test_float32_forward_left_padded(ours, theirs, tokenizer, report, bit_identi
 def low_precision_reference(theirs, tokenizer):
     """(input ids, transformers-float32 capture) shared by both bf16 checks."""
     ids = sources.text_ids(tokenizer, LOW_PRECISION_TOKENS)
-    return ids, engine.capture(theirs, engine.capture_points(theirs.config.num_hidden_layers), ids)
+    return ids, checks.reference_capture(theirs, ids)
 
 
 @pytest.mark.parametrize("mode", ["autocast", "weights"])
-def test_bfloat16(mode, request, low_precision_reference, report):
+def test_bfloat16(mode, load, low_precision_reference, report):
     ids, ref = low_precision_reference
-    if mode == "autocast":  # float32 weights, bf16 compute where autocast chooses
-        ours, theirs, autocast = request.getfixturevalue("ours"), request.getfixturevalue("theirs"), torch.bfloat16
-    else:  # weights loaded in bf16 by each library's from_pretrained
-        ours, theirs, autocast = request.getfixturevalue("ours_bf16"), request.getfixturevalue("theirs_bf16"), None
-    points = list(ref)
-    theirs_low = engine.capture(theirs, points, ids, autocast=autocast)
-    ours_low = engine.capture(ours, points, ids, autocast=autocast)
-    checks = engine.bound_checks(engine.compare(ours_low, ref), engine.compare(theirs_low, ref), BOUND_FACTOR)
-    argmax = engine.argmax_check(ref["lm_head"], theirs_low["lm_head"], ours_low["lm_head"], BOUND_FACTOR)
-    identical = sum(d.identical for d in engine.compare(ours_low, theirs_low))
-    info = {
-        "tokens": len(ids[0]),
-        "mode": "torch.autocast(bfloat16), float32 weights" if mode == "autocast" else "weights loaded as bfloat16",
-        "reference": "transformers float32",
-        "smollm_ref bf16 vs transformers bf16": f"{identical}/{len(points)} tensors bit-identical",
-    }
-    section = BoundSection(f"bfloat16 ({mode}) error vs transformers float32, {len(ids[0])} tokens", checks, argmax, info)
-    report.add(section)
-    assert section.ok, f"{section.title}: {section.verdict()}"
+    # autocast: float32 weights, bf16 compute where autocast chooses; weights: each library's from_pretrained in bf16
+    weights = torch.float32 if mode == "autocast" else torch.bfloat16
+    section = checks.low_precision(load("smollm_ref", weights), load("transformers", weights), ids, ref, mode)
+    check(section, report)
     # Agreement at clear positions proves little if almost none are clear (on SmolLM2-135M about 2/3 are).
+    argmax = section.argmax
     assert argmax.clear >= argmax.positions // 4, f"only {argmax.clear}/{argmax.positions} positions have a clear next token"
 
 
@@ -291,13 +270,10 @@ def test_saved_directory(writer, ours, theirs, tokenizer, tmp_path, report, bit_
     changed = [k for k, v in ours_loaded.state_dict().items() if not torch.equal(v, original[k])]
     assert not changed, f"the directory written by {writer} does not hold the original weights: {changed[:3]}"
     ids = sources.text_ids(tokenizer, 64, offset=3000)
-    diffs = engine.compare_models(ours_loaded, theirs_loaded, ids)
     info = {
         "written by": how,
         "loaded by": "smollm_ref.weights.from_pretrained and transformers AutoModelForCausalLM.from_pretrained",
         "tokens": 64,
     }
-    check(
-        DiffSection(f"float32 forward from a directory written by {writer}", diffs, expectation(bit_identical_expected), info),
-        report,
-    )
+    title = f"float32 forward from a directory written by {writer}"
+    check(checks.float32_forward(ours_loaded, theirs_loaded, ids, expectation(bit_identical_expected), title, info), report)

@@ -17,6 +17,9 @@ from parity.report import DiffSection, Report
 from smollm_ref.config import ModelConfig
 from smollm_ref.model import LlamaForCausalLM, LlamaRotaryEmbedding
 from smollm_ref.weights import from_pretrained, load_into, read_state_dict
+from tests.conftest import tiny_config
+
+VOCAB = tiny_config().vocab_size
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +29,8 @@ def tiny_dir(tmp_path_factory):
     from transformers import LlamaForCausalLM as HFLlama
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        initializer_range=0.2,  # large enough that an eps change moves the norms past float32 tolerance
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=None,
-    )
+    # initializer_range 0.2: large enough that an eps change moves the norms past float32 tolerance
+    config = LlamaConfig(**tiny_config(num_hidden_layers=3, initializer_range=0.2).to_dict())
     model = HFLlama(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -61,7 +50,7 @@ def theirs(tiny_dir):
 
 @pytest.fixture
 def ids():
-    return torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(3))
+    return torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(3))
 
 
 def mutant(tiny_dir, **config_changes) -> LlamaForCausalLM:
@@ -128,7 +117,7 @@ def test_broken_model_fails_gradient_check(tiny_dir, theirs, ids):
 def test_low_precision_bound_fails_for_a_worse_model(tiny_dir, theirs):
     """A model that is right in float32 but computes RoPE in bf16 errs more than transformers-bf16 does, once
     positions are large enough for bf16 angles to be coarse (spacing 1 rad from position 128 up)."""
-    ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, VOCAB, (1, 256), generator=torch.Generator().manual_seed(4))
     ref = checks.reference_capture(theirs, ids)
     good = checks.low_precision(from_pretrained(tiny_dir), theirs, ids, ref, "autocast")
     assert all(c.ok for c in good.checks), good.verdict()

@@ -14,7 +14,6 @@ whose manifest is missing or whose files do not match it is skipped with a warni
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .weights import _sha256
+
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
 TRAIN_CONFIG = "train_config.json"
@@ -34,14 +35,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which and why."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -152,8 +152,8 @@ def read_documents(spec: str, text_field: str = "text", max_chars: int = 200_000
 
 def separator_id(tokenizer) -> int:
     """The id that joins documents: `<|endoftext|>` (SmolLM2's document separator), else the tokenizer's EOS."""
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if isinstance(eot, int) and eot != tokenizer.unk_token_id and eot is not None:
+    eot = tokenizer.get_vocab().get("<|endoftext|>")
+    if eot is not None:
         return eot
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has neither <|endoftext|> nor an EOS token to separate documents; use another tokenizer")

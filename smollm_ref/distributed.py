@@ -86,27 +86,38 @@ def wrap(model: torch.nn.Module, d: Dist, fsdp: bool, device: torch.device) -> t
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def _full(value):
+    """A whole tensor on CPU from a DTensor shard (a collective: every rank calls it) or a plain tensor."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return value.detach().cpu() if torch.is_tensor(value) else value
+
+
 def full_model_state(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on CPU (complete on rank 0 under FSDP; every rank must call this)."""
+    """The unsharded state dict on CPU (under FSDP every rank must call this)."""
+    return {k: _full(v) for k, v in model.state_dict().items()}
+
+
+def full_optimizer_state(optimizer, fsdp: bool) -> dict:
+    """The optimizer's state dict with whole tensors, in the plain index-keyed layout either way, so that
+    a checkpoint reads the same whatever wrote it."""
+    state = optimizer.state_dict()
     if not fsdp:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state
+    return {"state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()}, "param_groups": state["param_groups"]}
 
 
-def full_optimizer_state(model, optimizer, fsdp: bool) -> dict:
-    if not fsdp:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def load_optimizer_state(optimizer, state: dict, fsdp: bool) -> None:
+    if fsdp:  # shard each whole tensor the way its parameter is sharded
+        from torch.distributed.tensor import distribute_tensor
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(model, optimizer, state: dict, fsdp: bool) -> None:
-    if not fsdp:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sharded = {}
+        for i, s in state["state"].items():
+            p = params[int(i)]
+            sharded[i] = {
+                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements) if torch.is_tensor(v) and v.dim() > 0 and hasattr(p, "device_mesh") else v
+                for k, v in s.items()
+            }
+        state = {"state": sharded, "param_groups": state["param_groups"]}
+    optimizer.load_state_dict(state)

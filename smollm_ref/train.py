@@ -21,8 +21,10 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
+import string
 import sys
 import time
 import typing
@@ -532,17 +534,17 @@ def _say(d: distributed.Dist, message: str) -> None:
 
 def train(cfg: TrainConfig, resume_dir: Path | None = None) -> TrainResult:
     """Run `cfg` to its max_steps (or until SIGINT/SIGTERM); see the module docstring."""
-    from .weights import load_into
-
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     d = distributed.init(device.type)
     try:
-        return _train(cfg, resume_dir, d, device, load_into)
+        return _train(cfg, resume_dir, d, device)
     finally:
         distributed.shutdown(d)
 
 
-def _train(cfg, resume_dir, d, device, load_into) -> TrainResult:
+def _train(cfg, resume_dir, d, device) -> TrainResult:
+    from .weights import load_into
+
     precision = resolve_precision(cfg.precision, device)
     run_dir = Path(cfg.out_dir).expanduser()
     created = _check_out_dir(cfg, resume_dir is not None, d.is_main)
@@ -597,7 +599,7 @@ def _train(cfg, resume_dir, d, device, load_into) -> TrainResult:
     horizon = cfg.lr_decay_steps or cfg.max_steps
     run_id = None
     if state is not None:
-        distributed.load_optimizer_state(raw_model, optimizer, state["optimizer"], cfg.fsdp)
+        distributed.load_optimizer_state(optimizer, state["optimizer"], cfg.fsdp)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, tokens, position = int(state["step"]), int(state["tokens"]), int(state["data_position"])
@@ -650,14 +652,14 @@ def _train(cfg, resume_dir, d, device, load_into) -> TrainResult:
             "data_position": position,
             "data_key": split.key,
             "schedule": {"kind": cfg.lr_schedule, "lr": cfg.lr, "warmup": cfg.warmup_steps, "horizon": horizon, "min_lr_ratio": cfg.min_lr_ratio},
-            "optimizer": distributed.full_optimizer_state(raw_model, optimizer, cfg.fsdp),
+            "optimizer": distributed.full_optimizer_state(optimizer, cfg.fsdp),
             "scaler": scaler.state_dict() if scaler is not None else {},
             "rng": checkpoint.rng_state(),
             "wandb_run_id": run_id or "",
             "world_size": d.world_size,
             "fsdp": cfg.fsdp,
         }
-        model_state = distributed.full_model_state(raw_model, fsdp=True) if cfg.fsdp else None
+        model_state = distributed.full_model_state(raw_model, cfg.fsdp) if cfg.fsdp else None
         path = None
         if d.is_main:
 
@@ -682,6 +684,12 @@ def _train(cfg, resume_dir, d, device, load_into) -> TrainResult:
             _say(d, f"--- sample at step {step_now} ---\n{cfg.sample_prompt}{text}\n---")
             log.log(step_now, {"sample": cfg.sample_prompt + text})
 
+    recent: list[float] = []
+    if cfg.eval_every and eval_batches and state is None:  # where a fine-tune starts from
+        last_val = float(distributed.mean(d, evaluate(raw_model, val_windows, eval_batches, device, autocast)))
+        if log:
+            log.log(0, {"val_loss": last_val})
+        _say(d, f"step {0:>6} | val loss {last_val:.4f}")
     with _StopFlag() as stop:
         while step < max_steps:
             t0 = time.perf_counter()
@@ -720,9 +728,12 @@ def _train(cfg, resume_dir, d, device, load_into) -> TrainResult:
                 log.log(step, values)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+            recent.append(loss)
             if step % cfg.log_every == 0 or step == max_steps:
                 mfu = f" | mfu {values['mfu']:.1%}" if "mfu" in values else ""
-                _say(d, f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad norm {stats.grad_norm:.3f} | {rate:,.0f} tok/s (avg {average:,.0f}){mfu}")
+                mean, count = sum(recent) / max(1, len(recent)), len(recent)  # one batch is noisy; a mean shows the trend
+                recent.clear()
+                _say(d, f"step {step:>6} | loss {mean:.4f} (mean of {count}) | lr {lr:.2e} | grad norm {stats.grad_norm:.3f} | {rate:,.0f} tok/s (avg {average:,.0f}){mfu}")
             if cfg.eval_every and eval_batches and (step % cfg.eval_every == 0 or step == max_steps):
                 last_val = float(distributed.mean(d, evaluate(raw_model, val_windows, eval_batches, device, autocast)))
                 if log:
@@ -771,7 +782,8 @@ def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):
     except ImportError:
         warnings.warn("--wandb asked but the wandb package is not installed; logging to metrics.jsonl only", stacklevel=2)
         return None, run_id
-    run_id = run_id or wandb.util.generate_id()
+    # WandB's own id format (8 lowercase alphanumerics), drawn from `secrets` so the training RNG is untouched
+    run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     mode = metrics.wandb_mode()
     try:
         run = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=cfg.to_dict(),

@@ -1,0 +1,71 @@
+"""Curves of a training run: `python -m smollm_ref.plot RUN_DIR` draws loss (and validation loss), learning
+rate and tokens/sec from RUN_DIR/metrics.jsonl into RUN_DIR/metrics.png."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .metrics import read_metrics
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the figure and return its path. Raises FileNotFoundError/ValueError with a readable message."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a run directory written by python -m smollm_ref.train")
+    records = read_metrics(path)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    if not train and not val:
+        raise ValueError(f"{path} holds no loss records yet; plot again once the run has taken a step")
+    fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    if train:
+        steps = [r["step"] for r in train]
+        ax_loss.plot(steps, [r["loss"] for r in train], lw=0.8, alpha=0.5, label="train loss")
+        window = max(1, len(train) // 50)  # a running mean shows the trend through the batch-to-batch noise
+        smooth = [sum(r["loss"] for r in train[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(train))]
+        ax_loss.plot(steps, smooth, lw=1.5, label=f"train loss (mean of {window})")
+        ax_lr.plot(steps, [r["lr"] for r in train], color="tab:purple")
+        ax_tps.plot(steps, [r["tokens_per_sec"] for r in train], lw=0.8, alpha=0.5, label="tokens/s")
+        ax_tps.plot(steps, [r["avg_tokens_per_sec"] for r in train], lw=1.5, label="average tokens/s")
+        ax_tps.legend()
+    if val:
+        ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax_loss.set_ylabel("cross-entropy (nats/token)")
+    ax_loss.legend()
+    ax_lr.set_ylabel("learning rate")
+    ax_tps.set_ylabel("tokens / second")
+    ax_tps.set_xlabel("optimizer step")
+    ax_loss.set_title(f"training run {run_dir.resolve().name}")
+    for ax in (ax_loss, ax_lr, ax_tps):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "metrics.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m smollm_ref.plot", description="Plot a training run's loss, validation loss, learning rate and tokens/sec.")
+    parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    parser.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/metrics.png)")
+    args = parser.parse_args(argv)
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The trainer end to end on the tiny preset and a small corpus: learning, exact resume across processes,
+checkpoints (corruption, signals, transformers), WandB offline, DDP on gloo, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smollm_ref import checkpoint, train
+from smollm_ref.train import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """About 7,000 tokens of real Python source."""
+    lib = Path(sysconfig.get_paths()["stdlib"]) / "json"
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text((lib / "decoder.py").read_text() + (lib / "encoder.py").read_text())
+    return path
+
+
+def options(corpus: Path, out_dir: Path, **changes) -> dict:
+    base = dict(model_config="smollm2-tiny", data=str(corpus), out_dir=str(out_dir), batch_size=2, seq_len=32, max_steps=4,
+                checkpoint_every=2, lr=3e-3, eval_every=0, log_every=100, sample_tokens=8, progress=False)
+    base.update(changes)
+    return base
+
+
+def argv(opts: dict) -> list[str]:
+    out = []
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def run_cli(args: list[str], torchrun: int = 0, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else [sys.executable]
+    return subprocess.run([*prefix, "-m", "smollm_ref.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = train.train(TrainConfig(**options(corpus, out, eval_every=2)))
+    assert result.step == 4 and result.checkpoint == out / "checkpoints" / "step_000004"
+    return out
+
+
+# ---- configuration ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [({"max_steps": 0}, "max_steps"), ({"batch_size": -1}, "batch_size"), ({"seq_len": 0}, "seq_len"), ({"lr": 0.0}, "lr"),
+     ({"precision": "fp8"}, "precision"), ({"lr_schedule": "linear"}, "lr_schedule"), ({"grad_accum": "2"}, "grad_accum"),
+     ({"compile": 1}, "compile"), ({"additional_steps": 5}, "additional_steps"), ({"device": "tpu"}, "device")],
+)
+def test_config_validation_names_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**changes)
+
+
+def test_recipe_unknown_keys_are_errors_and_cli_overrides_recipe(tmp_path, corpus):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"max_step": 3}))
+    with pytest.raises(train.TrainError, match=r"unknown option\(s\) \['max_step'\]"):
+        train.read_recipe(recipe)
+    recipe.write_text(json.dumps({**options(corpus, tmp_path / "run"), "max_steps": 7, "checkpoint_every": 1000, "_comment": "notes are fine"}))
+    assert train.main(["--recipe", str(recipe), "--max-steps", "2"]) == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["max_steps"] == 2
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+
+
+def test_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--init-from", "--resume", "--additional-steps", "--precision", "--lr-schedule", "--wandb", "--keep-last", "--fsdp", "--recipe"):
+        assert flag in text
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, lr_schedule="cosine")
+    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(10, cfg) == pytest.approx(1.0) and train.lr_at(60, cfg) == pytest.approx(0.55)
+    assert train.lr_at(110, cfg) == pytest.approx(0.1) and train.lr_at(500, cfg) == pytest.approx(0.1)
+    wsd = cfg.replace(lr_schedule="wsd", wsd_decay_fraction=0.2, max_steps=100)
+    assert train.lr_at(79, wsd) == 1.0 and train.lr_at(90, wsd) == pytest.approx(0.55) and train.lr_at(100, wsd) == pytest.approx(0.1)
+    assert train.lr_at(50, cfg.replace(lr_schedule="constant")) == 1.0
+
+
+def test_optimizer_does_not_decay_norms_or_the_tied_embedding():
+    from smollm_ref.config import ModelConfig
+    from smollm_ref.model import LlamaForCausalLM
+
+    model = LlamaForCausalLM(ModelConfig.from_name("smollm2-tiny"))
+    opt = train.make_optimizer(model, TrainConfig(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
+    assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 2 * 7
+    assert opt.defaults["foreach"] is True  # CPU: the multi-tensor path
+
+
+# ---- learning -----------------------------------------------------------------------------------------------
+
+
+def test_overfitting_one_batch_drives_the_loss_near_zero(corpus, tmp_path):
+    cfg = TrainConfig(**options(corpus, tmp_path / "run", overfit_single_batch=True, max_steps=60, checkpoint_every=1000,
+                                lr=1e-2, warmup_steps=5, weight_decay=0.0))
+    result = train.train(cfg)
+    curve = losses(tmp_path / "run")
+    assert curve[1] > 9.0  # ln(49152) = 10.8 at initialisation
+    assert result.loss < 0.05, curve
+
+
+def test_checkpoint_loads_in_transformers_as_the_same_model(finished_run):
+    from transformers import AutoModelForCausalLM
+
+    from smollm_ref.weights import from_pretrained
+
+    ckpt = finished_run / "checkpoints" / "step_000004"
+    ours = from_pretrained(ckpt)
+    theirs = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    assert (ckpt / "tokenizer.json").exists()
+
+
+def test_run_directory_records_metrics_samples_and_plots(finished_run):
+    from smollm_ref.plot import plot_run
+
+    records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "step_time", "tokens_per_sec", "avg_tokens_per_sec", "tokens"):
+        assert all(isinstance(r[key], (int, float)) for r in steps), key
+    assert steps[-1]["tokens"] == 4 * 2 * 32
+    assert "mfu" not in steps[-1]  # no known peak for a CPU
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4]
+    assert [r["step"] for r in records if "sample" in r] == [2, 4]
+    png = plot_run(finished_run)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- resume ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"precision": "fp32"}, {"precision": "bf16-mixed", "grad_accum": 2, "lr_schedule": "cosine", "warmup_steps": 2}],
+    ids=["fp32", "bf16-accum-cosine"],
+)
+def test_resume_in_a_new_process_is_exact(corpus, tmp_path, extra):
+    n = 6
+    common = options(corpus, tmp_path / "x", max_steps=n, checkpoint_every=n // 2, lr_decay_steps=n, **extra)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for args in (
+        argv({**common, "out_dir": straight}),
+        argv({**common, "out_dir": split, "max_steps": n // 2}),
+        ["--resume", str(split), "--additional-steps", str(n // 2)],
+    ):
+        proc = run_cli(args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stderr
+    a, b = losses(straight), losses(split)
+    assert list(a) == list(b) == list(range(1, n + 1))
+    assert a == b  # the same float at every step, not merely close
+    final = f"checkpoints/{checkpoint.step_dir_name(n)}"
+    wa, wb = load_file(straight / final / "model.safetensors"), load_file(split / final / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = checkpoint.load_state(straight / final), checkpoint.load_state(split / final)
+    assert sa["data_position"] == sb["data_position"] and sa["tokens"] == sb["tokens"]
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path):
+    out = tmp_path / "run"
+    train.train(TrainConfig(**options(corpus, out)))
+    weights = out / "checkpoints" / "step_000004" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.warns(UserWarning, match="step_000004.*checksum.*falling back"):
+        cfg, found = train.resolve_config({"resume": "auto", "out_dir": str(out)})
+    assert found.name == "step_000002" and cfg.model_config == "smollm2-tiny" and cfg.seq_len == 32
+    result = train.train(cfg, found)
+    assert result.step == 4
+    checkpoint.verify(out / "checkpoints" / "step_000004")  # rewritten whole
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "smollm_ref.train", *argv(options(corpus, out, max_steps=100_000, checkpoint_every=100_000))],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(losses(out) if (out / "metrics.jsonl").exists() else {}) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    last = max(losses(out))
+    saved = checkpoint.find(out)
+    assert saved.name == checkpoint.step_dir_name(last)
+    assert checkpoint.load_state(saved)["step"] == last
+
+
+def test_wandb_offline_run_records_the_metrics_and_keeps_its_id(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    train.train(TrainConfig(**options(corpus, out, wandb=True, max_steps=2)))
+    run_id = checkpoint.load_state(out / "checkpoints" / "step_000002")["wandb_run_id"]
+    assert run_id
+    cfg, found = train.resolve_config({"resume": str(out), "additional_steps": 2})
+    train.train(cfg, found)
+    assert checkpoint.load_state(out / "checkpoints" / "step_000004")["wandb_run_id"] == run_id
+    logs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(logs) == 2  # the resumed process continued the same run id
+    for log in logs:
+        blob = log.read_bytes()
+        for key in (b"loss", b"grad_norm", b"tokens_per_sec"):
+            assert key in blob
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(corpus, tmp_path, sharding):
+    common = options(corpus, tmp_path / "x", max_steps=3, checkpoint_every=3, precision="fp32")
+    one = run_cli(argv({**common, "out_dir": tmp_path / "one", "batch_size": 4}))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_cli(argv({**common, "out_dir": tmp_path / "two", "batch_size": 2, "fsdp": sharding == "fsdp"}), torchrun=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert list(a) == list(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+    state = checkpoint.load_state(tmp_path / "two" / "checkpoints" / "step_000003")
+    assert state["world_size"] == 2 and state["data_position"] == 12
+    wa = load_file(tmp_path / "one" / "checkpoints" / "step_000003" / "model.safetensors")
+    wb = load_file(tmp_path / "two" / "checkpoints" / "step_000003" / "model.safetensors")
+    # Adam divides by sqrt(v) + 1e-8, so elements whose gradient is ~1e-9 move by a step-sized amount that
+    # depends on float32 summation order: allow 1% of one step's lr for those, and require near-equality elsewhere.
+    lr = common["lr"]
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 0.01 * lr
+    differing = sum(int(((wa[k] - wb[k]).abs() > 1e-6).sum()) for k in wa)
+    assert differing < 1e-4 * sum(v.numel() for v in wa.values())
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+
+
+def _other_shape(tmp_path: Path) -> Path:
+    path = tmp_path / "other.json"
+    config = json.loads((REPO / "configs" / "smollm2-tiny.json").read_text())
+    path.write_text(json.dumps({**config, "hidden_size": 32, "head_dim": 8}))
+    return path
+
+
+BAD_INPUTS = {
+    "missing data": (lambda c, t: {"data": str(t / "nope.txt")}, "does not exist"),
+    "empty corpus": (lambda c, t: {"data": str(_write(t / "empty.txt", ""))}, "empty"),
+    "corpus shorter than a sequence": (lambda c, t: {"data": str(_write(t / "short.txt", "x = 1\n"))}, "fewer than one sequence"),
+    "seq len beyond positions": (lambda c, t: {"seq_len": 4096}, "exceeds the model's 1024 positions"),
+    "zero steps": (lambda c, t: {"max_steps": 0}, "max_steps must be a positive integer"),
+    "negative batch": (lambda c, t: {"batch_size": -2}, "batch_size must be a positive integer"),
+    "fp16 on cpu": (lambda c, t: {"precision": "fp16-mixed", "device": "cpu"}, "fp16-mixed needs a CUDA device"),
+    "missing resume path": (lambda c, t: {"resume": str(t / "no-such-run")}, "resume path .* does not exist"),
+    "resume other shape": (lambda c, t: {"resume": str(c), "model_config": str(_other_shape(t))}, "another shape"),
+    "unwritable out dir": (lambda c, t: {"out_dir": str(_write(t / "a-file", "") / "run")}, "cannot write to --out-dir"),
+}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_one_line_error_and_changes_nothing(case, corpus, finished_run, tmp_path, capsys):
+    make, message = BAD_INPUTS[case]
+    ckpt = finished_run / "checkpoints" / "step_000004"
+    opts = {**options(corpus, tmp_path / "run"), **make(ckpt, tmp_path)}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    snapshot = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")}
+    assert train.main(argv(opts)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    assert __import__("re").search(message, err[0]), err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run directory left behind
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == snapshot
+
+
+def test_existing_run_dir_is_refused_without_resume_or_overwrite(corpus, finished_run, capsys):
+    snapshot = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")}
+    opts = options(corpus, finished_run)
+    assert train.main(argv(opts)) == 2
+    assert "already exists; pass --resume auto" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == snapshot
+
+
+def test_cli_error_exit_code_and_single_line_in_a_real_process(corpus, tmp_path):
+    proc = run_cli(argv(options(corpus, tmp_path / "run", data=str(tmp_path / "missing.txt"))))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: data path {tmp_path / 'missing.txt'} does not exist; pass a file, a directory, "
+                                                "a glob, hf:NAME or stdlib"]

@@ -29,6 +29,15 @@ def tests(session):
 
 
 @nox.session(python=PYTHON)
+def parity(session):
+    """smollm_ref vs transformers layer by layer on real weights (float32, bf16, gradients, generation,
+    training); prints the per-layer tables and writes parity/reports/parity.{md,json}.
+    `nox -s parity -- --model HuggingFaceTB/SmolLM2-135M` (or a directory / .gguf) picks the model."""
+    install(session)
+    session.run("pytest", "parity/", "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session):
     """ruff check and format check."""
     session.install(*CONSTRAINTS, "ruff")

@@ -38,6 +38,14 @@ def parity(session):
 
 
 @nox.session(python=PYTHON)
+def bench(session):
+    """Throughput of smollm_ref's fast paths beside transformers (same weights, interleaved repetitions);
+    under 5 minutes on a 2-core CPU. Options pass through: `nox -s bench -- --modes bf16 --json out.json`."""
+    install(session)
+    session.run("python", "bench/throughput.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session):
     """ruff check and format check."""
     session.install(*CONSTRAINTS, "ruff")

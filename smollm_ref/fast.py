@@ -39,53 +39,59 @@ IGNORE_INDEX = -100
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of CE(hidden @ weight.T, targets) / n_valid, with both gradients computed in forward."""
+    """mean over valid rows of CE(hidden @ weight.T, targets), holding float32 log-probabilities for only
+    `chunk_size` rows at a time.
+
+    What autocast's graph keeps for backward, the (N, V) gradient of the logits in the matmul dtype, is
+    kept here too, but as softmax - onehot without the 1/n scale: a per-row scale commutes with both
+    backward matmuls, so it is applied to the (N, C) side instead of to N*V elements."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size: int):
-        n_valid = (targets != IGNORE_INDEX).sum()
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        scale = 1.0 / n_valid.clamp(min=1).float()
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start : start + chunk_size]  # (n, C)
-            t = targets[start : start + chunk_size]  # (n,)
-            valid = t != IGNORE_INDEX
-            safe_t = t.masked_fill(~valid, 0)
-            # transformers' loss upcasts the (possibly bf16) logits to float32 before log-softmax: same here.
-            logits = F.linear(h, weight).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += torch.where(valid, lse - picked, 0.0).sum()
-            if not (need_h or need_w):
-                continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
-            probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-            grad_logits = (probs * (valid[:, None] * scale)).to(hidden.dtype)  # (n, V)
-            if need_h:
-                grad_h[start : start + chunk_size] = grad_logits @ weight
-            if need_w:
-                grad_w += (grad_logits.t() @ h).float()
-        ctx.save_for_backward(grad_h, grad_w)
-        # n_valid == 0 gives 0/0 = nan, as F.cross_entropy does with every target ignored.
-        return total / n_valid.float()
+        n = hidden.shape[0]
+        valid = targets != IGNORE_INDEX
+        n_valid = valid.sum()
+        safe = targets.masked_fill(~valid, 0)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_logits = torch.empty((n, weight.shape[0]), dtype=hidden.dtype, device=hidden.device) if need_grad else None
+        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            # transformers' loss upcasts the (possibly bf16) logits to float32 before log-softmax: same here,
+            # in one kernel that reads the low-precision logits and writes float32.
+            logp = torch.log_softmax(F.linear(hidden[rows], weight), dim=-1, dtype=torch.float32)  # (c, V)
+            t = safe[rows]
+            picked = logp.gather(1, t[:, None]).squeeze(1)  # (c,)
+            nll[rows] = -picked
+            if need_grad:
+                g = grad_logits[rows]
+                torch.exp(logp, out=g)  # softmax, rounded once to the matmul dtype
+                # p - 1 at the target, formed in float32 before rounding (p near 1 would round to 0 first)
+                g[torch.arange(len(t), device=t.device), t] = (picked.exp() - 1.0).to(g.dtype)
+            del logp
+        # Ignored rows get scale 0; n_valid == 0 gives 0/0 = nan, as F.cross_entropy does.
+        row_scale = valid.float() / n_valid.float()  # (N,)
+        ctx.save_for_backward(hidden, weight, grad_logits, row_scale)
+        return (torch.where(valid, nll, 0.0) * row_scale).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w * grad_out if grad_w is not None else None
-        return gh, gw, None, None
+        hidden, weight, grad_logits, row_scale = ctx.saved_tensors
+        scale = (row_scale * grad_out)[:, None]  # (N, 1)
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = ((grad_logits @ weight).float() * scale).to(hidden.dtype)  # (N, C)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_logits.t() @ (hidden.float() * scale).to(hidden.dtype)  # (V, C), as autocast's backward
+        return grad_h, grad_w, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024):
     """`F.cross_entropy(lm_head(hidden).float(), targets)` (mean, -100 ignored) without the (B, T, V) logits.
 
     hidden (..., C); lm_head_weight (V, C); targets (...) aligned with hidden (row i's target is
-    targets[i], no shift). Gradients flow to hidden and the weight; the weight gradient is accumulated
-    in float32 and cast to the weight's dtype by autograd."""
+    targets[i], no shift). Gradients flow to hidden and the weight, each in its own dtype (a bf16 weight
+    copy gets a bf16 gradient, as under autocast, which autograd then casts onto the float32 Parameter)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if hidden.shape[:-1] != targets.shape:

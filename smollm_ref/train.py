@@ -259,7 +259,7 @@ def resolve_config(options: dict) -> tuple[TrainConfig, Path | None]:
                 raise TrainError(f"no usable checkpoint under {root}: every one is corrupt or unfinished")
             if cfg.additional_steps is not None:
                 raise TrainError(f"--resume auto found no checkpoint in {cfg.out_dir}; --additional-steps needs one")
-            return cfg.replace(resume=None), None
+            return cfg, None  # nothing to resume yet: start here (a run that died before its first checkpoint)
     else:
         found = checkpoint.find(cfg.resume)
     saved = checkpoint.load_train_config(found)
@@ -547,7 +547,7 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
 
     precision = resolve_precision(cfg.precision, device)
     run_dir = Path(cfg.out_dir).expanduser()
-    created = _check_out_dir(cfg, resume_dir is not None, d.is_main)
+    created = _check_out_dir(cfg, resume_dir is not None or cfg.resume == "auto", d.is_main)
     try:
         state = checkpoint.load_state(resume_dir) if resume_dir is not None else None
         if state is not None and state.get("world_size", 1) != d.world_size:
@@ -578,7 +578,7 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
             run_dir.rmdir()  # leave nothing behind for a run that never started
         raise
 
-    if cfg.overwrite and resume_dir is None and d.is_main and run_dir.is_dir() and any(run_dir.iterdir()):
+    if cfg.overwrite and cfg.resume is None and d.is_main and run_dir.is_dir() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)  # only now that every input has been checked
         run_dir.mkdir(parents=True)
     distributed.barrier(d)

@@ -203,6 +203,10 @@ HELP = {
 }
 
 
+METAVARS = {"model_config": "PRESET|PATH", "init_from": "SOURCE", "data": "SPEC", "text_field": "FIELD", "tokenizer": "SOURCE",
+            "out_dir": "DIR", "device": "DEVICE", "resume": "PATH|auto", "wandb_project": "NAME", "sample_prompt": "TEXT"}
+
+
 # ---- command line and recipes ------------------------------------------------------------------------------
 
 
@@ -223,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             choices = {"precision": PRECISIONS, "lr_schedule": SCHEDULES}.get(f.name)
-            parser.add_argument(flag, type=kind, choices=choices, metavar=None if choices else f.name.upper(), **kwargs)
+            metavar = None if choices else METAVARS.get(f.name, {int: "N", float: "X"}.get(kind, "VALUE"))
+            parser.add_argument(flag, type=kind, choices=choices, metavar=metavar, **kwargs)
     return parser
 
 

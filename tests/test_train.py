@@ -330,3 +330,24 @@ def test_cli_error_exit_code_and_single_line_in_a_real_process(corpus, tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: data path {tmp_path / 'missing.txt'} does not exist; pass a file, a directory, "
                                                 "a glob, hf:NAME or stdlib"]
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_message(corpus, tmp_path, capsys):
+    from smollm_ref.config import ModelConfig
+    from smollm_ref.model import LlamaForCausalLM
+
+    model = LlamaForCausalLM(ModelConfig.from_name("smollm2-tiny"))
+    opt = train.make_optimizer(model, TrainConfig())
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 1000, (2, 9))
+    stats = train.train_step(model, [(x[:, :-1], x[:, 1:])], opt, lr=1e-3)
+    assert stats.skipped and not torch.isfinite(torch.tensor(stats.grad_norm))
+    assert all(torch.equal(v, before[k]) or torch.isnan(before[k]).any() for k, v in model.state_dict().items())
+    assert not opt.state  # no update was made, so Adam never started
+
+    # a learning rate this large sends the weights to inf after one update; the next steps are all bad
+    assert train.main(argv(options(corpus, tmp_path / "run", lr=1e30, grad_clip=0.0, max_bad_steps=2, max_steps=50))) == 1
+    err = capsys.readouterr().err
+    assert "update skipped (1 in a row)" in err and "error: training diverged: 2 non-finite steps in a row" in err

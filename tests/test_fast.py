@@ -10,14 +10,19 @@ import torch.nn.functional as F
 from smollm_ref.fast import (
     FastForward,
     FastGenerator,
+    StaticKVCache,
+    _forward_cached,
     adamw,
     chunked_cross_entropy,
+    decode_step,
     fast_generate,
     linear_cross_entropy,
     pack_weights,
+    rope_matrices,
+    rope_table,
 )
 from smollm_ref.generate import generate
-from smollm_ref.model import LlamaForCausalLM, causal_lm_loss
+from smollm_ref.model import LlamaForCausalLM, causal_lm_loss, rotate_half
 
 from .conftest import tiny_config
 
@@ -189,16 +194,33 @@ def test_bf16_decode_logits_inside_envelope(model):
         ref_logits.append(ref16(tokens[:, :6], kv_cache=cache).logits[:, -1])
         for t in range(6, 12):
             ref_logits.append(ref16(tokens[:, t : t + 1], kv_cache=cache).logits[:, -1])
-        from smollm_ref.fast import StaticKVCache, _prefill, decode_step, rope_table
-
         packed = pack_weights(ref16)
         cos, sin = rope_table(model.config, 12, torch.bfloat16, "cpu")
-        fcache = StaticKVCache(model.config, 2, 12, torch.bfloat16, "cpu")
-        fast_logits.append(_prefill(packed, model.config, fcache, tokens[:, :6], cos, sin))
+        tables = (cos, sin, rope_matrices(cos, sin))
+        eager_cache = StaticKVCache(model.config, 2, 12, torch.bfloat16, "cpu")
+        static_cache = StaticKVCache(model.config, 2, 12, torch.bfloat16, "cpu")
+        fast_logits.append(_forward_cached(packed, model.config, eager_cache, tokens[:, :6], 0, tables))
+        _forward_cached(packed, model.config, static_cache, tokens[:, :6], 0, tables)
+        static_logits = [fast_logits[0]]
         for t in range(6, 12):
-            fast_logits.append(decode_step(packed, model.config, fcache, tokens[:, t : t + 1], torch.tensor(t), cos, sin))
-    ref_logits, fast_logits = torch.stack(ref_logits[:-1], 1), torch.stack(fast_logits[:-1], 1)
-    assert rel_err(fast_logits, logits32[:, :6]) <= ENVELOPE * rel_err(ref_logits, logits32[:, :6]) + 1e-7
+            step = tokens[:, t : t + 1]
+            fast_logits.append(_forward_cached(packed, model.config, eager_cache, step, t, tables))
+            static_logits.append(decode_step(packed, model.config, static_cache, step, torch.tensor(t), cos, sin))
+    ref_err = rel_err(torch.stack(ref_logits[:-1], 1), logits32[:, :6])
+    for path in (fast_logits, static_logits):  # eager decode and the fixed-shape step that compile takes
+        assert rel_err(torch.stack(path[:-1], 1), logits32[:, :6]) <= ENVELOPE * ref_err + 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matrices_rotate_like_rotate_half(dtype):
+    config = tiny_config()
+    cos, sin = rope_table(config, 300, dtype, "cpu")
+    matrices = rope_matrices(cos, sin)
+    q = torch.randn(2, 4, 1, 16, dtype=dtype)
+    for pos in (0, 1, 77, 299):
+        expected = (q.float() * cos[pos].float() + rotate_half(q.float()) * sin[pos].float()).to(dtype)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(q @ matrices[pos], expected, rtol=tol, atol=tol)
 
 
 def test_generator_repacks_after_a_weight_update(model):

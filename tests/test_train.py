@@ -351,3 +351,11 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_message(corpus, 
     assert train.main(argv(options(corpus, tmp_path / "run", lr=1e30, grad_clip=0.0, max_bad_steps=2, max_steps=50))) == 1
     err = capsys.readouterr().err
     assert "update skipped (1 in a row)" in err and "error: training diverged: 2 non-finite steps in a row" in err
+
+
+def test_continue_training_api_extends_a_run(corpus, tmp_path):
+    out = tmp_path / "run"
+    train.train(TrainConfig(**options(corpus, out, max_steps=2)))
+    result = train.continue_training(out / "checkpoints" / "step_000002", additional_steps=2)
+    assert result.step == 4 and result.checkpoint == out / "checkpoints" / "step_000004"
+    assert sorted(losses(out)) == [1, 2, 3, 4]

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -134,15 +136,42 @@ def chat_text(tokenizer, message: str) -> str:
     )
 
 
-def transformers_generate(model, ids, eos, attention_mask=None) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def eos_ids(ours, tokenizer) -> list[int]:
+    """The config's EOS and <|im_end|> (the end of a chat turn): both libraries stop at either."""
+    eos = ours.config.eos_token_id
+    ids = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+    im_end = tokenizer.get_vocab().get("<|im_end|>")
+    return ids + ([im_end] if im_end is not None and im_end not in ids else [])
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer) -> dict[str, torch.Tensor]:
+    texts = {**PROMPTS, "chat template": chat_text(tokenizer, CHAT_MESSAGE)}
+    return {name: tokenizer(text, return_tensors="pt").input_ids for name, text in texts.items()}
+
+
+@pytest.fixture(scope="module")
+def ours_alone(ours, prompt_ids, eos_ids):
+    """smollm_ref's greedy continuation of each prompt on its own, computed once, shared by both tests."""
+    done: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in done:
+            done[name] = generate(ours, prompt_ids[name], NEW_TOKENS, eos_token_id=eos_ids)[0]
+        return done[name]
+
+    return get
+
+
+def transformers_generate(model, ids, eos: list[int], attention_mask=None) -> torch.Tensor:
     from transformers import GenerationConfig
 
     # A fresh config: nothing from the checkpoint's generation_config (sampling defaults, penalties) applies.
-    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=eos)
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=eos[0])
+    mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
     with torch.no_grad():
-        return model.generate(
-            ids, attention_mask=attention_mask if attention_mask is not None else torch.ones_like(ids), generation_config=config
-        )
+        return model.generate(ids, attention_mask=mask, generation_config=config)
 
 
 def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
@@ -151,51 +180,44 @@ def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
     return int(diff[0, 0]) if len(diff) else (None if len(a) == len(b) else n)
 
 
-GENERATION_HEADER = ["prompt", "prompt tokens", "new tokens", "first mismatch", "continuation"]
-
-
 @pytest.mark.parametrize("name", [*PROMPTS, "chat template"])
-def test_greedy_generation(name, ours, theirs, tokenizer, report):
-    text = chat_text(tokenizer, CHAT_MESSAGE) if name == "chat template" else PROMPTS[name]
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if name == "chat template" else ours.config.eos_token_id
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    mine = generate(ours, ids, NEW_TOKENS, eos_token_id=eos)[0]
-    ref = transformers_generate(theirs, ids, eos)[0]
+def test_greedy_generation(name, theirs, tokenizer, prompt_ids, ours_alone, eos_ids, report):
+    ids = prompt_ids[name]
+    mine, ref = ours_alone(name), transformers_generate(theirs, ids, eos_ids)[0]
     where = first_mismatch(mine, ref)
     section = report.table(
         f"greedy generation, {NEW_TOKENS} new tokens, vs transformers generate()",
-        GENERATION_HEADER,
-        {"decoding": "greedy (do_sample=False), same eos_token_id on both sides", "dtype": "float32"},
+        ["prompt", "prompt tokens", "new tokens", "first mismatch", "continuation"],
+        {"decoding": f"greedy (do_sample=False), eos_token_id {eos_ids} on both sides", "dtype": "float32"},
     )
-    continuation = tokenizer.decode(mine[ids.shape[1] :])
+    continuation = repr(tokenizer.decode(mine[ids.shape[1] :])[:60])
     section.add_row(
-        [name, ids.shape[1], len(mine) - ids.shape[1], "none" if where is None else where, repr(continuation[:60])], where is None
+        [name, ids.shape[1], len(mine) - ids.shape[1], "none" if where is None else where, continuation], where is None
     )
     assert where is None, f"{name}: generation differs from transformers at token {where}: {mine.tolist()} vs {ref.tolist()}"
 
 
-def test_left_padded_batch_generation(ours, theirs, tokenizer, report):
-    texts = [PROMPTS["plain: capital"], PROMPTS["plain: story"], chat_text(tokenizer, "Name three colours.")]
-    eos = ours.config.eos_token_id
-    rows = [tokenizer(t, return_tensors="pt").input_ids[0] for t in texts]
-    ids, mask = left_padded(rows, pad_id=eos)
-    batch = generate(ours, ids, NEW_TOKENS, attention_mask=mask, eos_token_id=eos)
-    ref = transformers_generate(theirs, ids, eos, attention_mask=mask)
+def test_left_padded_batch_generation(theirs, ours, prompt_ids, ours_alone, eos_ids, report):
+    names = ["plain: capital", "plain: story", "chat template"]
+    rows = [prompt_ids[name][0] for name in names]
+    ids, mask = left_padded(rows, pad_id=eos_ids[0])
+    batch = generate(ours, ids, NEW_TOKENS, attention_mask=mask, eos_token_id=eos_ids)
+    ref = transformers_generate(theirs, ids, eos_ids, attention_mask=mask)
     section = report.table(
         f"left-padded batch generation, {NEW_TOKENS} new tokens",
         ["prompt", "prompt tokens", "padding", "same as alone", "same as transformers (batch)"],
-        {"batch": f"{len(rows)} prompts of {[len(r) for r in rows]} tokens, left-padded with attention_mask"},
+        {"batch": f"{len(rows)} prompts of {[len(r) for r in rows]} tokens, left-padded, with attention_mask"},
     )
     failures = []
-    for i, row in enumerate(rows):
-        alone = generate(ours, row[None], NEW_TOKENS, eos_token_id=eos)[0, len(row) :]
+    for i, (name, row) in enumerate(zip(names, rows)):
+        alone = ours_alone(name)[len(row) :]
         got = batch[i, ids.shape[1] :]
         # A row that ends early alone is padded with EOS in the batch while the others go on.
-        same_alone = torch.equal(got[: len(alone)], alone) and bool((got[len(alone) :] == eos).all())
-        same_ref = torch.equal(batch[i], ref[i]) if batch.shape == ref.shape else False
-        section.add_row([repr(texts[i][:40]), len(row), ids.shape[1] - len(row), same_alone, same_ref], same_alone and same_ref)
+        same_alone = torch.equal(got[: len(alone)], alone) and bool((got[len(alone) :] == eos_ids[0]).all())
+        same_ref = batch.shape == ref.shape and torch.equal(batch[i], ref[i])
+        section.add_row([name, len(row), ids.shape[1] - len(row), same_alone, same_ref], same_alone and same_ref)
         if not (same_alone and same_ref):
-            failures.append(f"row {i} ({texts[i][:30]!r}): alone {same_alone}, transformers {same_ref}")
+            failures.append(f"{name}: same as alone {same_alone}, same as transformers {same_ref}")
     assert not failures, "; ".join(failures)
 
 
@@ -276,4 +298,6 @@ def test_saved_directory(writer, ours, theirs, tokenizer, tmp_path, report, bit_
         "tokens": 64,
     }
     title = f"float32 forward from a directory written by {writer}"
-    check(checks.float32_forward(ours_loaded, theirs_loaded, ids, expectation(bit_identical_expected), title, info), report)
+    section = checks.float32_forward(ours_loaded, theirs_loaded, ids, expectation(bit_identical_expected), title, info)
+    shutil.rmtree(tmp_path)  # over 500 MB per copy; pytest would keep the last three runs' worth
+    check(section, report)

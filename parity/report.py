@@ -45,6 +45,10 @@ def _table_md(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows])
 
 
+def _heading(title: str, info: dict) -> str:
+    return f"{title} ({', '.join(f'{k} {v}' for k, v in info.items())})" if info else title
+
+
 def _short(name: str) -> str:
     """The part of a point or parameter name below its layer: 'self_attn', 'mlp.up_proj.weight', 'output'."""
     if layer_of(name) is None:
@@ -53,8 +57,33 @@ def _short(name: str) -> str:
     return rest or "output"
 
 
+def _fold_identical_layers(groups: list[tuple[str, list[Diff]]]) -> list[tuple[str, list[Diff]]]:
+    """Consecutive layers whose every tensor is bit-identical become one row, 'layers 0-29': the rows left
+    are the ones worth reading."""
+    out: list[tuple[str, list[Diff]]] = []
+    run: list[tuple[str, list[Diff]]] = []
+
+    def flush():
+        if len(run) > 1:
+            first, last = run[0][0].split()[-1], run[-1][0].split()[-1]
+            out.append((f"layers {first}-{last}", [d for _, g in run for d in g]))
+        else:
+            out.extend(run)
+        run.clear()
+
+    for label, group in groups:
+        if label.startswith("layer ") and all(d.identical for d in group):
+            run.append((label, group))
+        else:
+            flush()
+            out.append((label, group))
+    flush()
+    return out
+
+
 def layer_rows(diffs: list[Diff]) -> tuple[list[str], list[list[str]]]:
-    """One row per decoder layer (and per point outside the layers), in forward order."""
+    """One row per decoder layer (and per point outside the layers), in forward order; runs of wholly
+    bit-identical layers folded into one row."""
     groups: list[tuple[str, list[Diff]]] = []
     for d in diffs:
         layer = layer_of(d.name)
@@ -63,6 +92,7 @@ def layer_rows(diffs: list[Diff]) -> tuple[list[str], list[list[str]]]:
             groups[-1][1].append(d)
         else:
             groups.append((label, [d]))
+    groups = _fold_identical_layers(groups)
     header = ["where", "bit-identical", "max abs diff", "worst at", "max rel diff", "rel L2", "min cosine", "log10 error"]
     rows = []
     for label, group in groups:
@@ -133,8 +163,7 @@ class DiffSection:
         return head + where + f" (asserted: {asserted})"
 
     def text(self) -> str:
-        info = ", ".join(f"{k} {v}" for k, v in self.info.items())
-        return f"== {self.title} ({info})\n{self.verdict()}\n{_table_text(*layer_rows(self.diffs))}"
+        return f"== {_heading(self.title, self.info)}\n{self.verdict()}\n{_table_text(*layer_rows(self.diffs))}"
 
     def markdown(self) -> str:
         info = "\n".join(f"- {k}: {v}" for k, v in self.info.items())
@@ -213,8 +242,7 @@ class BoundSection:
         return header, rows
 
     def text(self) -> str:
-        info = ", ".join(f"{k} {v}" for k, v in self.info.items())
-        return f"== {self.title} ({info})\n{self.verdict()}\n{_table_text(*self.rows())}"
+        return f"== {_heading(self.title, self.info)}\n{self.verdict()}\n{_table_text(*self.rows())}"
 
     def markdown(self) -> str:
         info = "\n".join(f"- {k}: {v}" for k, v in self.info.items())

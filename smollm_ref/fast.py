@@ -22,6 +22,7 @@ low-precision dtype, norms, RoPE and the residual stream in float32, loss in flo
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -474,6 +475,12 @@ def _tensors(packed: PackedWeights) -> list[torch.Tensor]:
     return out
 
 
+_GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def fast_generate(model: LlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-    """One-off `FastGenerator(model).generate(...)`; keep a FastGenerator to reuse packed weights."""
-    return FastGenerator(model).generate(input_ids, max_new_tokens, **kwargs)
+    """`FastGenerator(model).generate(...)` with one eager FastGenerator kept per model (packed weights and
+    cache reused across calls, repacked when the weights change). Same arguments as `generate.generate`."""
+    if model not in _GENERATORS:
+        _GENERATORS[model] = FastGenerator(model)
+    return _GENERATORS[model].generate(input_ids, max_new_tokens, **kwargs)

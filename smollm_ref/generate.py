@@ -107,9 +107,17 @@ def generate(
     top_p: float | None = None,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    fast: bool = False,
 ) -> torch.Tensor:
     """(B, T) prompt -> (B, T + n) prompt and continuation, n <= max_new_tokens (shorter when every row hit
-    EOS), like transformers' `generate`. Greedy when temperature is 0; otherwise sampled with top-k/top-p."""
+    EOS), like transformers' `generate`. Greedy when temperature is 0; otherwise sampled with top-k/top-p.
+    fast=True decodes with `smollm_ref.fast` (static cache, fewer ops per token; same tokens in float32)
+    when the batch has no padding, and falls back to this path when it has."""
+    if fast and (attention_mask is None or bool(attention_mask.all())):
+        from .fast import fast_generate  # lazy: fast imports this module
+
+        return fast_generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             eos_token_id=eos_token_id, generator=generator)  # fmt: skip
     steps = list(stream(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id, generator))
     if not steps:
         return input_ids

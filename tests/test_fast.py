@@ -165,6 +165,15 @@ def test_fast_generate_greedy_equals_reference_fp32(model):
     assert torch.equal(fast_generate(model, prompt, 20, eos_token_id=[]), expected)
 
 
+def test_generate_fast_flag_uses_the_fast_path_and_falls_back_on_padding(model):
+    prompt = torch.randint(0, 256, (2, 6))
+    expected = generate(model, prompt, 9, eos_token_id=[])
+    assert torch.equal(generate(model, prompt, 9, eos_token_id=[], fast=True), expected)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    padded = generate(model, prompt, 5, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(generate(model, prompt, 5, attention_mask=mask, eos_token_id=[], fast=True), padded)
+
+
 def test_fast_generate_stops_at_eos_like_reference(model):
     prompt = torch.randint(0, 256, (2, 5))
     free = generate(model, prompt, 12, eos_token_id=[])

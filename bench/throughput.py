@@ -338,6 +338,10 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        # On a shared CPU, OpenMP threads that spin while waiting for a descheduled peer slow small ops
+        # 4x; OMP_WAIT_POLICY=PASSIVE (set before starting Python) avoids it. Recorded because it matters.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     try:
         import litgpt

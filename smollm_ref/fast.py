@@ -244,6 +244,17 @@ class FastForward:
         self.chunk_size = chunk_size or (4096 if model.lm_head.weight.is_cuda else 512)
         self.block: Callable = torch.compile(_block, dynamic=False) if compile else _block
         self._rope: dict = {}
+        self._packed: tuple | None = None  # (parameter versions, PackedWeights) kept for inference
+
+    def packed(self) -> PackedWeights:
+        """Under grad: packed afresh, inside the autograd graph (the weights change every step). Without
+        grad: packed once and reused until a parameter's version counter moves (an update in place)."""
+        if torch.is_grad_enabled():
+            return pack_weights(self.model, self.dtype)
+        versions = tuple(p._version for p in self.model.parameters())
+        if self._packed is None or self._packed[0] != versions:
+            self._packed = (versions, pack_weights(self.model, self.dtype))
+        return self._packed[1]
 
     def _rope_for(self, t: int, device, dtype):
         key = (t, str(device), dtype)
@@ -253,7 +264,7 @@ class FastForward:
 
     def hidden(self, input_ids: torch.Tensor, packed: PackedWeights | None = None) -> torch.Tensor:
         """(B, T) -> final-norm hidden states (B, T, C) in the compute dtype. No padding, no cache."""
-        packed = packed or pack_weights(self.model, self.dtype)
+        packed = packed or self.packed()
         x = F.embedding(input_ids, packed.embed)  # (B, T, C), the residual dtype
         cos, sin = self._rope_for(input_ids.shape[1], input_ids.device, x.dtype)
         for p in packed.layers:
@@ -262,17 +273,17 @@ class FastForward:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T, V) logits in the compute dtype, as the reference gives under autocast."""
-        packed = pack_weights(self.model, self.dtype)
+        packed = self.packed()
         return F.linear(self.hidden(input_ids, packed), packed.lm_head)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The reference's `model(input_ids, labels=labels).loss`, without the float32 logits."""
-        packed = pack_weights(self.model, self.dtype)
+        packed = self.packed()
         return chunked_cross_entropy(self.hidden(input_ids, packed), packed.lm_head, labels, self.chunk_size)
 
     def lm_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """`train.lm_loss(model, inputs, targets)`: targets already shifted (row t predicts targets[t])."""
-        packed = pack_weights(self.model, self.dtype)
+        packed = self.packed()
         return linear_cross_entropy(self.hidden(inputs, packed), packed.lm_head, targets, self.chunk_size)
 
 

@@ -71,6 +71,19 @@ def test_fast_loss_and_gradients_match_reference_fp32(model, ids):
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_inference_pack_is_reused_until_the_weights_change(model, ids):
+    fast = FastForward(model)
+    with torch.no_grad():
+        first = fast.packed()
+        assert fast.packed() is first
+        before = fast.logits(ids)
+        model.model.layers[0].mlp.down_proj.weight.mul_(2.0)  # an in-place update, as an optimizer makes
+        assert fast.packed() is not first
+        torch.testing.assert_close(fast.logits(ids), model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(before, fast.logits(ids).detach())
+    assert fast.packed().layers[0].qkv.requires_grad  # under grad: packed afresh, in the graph
+
+
 def test_lm_loss_takes_shifted_targets_like_the_trainer(model, ids):
     inputs, targets = ids[:, :-1], ids[:, 1:]
     expected = F.cross_entropy(model(inputs).logits.float().reshape(-1, 256), targets.reshape(-1))

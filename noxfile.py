@@ -3,6 +3,8 @@
 
 Every session installs the project with the pinned versions of constraints.txt."""
 
+import os
+
 import nox
 
 nox.options.sessions = ["tests"]
@@ -34,7 +36,10 @@ def parity(session):
     training); prints the per-layer tables and writes parity/reports/parity.{md,json}.
     `nox -s parity -- --model HuggingFaceTB/SmolLM2-135M` (or a directory / .gguf) picks the model."""
     install(session)
-    session.run("pytest", "parity/", "-q", "-p", "no:cacheprovider", *session.posargs)
+    # One thread: ~4 min on a busy 2-core machine, where two threads contending with other jobs took 19 min.
+    # Both libraries run with the same thread count, so parity does not depend on it; OMP_NUM_THREADS overrides.
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    session.run("pytest", "parity/", "-q", "-p", "no:cacheprovider", *session.posargs, env={"OMP_NUM_THREADS": threads})
 
 
 @nox.session(python=PYTHON)

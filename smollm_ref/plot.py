@@ -30,7 +30,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if train:
         steps = [r["step"] for r in train]
         ax_loss.plot(steps, [r["loss"] for r in train], lw=0.8, alpha=0.5, label="train loss")
-        window = max(1, len(train) // 50)  # a running mean shows the trend through the batch-to-batch noise
+        window = min(max(5, len(train) // 50), max(1, len(train) // 4))  # a running mean shows the trend through the noise
         smooth = [sum(r["loss"] for r in train[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(train))]
         ax_loss.plot(steps, smooth, lw=1.5, label=f"train loss (mean of {window})")
         ax_lr.plot(steps, [r["lr"] for r in train], color="tab:purple")

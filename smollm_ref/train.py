@@ -469,9 +469,10 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _check_out_dir(cfg: TrainConfig, resuming: bool, is_main: bool) -> bool:
+def _check_out_dir(cfg: TrainConfig, resuming: bool, d) -> bool:
     """Refuse an existing run directory unless resuming or --overwrite; make sure it can be written.
-    Returns whether the directory had to be created (so a failed setup can remove it again)."""
+    Returns whether the directory had to be created (so a failed setup can remove it again).
+    Every rank checks before any rank writes there: otherwise a later rank sees rank 0's new directory."""
     out = Path(cfg.out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out-dir {out} is a file, not a directory; pass another --out-dir")
@@ -482,7 +483,8 @@ def _check_out_dir(cfg: TrainConfig, resuming: bool, is_main: bool) -> bool:
         markers = ("metrics.jsonl", "checkpoints", checkpoint.TRAIN_CONFIG)
         if not any((out / m).exists() for m in markers):
             raise TrainError(f"--overwrite refused: {out} does not look like a run directory (no metrics.jsonl or checkpoints/)")
-    if not is_main:
+    distributed.barrier(d)
+    if not d.is_main:
         return False
     created = not out.exists()
     try:
@@ -552,7 +554,7 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
 
     precision = resolve_precision(cfg.precision, device)
     run_dir = Path(cfg.out_dir).expanduser()
-    created = _check_out_dir(cfg, resume_dir is not None or cfg.resume == "auto", d.is_main)
+    created = _check_out_dir(cfg, resume_dir is not None or cfg.resume == "auto", d)
     try:
         state = checkpoint.load_state(resume_dir) if resume_dir is not None else None
         if state is not None and state.get("world_size", 1) != d.world_size:

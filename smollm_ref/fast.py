@@ -39,6 +39,25 @@ IGNORE_INDEX = -100
 # ---- loss -------------------------------------------------------------------------------------------
 
 
+class Workspace:
+    """Scratch buffers kept between calls, one per name, grown when a call needs more.
+
+    On CPU, glibc hands allocations over 32 MB straight back to the kernel when they are freed, so a
+    fresh (512, 49152) float32 buffer costs ~25 ms of page faults on every use, several times what the
+    arithmetic on it costs. The loss's per-chunk logits reuse these instead. Only for values that do
+    not outlive the call that writes them (nothing saved for backward lives here)."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype or buf.device != torch.device(device):
+            self._buffers.pop(name, None)  # free the old one first: peak memory holds one, not two
+            buf = self._buffers[name] = torch.empty((rows, cols), dtype=dtype, device=device)
+        return buf[:rows]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """mean over valid rows of CE(hidden @ weight.T, targets), holding float32 log-probabilities for only
     `chunk_size` rows at a time.
@@ -48,28 +67,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
     backward matmuls, so it is applied to the (N, C) side instead of to N*V elements."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int):
-        n = hidden.shape[0]
+    def forward(ctx, hidden, weight, targets, chunk_size: int, workspace: Workspace | None):
+        n, v = hidden.shape[0], weight.shape[0]
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum()
         safe = targets.masked_fill(~valid, 0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_logits = torch.empty((n, weight.shape[0]), dtype=hidden.dtype, device=hidden.device) if need_grad else None
+        grad_logits = torch.empty((n, v), dtype=hidden.dtype, device=hidden.device) if need_grad else None
         nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        ws = workspace or Workspace()
+        c = min(chunk_size, n)
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
-            # transformers' loss upcasts the (possibly bf16) logits to float32 before log-softmax: same here,
-            # in one kernel that reads the low-precision logits and writes float32.
-            logp = torch.log_softmax(F.linear(hidden[rows], weight), dim=-1, dtype=torch.float32)  # (c, V)
-            t = safe[rows]
-            picked = logp.gather(1, t[:, None]).squeeze(1)  # (c,)
-            nll[rows] = -picked
+            h = hidden[rows]
+            r = h.shape[0]
+            # transformers' loss upcasts the (possibly bf16) logits to float32 before log-softmax: same
+            # here. log_softmax written out as max, exp in place, sum: one float32 buffer, no temporaries.
+            logits = torch.mm(h, weight.t(), out=ws.get("logits", c, v, hidden.dtype, hidden.device)[:r])
+            f = logits if logits.dtype == torch.float32 else ws.get("f32", c, v, torch.float32, hidden.device)[:r].copy_(logits)
+            t = safe[rows, None]  # (r, 1)
+            f.sub_(f.amax(dim=-1, keepdim=True))  # shifted logits, max 0
+            picked = f.gather(1, t).squeeze(1)  # shifted logit of the target
+            f.exp_()
+            total = f.sum(dim=-1)  # (r,)
+            logp_t = picked - total.log()  # log-probability of the target
+            nll[rows] = -logp_t
             if need_grad:
                 g = grad_logits[rows]
-                torch.exp(logp, out=g)  # softmax, rounded once to the matmul dtype
+                g.copy_(f.div_(total[:, None]))  # softmax, rounded once to the matmul dtype
                 # p - 1 at the target, formed in float32 before rounding (p near 1 would round to 0 first)
-                g[torch.arange(len(t), device=t.device), t] = (picked.exp() - 1.0).to(g.dtype)
-            del logp
+                g.scatter_(1, t, (logp_t.exp() - 1.0)[:, None].to(g.dtype))
         # Ignored rows get scale 0; n_valid == 0 gives 0/0 = nan, as F.cross_entropy does.
         row_scale = valid.float() / n_valid.float()  # (N,)
         ctx.save_for_backward(hidden, weight, grad_logits, row_scale)
@@ -84,29 +111,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = ((grad_logits @ weight).float() * scale).to(hidden.dtype)  # (N, C)
         if ctx.needs_input_grad[1]:
             grad_w = grad_logits.t() @ (hidden.float() * scale).to(hidden.dtype)  # (V, C), as autocast's backward
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024):
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    workspace: Workspace | None = None,
+):
     """`F.cross_entropy(lm_head(hidden).float(), targets)` (mean, -100 ignored) without the (B, T, V) logits.
 
     hidden (..., C); lm_head_weight (V, C); targets (...) aligned with hidden (row i's target is
     targets[i], no shift). Gradients flow to hidden and the weight, each in its own dtype (a bf16 weight
-    copy gets a bf16 gradient, as under autocast, which autograd then casts onto the float32 Parameter)."""
+    copy gets a bf16 gradient, as under autocast, which autograd then casts onto the float32 Parameter).
+    workspace: scratch buffers to reuse across calls (see `Workspace`); a fresh one per call without it."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"targets shape {tuple(targets.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
-    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, targets.reshape(-1), chunk_size)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _LinearCrossEntropy.apply(flat, lm_head_weight, targets.reshape(-1), chunk_size, workspace)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024):
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    workspace: Workspace | None = None,
+):
     """`model.causal_lm_loss(lm_head(hidden), labels)` without the (B, T, V) logits: labels (B, T) are
     unshifted, -100 ignored, position t predicts labels[t + 1] (transformers' ForCausalLMLoss)."""
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    return linear_cross_entropy(hidden, lm_head_weight, targets, chunk_size)
+    return linear_cross_entropy(hidden, lm_head_weight, targets, chunk_size, workspace)
 
 
 # ---- packed weights ---------------------------------------------------------------------------------
@@ -279,6 +320,7 @@ class FastForward:
         self.block: Callable = torch.compile(_block, dynamic=False) if compile else _block
         self._rope: dict = {}
         self._packed: tuple | None = None  # (parameter versions, PackedWeights) kept for inference
+        self.workspace = Workspace()  # the loss's per-chunk logits, reused from step to step
 
     def packed(self) -> PackedWeights:
         """Under grad: packed afresh, inside the autograd graph (the weights change every step). Without
@@ -313,12 +355,12 @@ class FastForward:
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The reference's `model(input_ids, labels=labels).loss`, without the float32 logits."""
         packed = self.packed()
-        return chunked_cross_entropy(self.hidden(input_ids, packed), packed.lm_head, labels, self.chunk_size)
+        return chunked_cross_entropy(self.hidden(input_ids, packed), packed.lm_head, labels, self.chunk_size, self.workspace)
 
     def lm_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """`train.lm_loss(model, inputs, targets)`: targets already shifted (row t predicts targets[t])."""
         packed = self.packed()
-        return linear_cross_entropy(self.hidden(inputs, packed), packed.lm_head, targets, self.chunk_size)
+        return linear_cross_entropy(self.hidden(inputs, packed), packed.lm_head, targets, self.chunk_size, self.workspace)
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:

@@ -11,6 +11,7 @@ from smollm_ref.fast import (
     FastForward,
     FastGenerator,
     StaticKVCache,
+    Workspace,
     _forward_cached,
     adamw,
     chunked_cross_entropy,
@@ -111,6 +112,26 @@ def test_chunked_cross_entropy_equals_full_logits(rows, chunk, n_ignored, seed):
     got_h, got_w = torch.autograd.grad(got * 3.0, (hidden, weight))  # the upstream gradient is honoured
     torch.testing.assert_close(got_h, exp_h, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_w, exp_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_workspace_is_reused_and_changes_no_value(dtype):
+    """Two calls sharing a Workspace (its buffers written by the first) give what fresh buffers give,
+    including a last chunk shorter than the buffer; the buffers are the same memory both times."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 16, generator=g).to(dtype).requires_grad_()
+    ws = Workspace()
+    pointers = []
+    for rows in (13, 10):
+        hidden = torch.randn(rows, 16, generator=g).to(dtype).requires_grad_()
+        targets = torch.randint(0, 50, (rows,), generator=g)
+        fresh = linear_cross_entropy(hidden, weight, targets, 4)
+        fresh_grads = torch.autograd.grad(fresh, (hidden, weight))
+        reused = linear_cross_entropy(hidden, weight, targets, 4, ws)
+        reused_grads = torch.autograd.grad(reused, (hidden, weight))
+        assert torch.equal(reused, fresh) and all(torch.equal(a, b) for a, b in zip(reused_grads, fresh_grads))
+        pointers.append(ws.get("logits", 4, 50, dtype, "cpu").data_ptr())
+    assert pointers[0] == pointers[1]
 
 
 def test_linear_cross_entropy_frozen_weight_and_bad_arguments():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -82,6 +83,7 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     compile: bool = False
+    fast: bool = True
     fsdp: bool = False
     seed: int = 1337
     resume: str | None = None
@@ -182,7 +184,9 @@ HELP = {
     "grad_clip": "clip the gradient norm to this; 0 disables (default 1.0)",
     "precision": "fp32, bf16-mixed, fp16-mixed (CUDA only) or auto: bf16-mixed on CUDA, fp32 elsewhere (default auto)",
     "device": "auto (CUDA, else MPS, else CPU), cpu, cuda[:N] or mps (default auto)",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the model (with --fast: each decoder block)",
+    "fast": "train with smollm_ref.fast's step (weights packed and cast once per step, chunked loss without the float32 "
+    "logits) in single-process runs; --no-fast runs the reference model under autocast (default on)",
     "fsdp": "shard with FSDP2 (fully_shard) under torchrun instead of DDP",
     "seed": "seed for initialisation and data order (default 1337)",
     "resume": "continue from a checkpoint directory, a run directory, or 'auto' (the latest in --out-dir, if any)",
@@ -314,6 +318,20 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _fast_forward(model: LlamaForCausalLM, cfg: TrainConfig, d, precision: str):
+    """The fast training forward (`smollm_ref.fast.FastForward`) where it applies, else None.
+
+    It reads the model's Parameters directly, so it cannot go through a DDP or FSDP wrapper (their
+    gradient hooks would not fire): multi-process runs keep the reference model. Compute dtype follows
+    --precision (autocast-style: bf16/fp16 matmuls, float32 norms, residual and loss)."""
+    if not cfg.fast or d.world_size > 1 or cfg.fsdp:
+        return None
+    from .fast import FastForward
+
+    dtype = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}[precision]
+    return FastForward(model, dtype, compile=cfg.compile)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with two groups: weight decay on matrices, none on norms, biases and the embedding (which is
     also the tied lm_head). Fused kernels on CUDA, multi-tensor (foreach) elsewhere."""
@@ -367,8 +385,13 @@ def _ddp_of(model):
     return inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
 
 
-def train_step(model, micro_batches, optimizer, scaler=None, *, lr: float | None = None, grad_clip: float = 1.0, autocast=None) -> StepStats:
+def train_step(
+    model, micro_batches, optimizer, scaler=None, *, lr: float | None = None, grad_clip: float = 1.0, autocast=None, loss_fn=None
+) -> StepStats:
     """One optimizer step over `micro_batches` [(inputs, targets), ...] already on the model's device.
+
+    loss_fn(inputs, targets): the micro-batch loss (default `lm_loss(model, ...)` under `autocast`); the
+    trainer passes `FastForward(...).lm_loss`, which does its own mixed precision.
 
     Loss of each micro-batch is divided by their number, so the gradient is that of the mean; DDP syncs
     only on the last one. With a GradScaler (fp16) gradients are unscaled before clipping. A step whose
@@ -382,7 +405,7 @@ def train_step(model, micro_batches, optimizer, scaler=None, *, lr: float | None
     for i, (inputs, targets) in enumerate(micro_batches):
         sync = ddp is None or i == len(micro_batches) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync(), autocast or contextlib.nullcontext():
-            loss = lm_loss(model, inputs, targets) / len(micro_batches)
+            loss = (loss_fn or functools.partial(lm_loss, model))(inputs, targets) / len(micro_batches)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
     if scaler is not None:
@@ -617,7 +640,8 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
     max_steps = step + cfg.additional_steps if cfg.additional_steps is not None else cfg.max_steps
     if step >= max_steps:
         raise TrainError(f"the checkpoint is at step {step}, already at --max-steps {max_steps}; pass --additional-steps N or a larger --max-steps")
-    if cfg.compile:
+    fast = _fast_forward(raw_model, cfg, d, precision)
+    if cfg.compile and fast is None:
         model = torch.compile(model)
     autocast = autocast_context(device, precision)
     sep = data.separator_id(tokenizer)
@@ -637,7 +661,7 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
     fpt = metrics.flops_per_token(model_config, cfg.seq_len)
     peak = metrics.peak_flops(metrics.device_name(device), precision) if device.type == "cuda" else None
     eval_batches = _eval_batches(len(val_windows), cfg, d)
-    _say(d, f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(device)} x{d.world_size} | {precision}"
+    _say(d, f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(device)} x{d.world_size} | {precision}, {'fast' if fast is not None else 'reference'} step"
          f" | {per_step} x {cfg.seq_len} tokens per step | train {len(split.train):,} tokens ({len(train_windows):,} sequences), val {len(split.val):,}"
          f" | MFU peak {f'{peak / 1e12:g} TFLOP/s per device' if peak else 'unknown for this device: no MFU'} | run dir {run_dir}")
     if state is not None:
@@ -706,7 +730,10 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
                 start = 0 if cfg.overfit_single_batch else position + (m * d.world_size + d.rank) * cfg.batch_size
                 inputs, targets = train_windows.batch(order.indices(start, cfg.batch_size))
                 micro.append((inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)))
-            stats = train_step(model, micro, optimizer, scaler, lr=lr, grad_clip=cfg.grad_clip, autocast=autocast)
+            if fast is not None:  # FastForward does its own mixed precision: no autocast around it
+                stats = train_step(model, micro, optimizer, scaler, lr=lr, grad_clip=cfg.grad_clip, loss_fn=fast.lm_loss)
+            else:
+                stats = train_step(model, micro, optimizer, scaler, lr=lr, grad_clip=cfg.grad_clip, autocast=autocast)
             loss = float(distributed.mean(d, stats.loss))
             elapsed = time.perf_counter() - t0
             step += 1

@@ -137,6 +137,43 @@ def test_overfitting_one_batch_drives_the_loss_near_zero(corpus, tmp_path):
     assert result.loss < 0.05, curve
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_fast_step_trains_like_the_reference_step(corpus, tmp_path, precision):
+    """The trainer's default step (smollm_ref.fast) against --no-fast (the reference model under autocast):
+    the same losses step by step, to float32 rounding in fp32 and within bf16 rounding in bf16-mixed."""
+    curves = {}
+    for fast in (True, False):
+        out = tmp_path / f"fast-{fast}"
+        train.train(TrainConfig(**options(corpus, out, max_steps=5, checkpoint_every=1000, precision=precision, fast=fast)))
+        curves[fast] = losses(out)
+    assert list(curves[True]) == list(curves[False]) == [1, 2, 3, 4, 5]
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    for step, loss in curves[False].items():
+        assert curves[True][step] == pytest.approx(loss, rel=tol), (step, curves)
+    assert curves[True][5] < curves[True][1] - 0.2  # and it learns
+
+
+def test_train_step_uses_the_given_loss_fn():
+    from smollm_ref.config import ModelConfig
+    from smollm_ref.fast import FastForward
+    from smollm_ref.model import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig.from_name("smollm2-tiny"))
+    x = torch.randint(0, 49152, (2, 17))
+    calls = []
+    fast = FastForward(model)
+
+    def loss_fn(inputs, targets):
+        calls.append(inputs.shape)
+        return fast.lm_loss(inputs, targets)
+
+    expected = float(train.lm_loss(model, x[:, :-1], x[:, 1:]))
+    stats = train.train_step(model, [(x[:, :-1], x[:, 1:])], torch.optim.SGD(model.parameters(), lr=0.0), loss_fn=loss_fn)
+    assert calls == [torch.Size([2, 16])]
+    assert float(stats.loss) == pytest.approx(expected, rel=1e-6)
+
+
 def test_checkpoint_loads_in_transformers_as_the_same_model(finished_run):
     from transformers import AutoModelForCausalLM
 
@@ -172,8 +209,12 @@ def test_run_directory_records_metrics_samples_and_plots(finished_run):
 
 @pytest.mark.parametrize(
     "extra",
-    [{"precision": "fp32"}, {"precision": "bf16-mixed", "grad_accum": 2, "lr_schedule": "cosine", "warmup_steps": 2}],
-    ids=["fp32", "bf16-accum-cosine"],
+    [
+        {"precision": "fp32"},
+        {"precision": "bf16-mixed", "grad_accum": 2, "lr_schedule": "cosine", "warmup_steps": 2},
+        {"precision": "bf16-mixed", "fast": False},
+    ],
+    ids=["fp32", "bf16-accum-cosine", "bf16-reference-step"],
 )
 def test_resume_in_a_new_process_is_exact(corpus, tmp_path, extra):
     n = 6
@@ -253,7 +294,8 @@ def test_wandb_offline_run_records_the_metrics_and_keeps_its_id(corpus, tmp_path
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(corpus, tmp_path, sharding):
     common = options(corpus, tmp_path / "x", max_steps=3, checkpoint_every=3, precision="fp32")
-    one = run_cli(argv({**common, "out_dir": tmp_path / "one", "batch_size": 4}))
+    # The ranks run the reference step (the fast one cannot sit under DDP/FSDP); so does this process.
+    one = run_cli(argv({**common, "out_dir": tmp_path / "one", "batch_size": 4, "fast": False}))
     assert one.returncode == 0, one.stderr[-2000:]
     two = run_cli(argv({**common, "out_dir": tmp_path / "two", "batch_size": 2, "fsdp": sharding == "fsdp"}), torchrun=2)
     assert two.returncode == 0, two.stderr[-3000:]

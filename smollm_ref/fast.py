@@ -470,10 +470,10 @@ def _forward_cached(packed: PackedWeights, config: ModelConfig, cache: StaticKVC
     t = tokens.shape[1]
     x = F.embedding(tokens, packed.embed)  # (B, T, C)
     if t == 1:
-        r = matrices[pos]  # (D, D)
+        r = matrices[pos]  # (D, D), float32: a bf16 matmul this small is slower than casting around one
 
         def rotate(q, k):
-            return q @ r, k @ r
+            return (q.to(r.dtype) @ r).to(q.dtype), (k.to(r.dtype) @ r).to(k.dtype)
     else:
         rotate = _elementwise_rope(cos_table[pos : pos + t], sin_table[pos : pos + t], packed.dtype)
     for i, p in enumerate(packed.layers):
@@ -541,7 +541,7 @@ class FastGenerator:
         key = (length, str(device), dtype)
         if key not in self._tables:
             cos, sin = rope_table(self.config, length, dtype, device)
-            self._tables = {key: (cos, sin, rope_matrices(cos, sin))}
+            self._tables = {key: (cos, sin, rope_matrices(cos.float(), sin.float()))}
         return self._tables[key]
 
     @torch.inference_mode()

@@ -265,8 +265,8 @@ def test_bf16_decode_logits_inside_envelope(model):
         for t in range(6, 12):
             ref_logits.append(ref16(tokens[:, t : t + 1], kv_cache=cache).logits[:, -1])
         packed = pack_weights(ref16)
-        cos, sin = rope_table(model.config, 12, torch.bfloat16, "cpu")
-        tables = (cos, sin, rope_matrices(cos, sin))
+        tables = FastGenerator(ref16)._rope(12, "cpu", torch.bfloat16)  # the generator's own tables
+        cos, sin = tables[0], tables[1]
         eager_cache = StaticKVCache(model.config, 2, 12, torch.bfloat16, "cpu")
         static_cache = StaticKVCache(model.config, 2, 12, torch.bfloat16, "cpu")
         fast_logits.append(_forward_cached(packed, model.config, eager_cache, tokens[:, :6], 0, tables))

@@ -385,12 +385,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--modes",
         default=None,
-        help=f"comma list of {', '.join(MODES)}, each task in each (default: forward and decode in float32 and bf16, "
-        "train and memory in bf16)",
+        help=f"comma list of {', '.join(MODES)}, each task in each (default: forward in float32, decode in float32 and "
+        "bf16, train and memory in bf16)",
     )
     p.add_argument("--tasks", default="forward,train,decode,memory", help=f"comma list of {', '.join(TASKS)} (default all)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, after one warm-up (default 3)")
-    p.add_argument("--decode-batch-sizes", default="1,8", help="comma list (default 1,8)")
+    p.add_argument(
+        "--decode-batch-sizes", default=None, help="comma list (default 1,8; without --modes, bf16 decodes at batch 1 only)"
+    )
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before decoding (default 32)")
     p.add_argument(
@@ -407,6 +409,8 @@ def parse_args(argv=None):
     bad = [t for t in args.tasks.split(",") if t not in TASKS]
     if bad:
         p.error(f"--tasks: unknown {bad}; choose from {', '.join(TASKS)}")
+    if args.decode_batch_sizes and not all(b.strip().isdigit() and int(b) > 0 for b in args.decode_batch_sizes.split(",")):
+        p.error(f"--decode-batch-sizes: {args.decode_batch_sizes!r} is not a comma list of positive integers, e.g. 1,8")
     for name in ("batch_size", "seq_len", "repeats", "new_tokens", "prompt_len", "memory_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -436,7 +440,12 @@ def main(argv=None) -> int:
     else:
         plan = [(Mode(m), t) for m in ("float32", "bf16") for t in tasks if m in DEFAULT_PLAN[t]]
     peers = [p for p in args.peers.split(",") if p]
-    decode_batches = [int(b) for b in args.decode_batch_sizes.split(",")]
+    if args.decode_batch_sizes:
+        decode_batches = {m: [int(b) for b in args.decode_batch_sizes.split(",")] for m in MODES}
+    else:
+        decode_batches = {m: [1, 8] for m in MODES}
+        if not args.modes:
+            decode_batches["bf16"] = [1]  # the default plan's 5 minutes: bf16 batch 8 is not a target
     peak_label, peak = peak_flops(device)
     fpt = flops_per_token(config, args.seq_len)
     results: dict = {"env": environment(device), "args": vars(args), "peak": peak_label, "flops_per_token": fpt, "runs": []}
@@ -444,12 +453,12 @@ def main(argv=None) -> int:
     if "litgpt" in peers and "litgpt" not in models:
         results["litgpt"] = "not installed: skipped"
     n = len(models)
-    steps = sum((args.repeats + 1) * (n if t != "decode" else min(n, 2) * len(decode_batches)) for _, t in plan if t != "memory")
+    steps = sum((args.repeats + 1) * (n if t != "decode" else min(n, 2) * len(decode_batches[m.name])) for m, t in plan if t != "memory")
     bar = tqdm(total=steps, desc="bench", unit="call")
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
     for mode, task in plan:
         try:
-            run_task(task, mode, args, models, ids, device, config, results, bar, fpt, peak, decode_batches)
+            run_task(task, mode, args, models, ids, device, config, results, bar, fpt, peak, decode_batches[mode.name])
         except Exception as e:  # one failing figure must not lose the others
             results["runs"].append({"task": task, "mode": mode.name, "error": f"{type(e).__name__}: {e}"[:500]})
             print(f"\n{task} {mode.name} failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -242,11 +242,15 @@ def prepack_for_cpu(packed: PackedWeights) -> PackedWeights:
     def pack(w: torch.Tensor) -> torch.Tensor:
         return reorder(w.detach().contiguous(), None)
 
-    layers = [
-        PackedLayer(**{**vars(p), "qkv": pack(p.qkv), "o": pack(p.o), "gate_up": pack(p.gate_up), "down": pack(p.down)})
-        for p in packed.layers
-    ]
-    return PackedWeights(embed=packed.embed, layers=layers, norm=packed.norm, lm_head=pack(packed.lm_head), dtype=packed.dtype)
+    try:
+        layers = [
+            PackedLayer(**{**vars(p), "qkv": pack(p.qkv), "o": pack(p.o), "gate_up": pack(p.gate_up), "down": pack(p.down)})
+            for p in packed.layers
+        ]
+        lm_head = pack(packed.lm_head)
+    except RuntimeError:  # a dtype this oneDNN build does not reorder (e.g. float16 on some CPUs)
+        return packed
+    return PackedWeights(embed=packed.embed, layers=layers, norm=packed.norm, lm_head=lm_head, dtype=packed.dtype)
 
 
 # ---- the forward pass -------------------------------------------------------------------------------

@@ -362,19 +362,23 @@ class FastForward:
         self.dtype = dtype or model.lm_head.weight.dtype
         # Rows of logits per loss chunk: 512 x 49152 float32 is 100 MB on CPU; a GPU wants bigger matmuls.
         self.chunk_size = chunk_size or (4096 if model.lm_head.weight.is_cuda else 512)
+        self.compiled = compile
         self.block: Callable = torch.compile(_block, dynamic=False) if compile else _block
         self._rope: dict = {}
         self._packed: tuple | None = None  # (parameter versions, PackedWeights) kept for inference
         self.workspace = Workspace()  # the loss's per-chunk logits, reused from step to step
 
-    def packed(self) -> PackedWeights:
+    def packed(self, prepacked: bool = False) -> PackedWeights:
         """Under grad: packed afresh, inside the autograd graph (the weights change every step). Without
-        grad: packed once and reused until a parameter's version counter moves (an update in place)."""
+        grad: packed once and reused until a parameter's version counter moves (an update in place);
+        prepacked: also reordered for oneDNN on CPU (`prepack_for_cpu`), for `logits`."""
         if torch.is_grad_enabled():
             return pack_weights(self.model, self.dtype)
-        versions = tuple(p._version for p in self.model.parameters())
-        if self._packed is None or self._packed[0] != versions:
-            self._packed = (versions, pack_weights(self.model, self.dtype))
+        key = (tuple(p._version for p in self.model.parameters()), prepacked)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = None  # one cached copy at a time
+            packed = pack_weights(self.model, self.dtype)
+            self._packed = (key, prepack_for_cpu(packed) if prepacked else packed)
         return self._packed[1]
 
     def _rope_for(self, t: int, device, dtype):
@@ -393,9 +397,10 @@ class FastForward:
         return _rms_norm(x, packed.norm, self.config.rms_norm_eps).to(self.dtype)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) -> (B, T, V) logits in the compute dtype, as the reference gives under autocast."""
-        packed = self.packed()
-        return F.linear(self.hidden(input_ids, packed), packed.lm_head)
+        """(B, T) -> (B, T, V) logits in the compute dtype, as the reference gives under autocast. Without
+        grad on CPU (eager), through oneDNN-prepacked weights: 10-25% faster matmuls at 2048 rows here."""
+        packed = self.packed(prepacked=not self.compiled)
+        return _linear(self.hidden(input_ids, packed), packed.lm_head)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The reference's `model(input_ids, labels=labels).loss`, without the float32 logits."""

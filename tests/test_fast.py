@@ -63,6 +63,16 @@ def test_fast_forward_logits_match_reference_fp32(model, ids):
     torch.testing.assert_close(FastForward(model).logits(ids), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_fast_forward_inference_logits_use_prepacked_weights_and_match(model, ids):
+    fast = FastForward(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = fast.logits(ids)
+        assert fast.packed(prepacked=True).lm_head.is_mkldnn == torch.backends.mkldnn.is_available()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.loss(ids, ids), model(ids, labels=ids).loss, rtol=1e-5, atol=1e-5)  # plain cache
+
+
 def test_fast_loss_and_gradients_match_reference_fp32(model, ids):
     labels = ids.clone()
     labels[0, :5] = -100  # ignored positions must be ignored the same way

@@ -62,6 +62,18 @@ class Workspace:
             buf = self._buffers[name] = torch.empty((rows, cols), dtype=dtype, device=device)
         return buf[:rows]
 
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """A buffer of exactly `shape` that the caller owns until it `give`s it back (a value saved for
+        backward: a second forward before that backward gets a fresh one, never the one in use)."""
+        buf = self._buffers.pop(name, None)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != torch.device(device):
+            del buf
+            buf = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    def give(self, name: str, buf: torch.Tensor) -> None:
+        self._buffers[name] = buf
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """mean over valid rows of CE(hidden @ weight.T, targets), holding float32 log-probabilities for only
@@ -78,9 +90,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = valid.sum()
         safe = targets.masked_fill(~valid, 0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_logits = torch.empty((n, v), dtype=hidden.dtype, device=hidden.device) if need_grad else None
-        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ws = workspace or Workspace()
+        # Leased from the workspace until backward has read it; autograd's version check on saved tensors
+        # would also catch a later forward writing into it before an earlier graph's (retained) backward.
+        grad_logits = ws.take("grad_logits", (n, v), hidden.dtype, hidden.device) if need_grad else None
+        ctx.workspace = workspace
+        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
         c = min(chunk_size, n)
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
@@ -116,6 +131,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = ((grad_logits @ weight).float() * scale).to(hidden.dtype)  # (N, C)
         if ctx.needs_input_grad[1]:
             grad_w = grad_logits.t() @ (hidden.float() * scale).to(hidden.dtype)  # (V, C), as autocast's backward
+        if ctx.workspace is not None:
+            ctx.workspace.give("grad_logits", grad_logits)
         return grad_h, grad_w, None, None, None
 
 

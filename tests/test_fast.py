@@ -11,9 +11,9 @@ from smollm_ref.fast import (
     FastForward,
     FastGenerator,
     StaticKVCache,
-    _SwiGLUDown,
     Workspace,
     _forward_cached,
+    _SwiGLUDown,
     adamw,
     chunked_cross_entropy,
     decode_step,
@@ -162,12 +162,36 @@ def test_swiglu_down_equals_autograd_and_saves_less(dtype):
     results, saved = [], []
     for fn in (plain, _SwiGLUDown.apply):
         held = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: held.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, held=held: held.append(t.numel()) or t, lambda t: t):
             out = fn(gate_up, weight, bias)
         results.append((out, *torch.autograd.grad(out, (gate_up, weight, bias), upstream)))
         saved.append(sum(held))
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert saved[1] == gate_up.numel() + weight.numel() < saved[0]
+
+
+def test_workspace_leases_the_saved_gradient_buffer():
+    """Two losses built before one backward each get their own saved buffer (the lease), so their sum's
+    gradients are right; a retained graph whose buffer a later forward reused refuses a second backward."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(20, 8, generator=g, requires_grad=True)
+    t1, t2 = torch.randint(0, 20, (6,), generator=g), torch.randint(0, 20, (6,), generator=g)
+    ws = Workspace()
+    for _ in range(2):  # the second round runs with the buffer given back by the first backward
+        got = torch.autograd.grad(
+            linear_cross_entropy(hidden, weight, t1, 4, ws) + linear_cross_entropy(hidden, weight, t2, 4, ws), (hidden, weight)
+        )
+        expected = torch.autograd.grad(
+            F.cross_entropy(hidden @ weight.t(), t1) + F.cross_entropy(hidden @ weight.t(), t2), (hidden, weight)
+        )
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    first = linear_cross_entropy(hidden, weight, t1, 4, ws)
+    first.backward(retain_graph=True)  # gives the buffer back while the graph still holds it
+    linear_cross_entropy(hidden, weight, t2, 4, ws)  # takes it and writes into it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
 
 
 def test_linear_cross_entropy_frozen_weight_and_bad_arguments():

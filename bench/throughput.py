@@ -453,7 +453,9 @@ def main(argv=None) -> int:
     if "litgpt" in peers and "litgpt" not in models:
         results["litgpt"] = "not installed: skipped"
     n = len(models)
-    steps = sum((args.repeats + 1) * (n if t != "decode" else min(n, 2) * len(decode_batches[m.name])) for m, t in plan if t != "memory")
+    steps = sum(
+        (args.repeats + 1) * (n if t != "decode" else min(n, 2) * len(decode_batches[m.name])) for m, t in plan if t != "memory"
+    )
     bar = tqdm(total=steps, desc="bench", unit="call")
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
     for mode, task in plan:

@@ -116,8 +116,10 @@ def _hf_documents(name: str, field: str, max_chars: int) -> list[str]:
     except DataError:
         raise
     except Exception as e:  # offline, unknown name, gated: datasets raises many classes
-        raise DataError(f"could not read Hugging Face dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "check the name, the network or HF_DATASETS_OFFLINE with a local cache, or pass a local file") from None
+        raise DataError(
+            f"could not read Hugging Face dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "check the name, the network or HF_DATASETS_OFFLINE with a local cache, or pass a local file"
+        ) from None
     return docs
 
 
@@ -129,7 +131,9 @@ def read_documents(spec: str, text_field: str = "text", max_chars: int = 200_000
         return _hf_documents(spec[3:], text_field, max_chars)
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         docs = [_file_document(p, path) for p in files]
     elif path.is_file():
         if path.suffix in (".jsonl", ".ndjson"):
@@ -167,7 +171,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _cache_key(docs: list[str], tokenizer) -> str:
-    h = hashlib.sha256(f"smollm_ref-tokens-v{FORMAT_VERSION}\0{tokenizer_fingerprint(tokenizer)}\0{separator_id(tokenizer)}\0".encode())
+    h = hashlib.sha256(
+        f"smollm_ref-tokens-v{FORMAT_VERSION}\0{tokenizer_fingerprint(tokenizer)}\0{separator_id(tokenizer)}\0".encode()
+    )
     for doc in docs:
         h.update(hashlib.sha256(doc.encode("utf-8", errors="surrogatepass")).digest())
     return h.hexdigest()[:32]
@@ -191,7 +197,10 @@ def tokenize_to_cache(docs: list[str], tokenizer, cache_root: Path, progress: bo
     sep = separator_id(tokenizer)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     n_tokens, chunk = 0, 64
-    with open(tmp, "wb") as f, tqdm(total=sum(len(d) for d in docs), unit="char", unit_scale=True, desc="tokenising", disable=not progress) as bar:
+    with (
+        open(tmp, "wb") as f,
+        tqdm(total=sum(len(d) for d in docs), unit="char", unit_scale=True, desc="tokenising", disable=not progress) as bar,
+    ):
         for start in range(0, len(docs), chunk):
             batch = docs[start : start + chunk]
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
@@ -234,7 +243,9 @@ def split_tokens(tokens: np.ndarray, seq_len: int, val_fraction: float, key: str
     if n < window:
         if n <= 1:
             raise DataError("the corpus is empty (no tokens after tokenising); pass data that contains text")
-        raise DataError(f"the corpus has {n} tokens, fewer than one sequence of seq_len + 1 = {window}; use more data or a smaller --seq-len")
+        raise DataError(
+            f"the corpus has {n} tokens, fewer than one sequence of seq_len + 1 = {window}; use more data or a smaller --seq-len"
+        )
     n_val = max(window, round(n * val_fraction)) if val_fraction > 0 and n >= 2 * window else 0
     return Split(train=tokens[: n - n_val], val=tokens[n - n_val :], key=key)
 
@@ -251,7 +262,9 @@ class Windows:
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), both (B, T) int64: targets are the inputs shifted by one token."""
-        rows = np.stack([np.asarray(self.tokens[i * self.seq_len : i * self.seq_len + self.seq_len + 1], dtype=np.int64) for i in indices])
+        rows = np.stack(
+            [np.asarray(self.tokens[i * self.seq_len : i * self.seq_len + self.seq_len + 1], dtype=np.int64) for i in indices]
+        )
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 

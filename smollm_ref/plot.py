@@ -55,7 +55,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smollm_ref.plot", description="Plot a training run's loss, validation loss, learning rate and tokens/sec.")
+    parser = argparse.ArgumentParser(
+        prog="python -m smollm_ref.plot", description="Plot a training run's loss, validation loss, learning rate and tokens/sec."
+    )
     parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/metrics.png)")
     args = parser.parse_args(argv)

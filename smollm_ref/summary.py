@@ -1,6 +1,6 @@
 """Model summary with torchinfo, optionally beside transformers' `LlamaForCausalLM` for the same config.
 
-    python -m smollm_ref.summary [--config PRESET_OR_PATH] [--compare-hf] [--depth N]
+python -m smollm_ref.summary [--config PRESET_OR_PATH] [--compare-hf] [--depth N]
 """
 
 from __future__ import annotations
@@ -34,9 +34,17 @@ def summarize(model: nn.Module, depth: int = 3, seq_len: int = 8) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smollm_ref.summary", description="torchinfo summary of a SmolLM2 model config.")
-    parser.add_argument("--config", default="smollm2-135m", help=f"preset ({', '.join(preset_names())}) or config.json path (default smollm2-135m)")
-    parser.add_argument("--compare-hf", action="store_true", help="also summarise transformers' LlamaForCausalLM and compare per-module counts")
+    parser = argparse.ArgumentParser(
+        prog="python -m smollm_ref.summary", description="torchinfo summary of a SmolLM2 model config."
+    )
+    parser.add_argument(
+        "--config",
+        default="smollm2-135m",
+        help=f"preset ({', '.join(preset_names())}) or config.json path (default smollm2-135m)",
+    )
+    parser.add_argument(
+        "--compare-hf", action="store_true", help="also summarise transformers' LlamaForCausalLM and compare per-module counts"
+    )
     parser.add_argument("--depth", type=int, default=3, help="module depth shown by torchinfo (default 3)")
     args = parser.parse_args(argv)
     try:

@@ -106,7 +106,17 @@ class TrainConfig:
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
-        for name in ("max_steps", "checkpoint_every", "batch_size", "seq_len", "grad_accum", "eval_batches", "sample_tokens", "log_every", "max_bad_steps"):
+        for name in (
+            "max_steps",
+            "checkpoint_every",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "eval_batches",
+            "sample_tokens",
+            "log_every",
+            "max_bad_steps",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "sample_every", "keep_last"):
@@ -207,8 +217,18 @@ HELP = {
 }
 
 
-METAVARS = {"model_config": "PRESET|PATH", "init_from": "SOURCE", "data": "SPEC", "text_field": "FIELD", "tokenizer": "SOURCE",
-            "out_dir": "DIR", "device": "DEVICE", "resume": "PATH|auto", "wandb_project": "NAME", "sample_prompt": "TEXT"}
+METAVARS = {
+    "model_config": "PRESET|PATH",
+    "init_from": "SOURCE",
+    "data": "SPEC",
+    "text_field": "FIELD",
+    "tokenizer": "SOURCE",
+    "out_dir": "DIR",
+    "device": "DEVICE",
+    "resume": "PATH|auto",
+    "wandb_project": "NAME",
+    "sample_prompt": "TEXT",
+}
 
 
 # ---- command line and recipes ------------------------------------------------------------------------------
@@ -439,7 +459,9 @@ def evaluate(model, windows: data.Windows, batches: list[list[int]], device, aut
     return torch.stack(losses).mean()
 
 
-def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, device, autocast, seed: int = 0, stop_id: int | None = None) -> str:
+def sample_text(
+    model, tokenizer, prompt: str, max_new_tokens: int, device, autocast, seed: int = 0, stop_id: int | None = None
+) -> str:
     """A KV-cached sample (temperature 0.8, top-k 50) from its own generator, so the training RNG is untouched."""
     from .generate import generate
 
@@ -502,7 +524,9 @@ def _check_out_dir(cfg: TrainConfig, resuming: bool, d) -> bool:
     existing = out.is_dir() and any(out.iterdir())
     if existing and not resuming:
         if not cfg.overwrite:
-            raise TrainError(f"run directory {out} already exists; pass --resume auto to continue it, --overwrite to replace it, or another --out-dir")
+            raise TrainError(
+                f"run directory {out} already exists; pass --resume auto to continue it, --overwrite to replace it, or another --out-dir"
+            )
         markers = ("metrics.jsonl", "checkpoints", checkpoint.TRAIN_CONFIG)
         if not any((out / m).exists() for m in markers):
             raise TrainError(f"--overwrite refused: {out} does not look like a run directory (no metrics.jsonl or checkpoints/)")
@@ -528,13 +552,21 @@ def _model_and_config(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelC
     if resume_dir is not None:
         saved = ModelConfig.from_json(resume_dir / "config.json")
         if explicit is not None and explicit != saved:
-            diff = [f"{f.name} {getattr(saved, f.name)} vs {getattr(explicit, f.name)}" for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(explicit, f.name)]
-            raise TrainError(f"checkpoint {resume_dir} holds a model of another shape ({', '.join(diff[:3])}); pass the matching --model-config or another --resume")
+            diff = [
+                f"{f.name} {getattr(saved, f.name)} vs {getattr(explicit, f.name)}"
+                for f in dataclasses.fields(ModelConfig)
+                if getattr(saved, f.name) != getattr(explicit, f.name)
+            ]
+            raise TrainError(
+                f"checkpoint {resume_dir} holds a model of another shape ({', '.join(diff[:3])}); pass the matching --model-config or another --resume"
+            )
         return saved, checkpoint.strip_compile_prefix(read_state_dict(resume_dir))
     if cfg.init_from:
         model = from_pretrained(cfg.init_from)
         if explicit is not None and explicit != model.config:
-            raise TrainError(f"--model-config {cfg.model_config} differs from the model of --init-from {cfg.init_from}; drop --model-config")
+            raise TrainError(
+                f"--model-config {cfg.model_config} differs from the model of --init-from {cfg.init_from}; drop --model-config"
+            )
         return model.config, {k: v for k, v in model.state_dict().items()}
     return explicit or ModelConfig.from_name(DEFAULT_MODEL), None
 
@@ -581,12 +613,18 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
     try:
         state = checkpoint.load_state(resume_dir) if resume_dir is not None else None
         if state is not None and state.get("world_size", 1) != d.world_size:
-            raise TrainError(f"checkpoint {resume_dir} was written by {state['world_size']} process(es); resume it with the same number, not {d.world_size}")
+            raise TrainError(
+                f"checkpoint {resume_dir} was written by {state['world_size']} process(es); resume it with the same number, not {d.world_size}"
+            )
         if state is not None and bool(state.get("fsdp", False)) != cfg.fsdp:
-            raise TrainError(f"checkpoint {resume_dir} was written {'with' if state.get('fsdp') else 'without'} --fsdp; resume it the same way")
+            raise TrainError(
+                f"checkpoint {resume_dir} was written {'with' if state.get('fsdp') else 'without'} --fsdp; resume it the same way"
+            )
         model_config, weights = _model_and_config(cfg, resume_dir)
         if cfg.seq_len > model_config.max_position_embeddings:
-            raise TrainError(f"--seq-len {cfg.seq_len} exceeds the model's {model_config.max_position_embeddings} positions; pass --seq-len <= {model_config.max_position_embeddings}")
+            raise TrainError(
+                f"--seq-len {cfg.seq_len} exceeds the model's {model_config.max_position_embeddings} positions; pass --seq-len <= {model_config.max_position_embeddings}"
+            )
         tokenizer = _load_tokenizer(cfg, resume_dir)
         model_config.check_vocab(len(tokenizer))
 
@@ -602,7 +640,10 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
         split = data.split_tokens(data.load_tokens(token_path), cfg.seq_len, cfg.val_fraction, key=token_path.stem)
         train_windows, val_windows = data.Windows(split.train, cfg.seq_len), data.Windows(split.val, cfg.seq_len)
         if state is not None and state.get("data_key") != split.key:
-            _say(d, f"warning: the data differs from the checkpoint's (cache key {state.get('data_key')} vs {split.key}); the stream position is kept but the tokens differ")
+            _say(
+                d,
+                f"warning: the data differs from the checkpoint's (cache key {state.get('data_key')} vs {split.key}); the stream position is kept but the tokens differ",
+            )
     except BaseException:
         if created and d.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # leave nothing behind for a run that never started
@@ -639,7 +680,9 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
         run_id = state.get("wandb_run_id") or None
     max_steps = step + cfg.additional_steps if cfg.additional_steps is not None else cfg.max_steps
     if step >= max_steps:
-        raise TrainError(f"the checkpoint is at step {step}, already at --max-steps {max_steps}; pass --additional-steps N or a larger --max-steps")
+        raise TrainError(
+            f"the checkpoint is at step {step}, already at --max-steps {max_steps}; pass --additional-steps N or a larger --max-steps"
+        )
     fast = _fast_forward(raw_model, cfg, d, precision)
     if cfg.compile and fast is None:
         model = torch.compile(model)
@@ -661,15 +704,26 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
     fpt = metrics.flops_per_token(model_config, cfg.seq_len)
     peak = metrics.peak_flops(metrics.device_name(device), precision) if device.type == "cuda" else None
     eval_batches = _eval_batches(len(val_windows), cfg, d)
-    _say(d, f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(device)} x{d.world_size} | {precision}, {'fast' if fast is not None else 'reference'} step"
-         f" | {per_step} x {cfg.seq_len} tokens per step | train {len(split.train):,} tokens ({len(train_windows):,} sequences), val {len(split.val):,}"
-         f" | MFU peak {f'{peak / 1e12:g} TFLOP/s per device' if peak else 'unknown for this device: no MFU'} | run dir {run_dir}")
+    _say(
+        d,
+        f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(device)} x{d.world_size} | {precision}, {'fast' if fast is not None else 'reference'} step"
+        f" | {per_step} x {cfg.seq_len} tokens per step | train {len(split.train):,} tokens ({len(train_windows):,} sequences), val {len(split.val):,}"
+        f" | MFU peak {f'{peak / 1e12:g} TFLOP/s per device' if peak else 'unknown for this device: no MFU'} | run dir {run_dir}",
+    )
     if state is not None:
         _say(d, f"resumed from {resume_dir} at step {step} ({tokens:,} tokens seen)")
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not (d.is_main and cfg.progress), file=sys.stderr)
+    bar = tqdm(
+        total=max_steps,
+        initial=step,
+        desc="training",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (d.is_main and cfg.progress),
+        file=sys.stderr,
+    )
     throughput = metrics.Throughput()
     bad = 0
     last_loss = last_val = None
@@ -682,7 +736,13 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
             "tokens": tokens,
             "data_position": position,
             "data_key": split.key,
-            "schedule": {"kind": cfg.lr_schedule, "lr": cfg.lr, "warmup": cfg.warmup_steps, "horizon": horizon, "min_lr_ratio": cfg.min_lr_ratio},
+            "schedule": {
+                "kind": cfg.lr_schedule,
+                "lr": cfg.lr,
+                "warmup": cfg.warmup_steps,
+                "horizon": horizon,
+                "min_lr_ratio": cfg.min_lr_ratio,
+            },
             "optimizer": distributed.full_optimizer_state(optimizer, cfg.fsdp),
             "scaler": scaler.state_dict() if scaler is not None else {},
             "rng": checkpoint.rng_state(),
@@ -710,7 +770,9 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
         return path
 
     def sample(step_now: int) -> None:
-        text = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device, autocast, seed=cfg.seed, stop_id=sep)
+        text = sample_text(
+            raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device, autocast, seed=cfg.seed, stop_id=sep
+        )
         if d.is_main:
             _say(d, f"--- sample at step {step_now} ---\n{cfg.sample_prompt}{text}\n---")
             log.log(step_now, {"sample": cfg.sample_prompt + text})
@@ -740,21 +802,33 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
             position += per_step
             tokens += per_step * cfg.seq_len
             rate, average = throughput.update(per_step * cfg.seq_len, elapsed)
-            values = {"loss": loss, "lr": lr, "grad_norm": stats.grad_norm, "step_time": elapsed, "tokens_per_sec": rate,
-                      "avg_tokens_per_sec": average, "tokens": tokens, "epoch": order.epoch(position)}
+            values = {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": stats.grad_norm,
+                "step_time": elapsed,
+                "tokens_per_sec": rate,
+                "avg_tokens_per_sec": average,
+                "tokens": tokens,
+                "epoch": order.epoch(position),
+            }
             if peak:
                 values["mfu"] = fpt * rate / (peak * d.world_size)
             if stats.skipped:
                 bad += 1
                 values["skipped"] = True
-                _say(d, f"step {step}: non-finite gradient (norm {stats.grad_norm}, loss {loss}); update skipped ({bad} in a row)")
+                _say(
+                    d, f"step {step}: non-finite gradient (norm {stats.grad_norm}, loss {loss}); update skipped ({bad} in a row)"
+                )
                 if bad >= cfg.max_bad_steps and scaler is None:
                     bar.close()
                     if log:
                         log.log(step, values)
                         log.close()
-                    raise Diverged(f"training diverged: {bad} non-finite steps in a row up to step {step}; lower --lr, raise --warmup-steps, "
-                                   f"or use --precision fp32, then --resume from the last good checkpoint")
+                    raise Diverged(
+                        f"training diverged: {bad} non-finite steps in a row up to step {step}; lower --lr, raise --warmup-steps, "
+                        f"or use --precision fp32, then --resume from the last good checkpoint"
+                    )
             else:
                 bad = 0
                 last_loss = loss
@@ -767,7 +841,10 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
                 mfu = f" | mfu {values['mfu']:.1%}" if "mfu" in values else ""
                 mean, count = sum(recent) / max(1, len(recent)), len(recent)  # one batch is noisy; a mean shows the trend
                 recent.clear()
-                _say(d, f"step {step:>6} | loss {mean:.4f} (mean of {count}) | lr {lr:.2e} | grad norm {stats.grad_norm:.3f} | {rate:,.0f} tok/s (avg {average:,.0f}){mfu}")
+                _say(
+                    d,
+                    f"step {step:>6} | loss {mean:.4f} (mean of {count}) | lr {lr:.2e} | grad norm {stats.grad_norm:.3f} | {rate:,.0f} tok/s (avg {average:,.0f}){mfu}",
+                )
             if cfg.eval_every and eval_batches and (step % cfg.eval_every == 0 or step == max_steps):
                 last_val = float(distributed.mean(d, evaluate(raw_model, val_windows, eval_batches, device, autocast)))
                 if log:
@@ -789,7 +866,10 @@ def _train(cfg, resume_dir, d, device) -> TrainResult:
         log.close()
     signum = stop.signum if step < max_steps else None
     if signum is not None:
-        _say(d, f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written. Continue with: --resume {last_ckpt or 'auto'}")
+        _say(
+            d,
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written. Continue with: --resume {last_ckpt or 'auto'}",
+        )
     return TrainResult(step, last_loss, last_val, last_ckpt, run_dir, signum)
 
 
@@ -805,7 +885,10 @@ def _eval_batches(n_windows: int, cfg: TrainConfig, d: distributed.Dist) -> list
     if per_rank == 0 and n_windows >= d.world_size:  # a small validation split: one short batch each
         size = n_windows // d.world_size
         return [list(range(d.rank * size, (d.rank + 1) * size))]
-    return [list(range((b * d.world_size + d.rank) * cfg.batch_size, (b * d.world_size + d.rank + 1) * cfg.batch_size)) for b in range(per_rank)]
+    return [
+        list(range((b * d.world_size + d.rank) * cfg.batch_size, (b * d.world_size + d.rank + 1) * cfg.batch_size))
+        for b in range(per_rank)
+    ]
 
 
 def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):
@@ -820,8 +903,15 @@ def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):
     run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     mode = metrics.wandb_mode()
     try:
-        run = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=cfg.to_dict(),
-                         settings=wandb.Settings(init_timeout=60, silent=True))
+        run = wandb.init(
+            project=cfg.wandb_project,
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            dir=str(run_dir),
+            config=cfg.to_dict(),
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
     except Exception as e:  # never let logging kill a training run
         warnings.warn(f"wandb.init failed ({type(e).__name__}: {e}); logging to metrics.jsonl only", stacklevel=2)
         return None, run_id

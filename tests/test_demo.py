@@ -81,8 +81,13 @@ def _garbage_config(directory: Path) -> None:
 
 @pytest.mark.parametrize(
     "case, expected",
-    [("missing", "does not exist"), ("empty", "holds no checkpoint"), ("damaged", "no usable checkpoint"),
-     ("bad-weights", "cannot load"), ("bad-config", "cannot load")],
+    [
+        ("missing", "does not exist"),
+        ("empty", "holds no checkpoint"),
+        ("damaged", "no usable checkpoint"),
+        ("bad-weights", "cannot load"),
+        ("bad-config", "cannot load"),
+    ],
 )
 def test_bad_checkpoint_is_one_line_error_and_nonzero_exit(tmp_path, capsys, case, expected):
     run = tmp_path / "run"
@@ -105,8 +110,13 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
 
 
 def test_settings_name_the_bad_field():
-    for bad, field in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
-                       (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")]:
+    for bad, field in [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ]:
         with pytest.raises(ValueError, match=f"Settings.{field}"):
             Settings(**bad)
 
@@ -174,7 +184,10 @@ def test_sampling_controls_reach_the_sampler(tokenizer):
     (greedy, _), _ = final(demo.complete("Once upon a time", Settings(max_new_tokens=10, temperature=0.0)))
     (top1, _), _ = final(demo.complete("Once upon a time", Settings(max_new_tokens=10, temperature=5.0, top_k=1)))
     assert top1 == greedy
-    hot = {final(demo.complete("Once upon a time", Settings(max_new_tokens=10, temperature=5.0, top_k=0, top_p=1.0)))[0][0] for _ in range(3)}
+    hot = {
+        final(demo.complete("Once upon a time", Settings(max_new_tokens=10, temperature=5.0, top_k=0, top_p=1.0)))[0][0]
+        for _ in range(3)
+    }
     assert len(hot) > 1  # sampling at a high temperature from random weights: runs differ
 
 

@@ -23,7 +23,10 @@ def twins(**changes):
 def layer_outputs(model, ids, **kw):
     """Each decoder layer's output, captured with forward hooks (works for both implementations)."""
     outs = []
-    hooks = [layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o)) for layer in model.model.layers]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        for layer in model.model.layers
+    ]
     try:
         logits = model(ids, **kw).logits
     finally:

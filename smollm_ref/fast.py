@@ -247,22 +247,18 @@ def prepack_for_cpu(packed: PackedWeights) -> PackedWeights:
     Returns `packed` unchanged where this torch lacks the ops or the weights are not on the CPU."""
     if packed.lm_head.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return packed
-    try:
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        torch.ops.mkldnn._linear_pointwise  # noqa: B018  (both ops, or neither)
-    except (AttributeError, RuntimeError):
-        return packed
 
     def pack(w: torch.Tensor) -> torch.Tensor:
-        return reorder(w.detach().contiguous(), None)
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
 
     try:
+        torch.ops.mkldnn._linear_pointwise  # noqa: B018  (the op `_linear` will call)
         layers = [
             PackedLayer(**{**vars(p), "qkv": pack(p.qkv), "o": pack(p.o), "gate_up": pack(p.gate_up), "down": pack(p.down)})
             for p in packed.layers
         ]
         lm_head = pack(packed.lm_head)
-    except RuntimeError:  # a dtype this oneDNN build does not reorder (e.g. float16 on some CPUs)
+    except (AttributeError, RuntimeError):  # ops missing from this torch, or a dtype oneDNN does not reorder
         return packed
     return PackedWeights(embed=packed.embed, layers=layers, norm=packed.norm, lm_head=lm_head, dtype=packed.dtype)
 
@@ -338,7 +334,7 @@ class _SwiGLUDown(torch.autograd.Function):
 
 def _mlp_out(gate_up: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor | None) -> torch.Tensor:
     """down(silu(gate) * up); under grad through `_SwiGLUDown`, which holds less for backward."""
-    if torch.is_grad_enabled() and not down.is_mkldnn and (gate_up.requires_grad or down.requires_grad):
+    if torch.is_grad_enabled() and (gate_up.requires_grad or down.requires_grad):
         return _SwiGLUDown.apply(gate_up, down, down_bias)
     gate, up = gate_up.chunk(2, dim=-1)
     return _linear(F.silu(gate) * up, down, down_bias)

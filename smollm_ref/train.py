@@ -194,7 +194,7 @@ HELP = {
     "grad_clip": "clip the gradient norm to this; 0 disables (default 1.0)",
     "precision": "fp32, bf16-mixed, fp16-mixed (CUDA only) or auto: bf16-mixed on CUDA, fp32 elsewhere (default auto)",
     "device": "auto (CUDA, else MPS, else CPU), cpu, cuda[:N] or mps (default auto)",
-    "compile": "torch.compile the model (with --fast: each decoder block)",
+    "compile": "torch.compile the model (under the fast step: its decoder block)",
     "fast": "in single-process bf16/fp16-mixed runs, train with smollm_ref.fast's step (weights packed and cast once "
     "per step, chunked loss without the float32 logits); --no-fast runs the reference model under autocast (default on; "
     "fp32 runs always use the reference step)",
@@ -351,8 +351,7 @@ def _fast_forward(model: LlamaForCausalLM, cfg: TrainConfig, d, precision: str):
         return None
     from .fast import FastForward
 
-    dtype = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}[precision]
-    return FastForward(model, dtype, compile=cfg.compile)
+    return FastForward(model, torch.bfloat16 if precision == "bf16-mixed" else torch.float16, compile=cfg.compile)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

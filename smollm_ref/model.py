@@ -106,11 +106,6 @@ class KVCache:
         self.keys[layer_idx], self.values[layer_idx] = k, v
         return k, v
 
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only batch rows `index` (used by generation to drop finished rows)."""
-        self.keys = [None if k is None else k[index] for k in self.keys]
-        self.values = [None if v is None else v[index] for v in self.values]
-
 
 class LlamaAttention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023) through `scaled_dot_product_attention`."""

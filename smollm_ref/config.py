@@ -1,7 +1,7 @@
 """Typed, validated model configuration, read from and written to transformers' `config.json`.
 
-The field names and meanings are those of transformers' `LlamaConfig`, so every file under
-`configs/` is a valid transformers config and every SmolLM2 `config.json` on the Hub reads here.
+The field names and meanings are those of transformers' `LlamaConfig`, so every preset under
+`smollm_ref/configs/models/` is a valid transformers config and every SmolLM2 `config.json` on the Hub reads here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+from .configs import preset_names, preset_path
 
 # Keys that appear in real Llama/SmolLM2 config.json files and carry no architecture: they are
 # accepted on read and never silently change the model. Anything else unknown is an error.
@@ -186,18 +186,14 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name_or_path: str | Path) -> ModelConfig:
-        """A preset from `configs/` (e.g. `smollm2-135m`) or a path to a config.json."""
+        """A preset shipped in `smollm_ref/configs/models/` (e.g. `smollm2-135m`), or a path to a config.json
+        or to the directory holding one."""
         path = Path(name_or_path)
         if path.suffix == ".json" or path.exists():
             if path.is_dir():
                 path = path / "config.json"
             return cls.from_json(path)
-        preset = CONFIGS_DIR / f"{name_or_path}.json"
-        if not preset.exists():
-            raise ValueError(f"unknown model config {str(name_or_path)!r}; choose one of {preset_names()} or give a JSON path")
-        return cls.from_json(preset)
-
-
-def preset_names() -> list[str]:
-    """Model presets shipped under `configs/` (recipes, which hold training options, excluded)."""
-    return sorted(p.stem for p in CONFIGS_DIR.glob("smollm2-*.json"))
+        name = str(name_or_path)
+        if name not in preset_names():
+            raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(preset_names())} or give a JSON path")
+        return cls.from_json(preset_path(name))

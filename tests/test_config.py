@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from smollm_ref import configs
 from smollm_ref.config import ModelConfig, preset_names
 from tests.conftest import tiny_config
 
@@ -136,6 +137,17 @@ def test_unknown_preset_lists_the_choices():
     with pytest.raises(ValueError, match="smollm2-135m"):
         ModelConfig.from_name("smollm2-135")
     assert {"smollm2-135m", "smollm2-360m", "smollm2-1.7b", "smollm2-tiny"} <= set(preset_names())
+
+
+def test_recipes_are_found_by_name_and_apart_from_presets():
+    assert {"quickstart", "original"} <= set(configs.recipe_names())
+    assert not set(configs.recipe_names()) & set(preset_names())
+    assert json.loads(configs.recipe_path("quickstart").read_text())["max_steps"] > 0
+    assert configs.preset_path("smollm2-tiny").name == "smollm2-tiny.json"
+    with pytest.raises(ValueError, match="quickstart"):
+        configs.recipe_path("quickstar")
+    with pytest.raises(ValueError, match="unknown model preset"):
+        configs.preset_path("../recipes/quickstart")
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -14,13 +14,17 @@ whose manifest is missing or whose files do not match it is skipped with a warni
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import stat
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +35,7 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
 TRAIN_CONFIG = "train_config.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -43,6 +48,11 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_entry(path: Path) -> dict:
+    """A manifest's record of one file: its SHA-256 and size."""
+    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
 
 
 def step_dir_name(step: int) -> str:
@@ -72,7 +82,7 @@ def write(root: Path, step: int, write_files, keep_last: int | None = None) -> P
     tmp.mkdir()
     write_files(tmp)
     files = sorted(p for p in tmp.iterdir() if p.is_file())
-    manifest = {"step": step, "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}}
+    manifest = {"step": step, "files": {p.name: file_entry(p) for p in files}}
     for p in files:
         _fsync(p)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -97,20 +107,58 @@ def verify(directory: Path) -> None:
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(f"checkpoint {directory} has no {MANIFEST} (it was not finished)")
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {directory}: {MANIFEST} is not a regular file")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise CheckpointError(f"checkpoint {directory} has an unreadable {MANIFEST}") from None
+    if not isinstance(files, dict):
+        raise CheckpointError(
+            f"checkpoint {directory}: {MANIFEST} 'files' is a {type(files).__name__}, not a mapping of file names to checksums"
+        )
     for name in ("config.json", "model.safetensors", STATE):
         if name not in files:
             raise CheckpointError(f"checkpoint {directory} lacks {name}")
     for name, entry in files.items():
-        path = directory / name
-        if not path.exists():
-            raise CheckpointError(f"checkpoint {directory} is missing {name}")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint {directory}: {name} does not match its checksum (corrupt or half-written)")
+        _verify_file(directory, name, entry)
+
+
+def _verify_file(directory: Path, name, entry) -> None:
+    """One manifest entry: a plain file name in `directory`, a regular file (not a link, FIFO or device) of
+    the recorded size, then its hash. A manifest is read from disk and may come from anyone, so nothing
+    it names is opened outside the checkpoint, and nothing is read past the size it was checked to have."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise CheckpointError(f"checkpoint {directory}: {MANIFEST} names {name!r}, which is not a file in the checkpoint")
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise CheckpointError(f"checkpoint {directory}: {MANIFEST} has no sha256 for {name}")
+    size = entry.get("bytes")  # manifests have always recorded it; a hand-made one may not
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+        raise CheckpointError(f"checkpoint {directory}: {MANIFEST} gives {name} a size of {size!r}, not a byte count")
+    try:
+        # O_NOFOLLOW: a symlink fails to open; O_NONBLOCK: a FIFO opens without waiting for a writer.
+        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {directory} is missing {name}") from None
+    except OSError:
+        kind = "a symbolic link" if os.path.islink(directory / name) else "not readable"
+        raise CheckpointError(f"checkpoint {directory}: {name} is {kind}, not a regular file") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"checkpoint {directory}: {name} is not a regular file (a device, FIFO or directory)")
+        if size is not None and st.st_size != size:
+            raise CheckpointError(
+                f"checkpoint {directory}: {name} has {st.st_size} bytes, its manifest says {size} (corrupt or half-written)"
+            )
+        h = hashlib.sha256()
+        left = st.st_size
+        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+            h.update(chunk)
+            left -= len(chunk)
+    if h.hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"checkpoint {directory}: {name} does not match its checksum (corrupt or half-written)")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -143,6 +191,33 @@ def find(path: str | Path) -> Path:
                 raise CheckpointError(f"no usable checkpoint under {root}: every one is corrupt or unfinished")
             return found
     raise CheckpointError(f"{path} holds no checkpoint; pass a checkpoint directory (step_NNNNNN) or a run directory")
+
+
+def load_latest(path: str | Path, load: Callable[[Path], T]) -> tuple[Path, T]:
+    """(checkpoint directory, load(directory)) for the checkpoint `find(path)` picks. Readers take no lock,
+    so a trainer writing to the same run can prune the verified checkpoint (keep_last) before `load` reads
+    it: then the search runs once more, and a second loss is a CheckpointError, not a FileNotFoundError."""
+    found = find(path)
+    try:
+        return found, load(found)
+    except FileNotFoundError:
+        pass  # pruned between verify and load: look again, once
+    found = find(path)
+    try:
+        return found, load(found)
+    except FileNotFoundError as e:
+        raise CheckpointError(
+            f"checkpoint {found} was removed while it was being read ({e.filename or e}), twice; a trainer "
+            "is pruning this run's checkpoints: pass one it keeps, or try again"
+        ) from None
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device=None):
+    """(checkpoint directory, model) of the checkpoint `find(path)` picks: verified against its manifest,
+    then loaded with `weights.from_directory`, retried once if pruned in between (`load_latest`)."""
+    from .weights import from_directory
+
+    return load_latest(path, lambda directory: from_directory(directory, dtype=dtype, device=device))
 
 
 def load_state(directory: Path) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,21 @@ _METADATA_KEYS = frozenset(
 )
 
 
+_FLOAT_FIELDS = frozenset({"initializer_range", "rms_norm_eps", "rope_theta", "attention_dropout"})
+_BOOL_FIELDS = frozenset({"tie_word_embeddings", "attention_bias", "mlp_bias"})
+_OPTIONAL_INT_FIELDS = frozenset({"head_dim", "bos_token_id", "eos_token_id", "pad_token_id"})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value) -> str:
+    """A value for a one-line error: its repr, cut short (a config.json field can be any size)."""
+    text = repr(value)
+    return (text if len(text) <= 60 else text[:57] + "...") + f" ({type(value).__name__})"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A LLaMA-architecture decoder, as transformers' `LlamaConfig` describes it."""
@@ -60,6 +76,7 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        self._check_types()
         for name in (
             "vocab_size",
             "hidden_size",
@@ -105,6 +122,28 @@ class ModelConfig:
         eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
         if any(e is not None and not 0 <= e < self.vocab_size for e in eos):
             raise ValueError(f"ModelConfig.eos_token_id ({self.eos_token_id}) must lie in [0, vocab_size={self.vocab_size})")
+
+    def _check_types(self) -> None:
+        """Every field has the JSON type its annotation names (a config.json can hold anything): a one-line
+        ValueError naming the field otherwise. bool is not an int here, and an int float field becomes float."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in _FLOAT_FIELDS:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"ModelConfig.{field.name} must be a finite number, got {_show(value)}")
+                object.__setattr__(self, field.name, float(value))
+            elif field.name in _BOOL_FIELDS:
+                if not isinstance(value, bool):
+                    raise ValueError(f"ModelConfig.{field.name} must be true or false, got {_show(value)}")
+            elif field.name == "hidden_act":
+                if not isinstance(value, str):
+                    raise ValueError(f"ModelConfig.hidden_act must be a string, got {_show(value)}")
+            elif field.name == "eos_token_id" and isinstance(value, list):
+                if not all(_is_int(v) for v in value):
+                    raise ValueError(f"ModelConfig.eos_token_id must be an integer or a list of integers, got {_show(value)}")
+            elif not (_is_int(value) or (value is None and field.name in _OPTIONAL_INT_FIELDS)):
+                what = "an integer or null" if field.name in _OPTIONAL_INT_FIELDS else "an integer"
+                raise ValueError(f"ModelConfig.{field.name} must be {what}, got {_show(value)}")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -158,9 +197,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"config has unknown key(s) {unknown}; remove them or fix their spelling")
         kwargs = {k: v for k, v in data.items() if k in fields}
-        if "rope_theta" in kwargs:
-            kwargs["rope_theta"] = float(kwargs["rope_theta"])
-        return cls(**kwargs)
+        return cls(**kwargs)  # __post_init__ checks every value's type (rope_theta: 10000 becomes 10000.0)
 
     def to_dict(self) -> dict:
         """A transformers-loadable `config.json` dict (written in the pre-v5 flat style, which v5 reads too)."""

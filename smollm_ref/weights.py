@@ -305,6 +305,11 @@ def save_pretrained(model: LlamaForCausalLM, directory: str | os.PathLike, token
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]  # safetensors refuses shared storage; transformers re-ties on load
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    # safetensors (0.8) writes a private temporary file (mode 0600) and renames it into place: give the weights
+    # the umask's mode like every other file here, so whoever may read the directory may read them.
+    umask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    os.chmod(directory / "model.safetensors", 0o666 & ~umask)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

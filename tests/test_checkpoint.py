@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 import warnings
 
 import numpy as np
@@ -83,3 +85,34 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 def test_compile_prefix_is_stripped():
     state = {"_orig_mod.model.norm.weight": torch.ones(2), "lm_head.weight": torch.zeros(1)}
     assert sorted(checkpoint.strip_compile_prefix(state)) == ["lm_head.weight", "model.norm.weight"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_and_directory_gets_the_umask_mode(tmp_path, umask):
+    # On a shared machine a teammate must be able to read a checkpoint: safetensors' own 0600 would stop them.
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from smollm_ref.model import LlamaForCausalLM
+    from smollm_ref.weights import save_pretrained
+    from tests.conftest import tiny_config
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+
+    def write_files(tmp):  # as the trainer writes a checkpoint
+        save_pretrained(LlamaForCausalLM(tiny_config()), tmp, tokenizer)
+        torch.save({"step": 1}, tmp / checkpoint.STATE)
+
+    old = os.umask(umask)
+    try:
+        path = checkpoint.write(tmp_path / "run" / "checkpoints", 1, write_files)
+    finally:
+        os.umask(old)
+    checkpoint.verify(path)
+    written = [path, *path.rglob("*")]
+    assert {p.name for p in written} >= {"model.safetensors", "config.json", "tokenizer.json", checkpoint.STATE}
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in written}
+    modes |= {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in path.parents if tmp_path in p.parents}
+    expected = {name: (0o777 if (tmp_path / name).is_dir() else 0o666) & ~umask for name in modes}
+    assert modes == expected

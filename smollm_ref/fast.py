@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .generate import _check_args, sample_next
 from .model import LlamaForCausalLM, rotate_half
+from .sampling import check_args, sample_next
 
 IGNORE_INDEX = -100
 
@@ -583,7 +583,7 @@ class FastGenerator:
         """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n)."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("FastGenerator does not take padded batches; use smollm_ref.generate.generate for those")
-        _check_args(self.model, input_ids, max_new_tokens, temperature, top_k, top_p)
+        check_args(self.model, input_ids, max_new_tokens, temperature, top_k, top_p)
         if max_new_tokens == 0:
             return input_ids
         packed = self.packed()

@@ -17,48 +17,7 @@ from collections.abc import Iterator
 import torch
 
 from .model import LlamaForCausalLM
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """(B, V) logits of the last position -> (B,) next tokens. temperature 0 is greedy (argmax)."""
-    if temperature <= 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p (always >= 1)
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p):
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, length>0), got shape {tuple(input_ids.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    limit = model.config.max_position_embeddings
-    if input_ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"{limit} positions; shorten the prompt or ask for fewer tokens"
-        )
+from .sampling import check_args, sample_next
 
 
 @torch.inference_mode()
@@ -75,7 +34,7 @@ def stream(
 ) -> Iterator[torch.Tensor]:
     """Yield the (B,) next tokens one step at a time; stops after max_new_tokens or when every row has
     produced an EOS. Rows that finished early receive EOS (the first id given) as padding."""
-    _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
+    check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device, dtype=torch.long)
     if attention_mask is not None:
@@ -114,7 +73,7 @@ def generate(
     fast=True decodes with `smollm_ref.fast` (static cache, fewer ops per token; same tokens in float32)
     when the batch has no padding, and falls back to this path when it has."""
     if fast and (attention_mask is None or bool(attention_mask.all())):
-        from .fast import fast_generate  # lazy: fast imports this module
+        from .fast import fast_generate  # only this path needs it
 
         return fast_generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              eos_token_id=eos_token_id, generator=generator)  # fmt: skip

@@ -1,8 +1,12 @@
 """Generation on tiny random models: greedy against a no-cache loop, left padding, EOS, sampling controls."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
+import smollm_ref.fast
 from smollm_ref.generate import generate, sample_next, stream
 from smollm_ref.model import LlamaForCausalLM
 from tests.conftest import tiny_config
@@ -103,3 +107,13 @@ def test_bad_arguments(model, kwargs, match):
 def test_empty_prompt_is_an_error(model):
     with pytest.raises(ValueError, match="input_ids"):
         generate(model, torch.ones(1, 0, dtype=torch.long), 3)
+
+
+def test_fast_path_never_imports_the_reference_loop():
+    """Data flows one way: `generate` may call into `fast`, never the reverse; both take their argument
+    check and sampler from `sampling`."""
+    root = Path(smollm_ref.fast.__file__)
+    files = sorted(root.parent.glob("*.py")) if root.name == "__init__.py" else [root]
+    for path in files:
+        modules = {node.module for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)}
+        assert not {m for m in modules if m and m.lstrip(".").split(".")[0] == "generate"}, path

@@ -13,7 +13,7 @@ Figures: forward tokens/s (logits of every position, no grad); training step tok
 (forward, backward, AdamW; no gradient clipping on either side); decode tokens/s at batch 1 and 8
 (greedy, --new-tokens with KV cache, against transformers' `generate`); peak memory of a training step,
 measured in a fresh subprocess per side (process peak RSS on CPU, max allocated on CUDA); MFU on CUDA
-(6N + 12*L*H*D*T FLOPs per trained token, N counting lm_head even when tied).
+(6N + 12*L*H*D*T FLOPs per trained token, N counting lm_head even when tied), from `smollm_ref.metrics`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
+if not __package__ and str(ROOT) not in sys.path:  # run as a script without smollm_ref installed
     sys.path.insert(0, str(ROOT))
 
+from smollm_ref import metrics, precision  # noqa: E402
 from smollm_ref.config import ModelConfig  # noqa: E402
 from smollm_ref.fast import FastForward, FastGenerator, adamw  # noqa: E402
 from smollm_ref.model import LlamaForCausalLM  # noqa: E402
@@ -46,8 +48,6 @@ TASKS = ("forward", "train", "decode", "memory")
 # Without --modes: the figures the targets are about, in under 5 minutes on 2 CPU cores (float32 training
 # alone would take two more minutes; ask for it with --modes float32).
 DEFAULT_PLAN = {"forward": ("float32",), "train": ("bf16",), "decode": ("float32", "bf16"), "memory": ("bf16",)}
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; MFU is reported against these.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 @dataclass(frozen=True)
@@ -64,22 +64,15 @@ class Mode:
 
 
 def peak_flops(device: torch.device) -> tuple[str | None, float | None]:
+    """(label, FLOP/s) of the device's dense bf16 peak from `metrics.DEVICE_PEAKS`, which every mode's MFU
+    is reported against; (None, None) off CUDA."""
     if device.type != "cuda":
         return None, None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16.items():
-        if key in name and not (key == "H100" and "PCIe" in name):
-            return f"{name}: {key} bf16 dense {flops / 1e12:.0f} TFLOP/s", flops
-    return f"{name}: peak unknown, no MFU", None
-
-
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6N for the matmuls, N without the embedding lookup but
-    with lm_head even when tied; 12*L*H*D*T for attention scores and values (forward + backward)."""
-    c = config
-    # Tied: num_parameters counts the shared matrix once, standing for lm_head. Untied: drop the embedding.
-    n = c.num_parameters() - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
-    return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+    name = metrics.device_name(device)
+    peak = metrics.device_peak(name)
+    if peak is None or peak.bf16 is None:
+        return f"{name}: peak unknown, no MFU", None
+    return f"{name}: {peak.name} bf16 dense {peak.bf16 / 1e12:.0f} TFLOP/s", peak.bf16
 
 
 # ---- timing -----------------------------------------------------------------------------------------
@@ -168,10 +161,6 @@ def litgpt_model(config: ModelConfig, device, seed: int):
     return model
 
 
-def autocast(device, mode: Mode):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=mode.dtype == torch.bfloat16)
-
-
 def forward_fns(models: dict, mode: Mode, ids, device):
     fns = {}
     for name, model in models.items():
@@ -186,7 +175,7 @@ def forward_fns(models: dict, mode: Mode, ids, device):
             run = torch.compile(model) if mode.compiled else model
 
             def fn(run=run, is_lit=name == "litgpt"):
-                with torch.inference_mode(), autocast(device, mode):
+                with torch.inference_mode(), precision.autocast(device.type, mode.dtype):
                     run(ids) if is_lit else run(ids).logits
 
         fns[name] = (fn, ids.numel())
@@ -213,7 +202,7 @@ def train_fns(models: dict, mode: Mode, ids, device):
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
             def fn(run=run, opt=opt, is_lit=name == "litgpt"):
-                with autocast(device, mode):
+                with precision.autocast(device.type, mode.dtype):
                     if is_lit:
                         logits = run(ids)
                         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
@@ -447,7 +436,7 @@ def main(argv=None) -> int:
         if not args.modes:
             decode_batches["bf16"] = [1]  # the default plan's 5 minutes: bf16 batch 8 is not a target
     peak_label, peak = peak_flops(device)
-    fpt = flops_per_token(config, args.seq_len)
+    fpt = metrics.flops_per_token(config, args.seq_len)
     results: dict = {"env": environment(device), "args": vars(args), "peak": peak_label, "flops_per_token": fpt, "runs": []}
     models = build_models(config, device, args.seed, peers)
     if "litgpt" in peers and "litgpt" not in models:
@@ -456,11 +445,12 @@ def main(argv=None) -> int:
     steps = sum(
         (args.repeats + 1) * (n if t != "decode" else min(n, 2) * len(decode_batches[m.name])) for m, t in plan if t != "memory"
     )
-    bar = tqdm(total=steps, desc="bench", unit="call")
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    bar = tqdm(total=steps, desc="bench", unit="call")
+    run = Run(args, config, device, models, ids, results, bar, fpt, peak, decode_batches)
     for mode, task in plan:
         try:
-            run_task(task, mode, args, models, ids, device, config, results, bar, fpt, peak, decode_batches[mode.name])
+            run_task(task, mode, run)
         except Exception as e:  # one failing figure must not lose the others
             results["runs"].append({"task": task, "mode": mode.name, "error": f"{type(e).__name__}: {e}"[:500]})
             print(f"\n{task} {mode.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -480,8 +470,25 @@ def write_json(results: dict, path: str) -> Path:
     return path
 
 
-def run_task(task, mode, args, models, ids, device, config, results, bar, fpt, peak, decode_batches):
-    """Measure one task in one mode and append it to results["runs"]."""
+@dataclass
+class Run:
+    """What every task of one benchmark run shares."""
+
+    args: argparse.Namespace
+    config: ModelConfig
+    device: torch.device
+    models: dict  # side name -> model, each holding the same weights
+    ids: torch.Tensor  # (batch, seq_len) tokens of the forward and training tasks
+    results: dict  # what the JSON holds; each task appends to results["runs"]
+    bar: Any  # the tqdm progress bar, one update per timed call
+    flops_per_token: int  # training FLOPs per token (`metrics.flops_per_token`)
+    peak: float | None  # dense bf16 FLOP/s that MFU is against; None: no MFU
+    decode_batches: dict[str, list[int]]  # mode name -> decode batch sizes
+
+
+def run_task(task: str, mode: Mode, run: Run) -> None:
+    """Measure one task in one mode and append it to run.results["runs"]."""
+    args, models, device, results, bar = run.args, run.models, run.device, run.results, run.bar
     if task == "memory":
         bar.set_postfix_str(f"memory {mode.name} (subprocesses)")
         results["runs"].append(
@@ -490,12 +497,12 @@ def run_task(task, mode, args, models, ids, device, config, results, bar, fpt, p
         return
     if task in ("forward", "train"):
         bar.set_postfix_str(f"{task} {mode.name}")
-        fns = (forward_fns if task == "forward" else train_fns)(models, mode, ids, device)
+        fns = (forward_fns if task == "forward" else train_fns)(models, mode, run.ids, device)
         res = interleave(fns, args.repeats, device, lambda: bar.update(1))
         add_ratios(res)
         for r in res.values():
-            per_token = fpt if task == "train" else fpt / 3
-            r["mfu"] = r["tokens_per_s"]["median"] * per_token / peak if peak else None
+            per_token = run.flops_per_token if task == "train" else run.flops_per_token / 3
+            r["mfu"] = r["tokens_per_s"]["median"] * per_token / run.peak if run.peak else None
             r.pop("_raw")
         results["runs"].append({"task": task, "mode": mode.name, "batch": [args.batch_size, args.seq_len], "sides": res})
         del fns
@@ -503,12 +510,12 @@ def run_task(task, mode, args, models, ids, device, config, results, bar, fpt, p
         return
     import copy
 
-    for b in decode_batches:
+    for b in run.decode_batches[mode.name]:
         bar.set_postfix_str(f"decode b{b} {mode.name}")
         decode_models = {k: v for k, v in models.items() if k != "litgpt"}
         if mode.dtype != torch.float32 or mode.compiled:  # a compiled recipe rebinds forward: work on copies
             decode_models = {k: copy.deepcopy(v).to(mode.dtype) for k, v in decode_models.items()}
-        prompt = torch.randint(0, config.vocab_size, (b, args.prompt_len), device=device)
+        prompt = torch.randint(0, run.config.vocab_size, (b, args.prompt_len), device=device)
         outputs: dict = {}
         res = interleave(
             decode_fns(decode_models, mode, prompt, args.new_tokens, outputs), args.repeats, device, lambda: bar.update(1)

@@ -3,30 +3,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from bench import throughput as bench
+from smollm_ref import metrics
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput", REPO / "bench" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
 
 TINY = ["--config", "smollm2-tiny", "--batch-size", "2", "--seq-len", "16", "--new-tokens", "4", "--prompt-len", "4",
         "--repeats", "1", "--peers", "transformers"]  # fmt: skip
 
 
-def test_default_plan_writes_every_figure_with_ratios(bench, tmp_path, capsys):
+def test_default_plan_writes_every_figure_with_ratios(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert bench.main([*TINY, "--json", str(out)]) == 0
     results = json.loads(out.read_text())
@@ -52,8 +47,26 @@ def test_default_plan_writes_every_figure_with_ratios(bench, tmp_path, capsys):
     [(["--modes", "fp8"], "--modes"), (["--tasks", "sing"], "--tasks"), (["--decode-batch-sizes", "1,x"], "--decode-batch-sizes"),
      (["--repeats", "0"], "--repeats"), (["--config", "no-such-preset"], "--config")],
 )  # fmt: skip
-def test_bad_options_are_one_line_errors(bench, args, message, capsys):
+def test_bad_options_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(args)
     assert e.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_mfu_peak_comes_from_the_metrics_table(monkeypatch):
+    assert not hasattr(bench, "PEAK_BF16") and not hasattr(bench, "flops_per_token")  # one table, one formula
+    assert bench.peak_flops(torch.device("cpu")) == (None, None)
+    monkeypatch.setattr(metrics, "device_name", lambda device: "NVIDIA H100 PCIe")
+    label, peak = bench.peak_flops(torch.device("cuda"))
+    assert peak == metrics.peak_flops("NVIDIA H100 PCIe", "bf16-mixed") == 756e12 and "H100 PCIe" in label
+    monkeypatch.setattr(metrics, "device_name", lambda device: "NVIDIA L40S")
+    assert bench.peak_flops(torch.device("cuda")) == ("NVIDIA L40S: peak unknown, no MFU", None)
+
+
+@pytest.mark.parametrize("pythonpath", [True, False])
+def test_runs_as_a_script_from_the_repository_root(pythonpath):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | ({"PYTHONPATH": "."} if pythonpath else {})
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--help"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python bench/throughput.py")

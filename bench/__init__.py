@@ -1,0 +1,1 @@
+"""Benchmarks: `throughput` measures smollm_ref's fast paths beside transformers (`python bench/throughput.py`)."""

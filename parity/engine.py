@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from smollm_ref import precision
+
 # Per decoder layer: (submodule, what its output is), in the order the forward pass produces them.
 LAYER_POINTS = (
     ("input_layernorm", "input norm"),
@@ -162,13 +164,6 @@ def hooks(model: torch.nn.Module, points: list[str], sink: Callable[[str, torch.
             h.remove()
 
 
-def _autocast(model: torch.nn.Module, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    device = next(model.parameters()).device.type
-    return torch.autocast(device_type=device, dtype=dtype)
-
-
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -185,7 +180,7 @@ def run(
     """One no-grad forward of either model with labels = input_ids (-100 at padding), every point's output
     sent to `sink` (the loss last). Both models take (input_ids, attention_mask=, position_ids=, labels=)
     and return .logits/.loss."""
-    with torch.no_grad(), hooks(model, points, sink), _autocast(model, autocast):
+    with torch.no_grad(), hooks(model, points, sink), precision.autocast(_device(model).type, autocast):
         out = model(**_inputs(model, input_ids, attention_mask, position_ids))
     if LOSS in points:
         sink(LOSS, out.loss.detach().to("cpu", copy=True))

@@ -14,6 +14,7 @@ import torch
 from parity import checks, engine, sources
 from parity.__main__ import main as parity_main
 from parity.report import DiffSection, Report
+from smollm_ref import precision
 from smollm_ref.config import ModelConfig
 from smollm_ref.model import LlamaForCausalLM, LlamaRotaryEmbedding
 from smollm_ref.weights import from_pretrained, load_into, read_state_dict
@@ -156,6 +157,19 @@ def test_argmax_check_counts_only_clear_positions():
     assert (check.positions, check.clear, check.agree_clear, check.agree_all) == (2, 1, 1, 1)
     wrong = torch.tensor([[[1.0, 5.0, 0.0], [2.0, 1.9, 0.0]]])  # flips the clear one
     assert engine.argmax_check(ref, theirs_low, wrong, 1.25).first_disagreement == 0
+
+
+def test_capture_runs_under_the_shared_autocast(theirs, ids):
+    """`autocast=` goes through `smollm_ref.precision.autocast`: bf16 matmuls, and float32 or None a plain
+    float32 forward."""
+    points = ["lm_head", engine.LOSS]
+    low = engine.capture(theirs, points, ids, autocast=torch.bfloat16)
+    assert low["lm_head"].dtype == torch.bfloat16
+    with precision.autocast("cpu", torch.bfloat16):
+        direct = theirs(input_ids=ids).logits
+    assert torch.equal(low["lm_head"], direct)
+    plain, fp32 = engine.capture(theirs, points, ids), engine.capture(theirs, points, ids, autocast=torch.float32)
+    assert plain["lm_head"].dtype == torch.float32 and torch.equal(plain["lm_head"], fp32["lm_head"])
 
 
 def test_hooks_reject_missing_module(theirs, ids):

@@ -27,10 +27,16 @@ def per_module_counts(model: nn.Module) -> dict[str, int]:
 
 def summarize(model: nn.Module, depth: int = 3, seq_len: int = 8) -> str:
     from torchinfo import summary
+    from torchinfo.enums import Units
 
     ids = torch.zeros(1, seq_len, dtype=torch.long)
     stats = summary(model, input_data=[ids], depth=depth, verbose=0, col_names=("output_size", "num_params"), device="cpu")
-    return str(stats)
+    text = str(stats)
+    # torchinfo 1.8 formats its unit enum into the labels, which Python 3.11+ prints as its name
+    # ("Total mult-adds (Units.MEGABYTES)"); the label it means is the value ("Total mult-adds (M)").
+    for unit in Units:
+        text = text.replace(f"({unit})", f"({unit.value})")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         print("(torchinfo's 'Total params' counts the tied lm_head/embedding weight twice, for both implementations)")
     if not args.compare_hf:
         return 0
+    import transformers
+
     from .convert import to_transformers
 
     theirs = to_transformers(ours).eval()
-    print(f"\n== transformers {type(theirs).__module__.split('.')[0]} LlamaForCausalLM")
+    print(f"\n== transformers {transformers.__version__} LlamaForCausalLM")
     print(summarize(theirs, args.depth))
     n_theirs = theirs.num_parameters()
     print(f"transformers parameters (num_parameters()): {n_theirs:,}")

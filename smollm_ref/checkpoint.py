@@ -59,6 +59,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_of(directory: str | Path) -> int | None:
+    """The step a checkpoint directory is named for (`step_000200` -> 200); None for any other name."""
+    m = _STEP_DIR.match(Path(directory).name)
+    return int(m.group(1)) if m else None
+
+
 def checkpoints_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -67,7 +73,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every finished-looking checkpoint directory under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    found = [(step, p) for p in root.iterdir() if p.is_dir() and (step := step_of(p)) is not None]
     return sorted(found)
 
 

@@ -66,6 +66,13 @@ def test_find_errors_name_the_path(tmp_path):
         checkpoint.find(tmp_path)
 
 
+def test_step_of_reads_only_checkpoint_names(tmp_path):
+    assert checkpoint.step_of(tmp_path / checkpoint.step_dir_name(200)) == 200
+    assert checkpoint.step_of("runs/x/checkpoints/step_1234567") == 1234567
+    for name in ("run-2024-05-01", "step_12a", "best_step_000100", ".tmp-step_000100-42"):
+        assert checkpoint.step_of(name) is None, name
+
+
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     random.seed(1)
     np.random.seed(2)

@@ -1,0 +1,114 @@
+"""The trainer's checkpointer: when to save, what a checkpoint holds, restoring a run from one, which
+checkpoints to keep. The files and their atomic writing are `smollm_ref.checkpoint`'s."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint, distributed
+from ..model import LlamaForCausalLM
+from .options import TrainConfig, TrainError
+from .state import RunState
+
+
+def check_compatible(saved: dict, resume_dir: Path, world_size: int, fsdp: bool) -> None:
+    """A checkpoint resumes exactly only with the process layout that wrote it."""
+    if saved.get("world_size", 1) != world_size:
+        raise TrainError(
+            f"checkpoint {resume_dir} was written by {saved['world_size']} process(es); resume it with the same number, not {world_size}"
+        )
+    if bool(saved.get("fsdp", False)) != fsdp:
+        raise TrainError(f"checkpoint {resume_dir} was written {'with' if saved.get('fsdp') else 'without'} --fsdp; resume it the same way")
+    if "optimizer" not in saved:
+        raise TrainError(
+            f"checkpoint {resume_dir} holds no optimizer state (--optimizer-state latest keeps it only in the newest "
+            f"checkpoint); resume from the newest one, or start a new run from these weights with --init-from {resume_dir}"
+        )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+class Checkpointer:
+    """Owns the decision to save and the contents of a checkpoint. Every rank calls `save` (FSDP gathers
+    the full state collectively); rank 0 alone writes."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, d: distributed.Dist, model, optimizer, scaler, tokenizer):
+        self.root = checkpoint.checkpoints_root(run_dir)
+        self.cfg, self.d = cfg, d
+        self.model, self.optimizer, self.scaler, self.tokenizer = model, optimizer, scaler, tokenizer
+        self.last: Path | None = None
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return step % self.cfg.checkpoint_every == 0 or step == max_steps
+
+    def restore(self, saved: dict, horizon: int) -> RunState:
+        """Load the optimizer, scaler and RNG states of `saved` (a `trainer_state.pt`) and return its run state.
+        An extended run (--additional-steps without --lr-decay-steps) keeps the schedule it had."""
+        distributed.load_optimizer_state(self.optimizer, saved["optimizer"], self.cfg.fsdp)
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        if self.cfg.additional_steps is not None and self.cfg.lr_decay_steps is None:
+            horizon = int(saved["schedule"]["horizon"])
+        checkpoint.set_rng_state(saved["rng"])
+        return RunState.from_checkpoint(saved, horizon)
+
+    def save(self, state: RunState) -> Path | None:
+        """Write a checkpoint of `state` (on rank 0; other ranks return None) and apply --keep-last and
+        --optimizer-state."""
+        cfg = self.cfg
+        schedule = {"kind": cfg.lr_schedule, "lr": cfg.lr, "warmup": cfg.warmup_steps, "min_lr_ratio": cfg.min_lr_ratio}
+        trainer_state = state.to_checkpoint(schedule, self.d.world_size, cfg.fsdp)
+        trainer_state["optimizer"] = distributed.full_optimizer_state(self.optimizer, cfg.fsdp)
+        trainer_state["scaler"] = self.scaler.state_dict() if self.scaler is not None else {}
+        model_state = distributed.full_model_state(self.model) if cfg.fsdp else None
+        path = None
+        if self.d.is_main:
+
+            def write_files(tmp: Path) -> None:
+                from ..weights import load_into, save_pretrained
+
+                cpu_model = self.model
+                if cfg.fsdp:  # sharded: rebuild the whole model on CPU from the gathered state
+                    cpu_model = LlamaForCausalLM(self.model.config)
+                    load_into(cpu_model, model_state)
+                save_pretrained(cpu_model, tmp, self.tokenizer)
+                torch.save(trainer_state, tmp / checkpoint.STATE)
+                (tmp / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+            path = checkpoint.write(self.root, state.step, write_files, cfg.keep_last or None)
+            if cfg.optimizer_state == "latest":
+                for _, older in checkpoint.list_checkpoints(self.root)[:-1]:
+                    drop_optimizer_state(older)
+            self.last = path
+        distributed.barrier(self.d)
+        return path
+
+    def describe(self, path: Path) -> str:
+        total = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        optimizer = (path / checkpoint.STATE).stat().st_size
+        return f"checkpoint {path} ({_size(total)}, of which {_size(optimizer)} optimizer and run state)"
+
+
+def drop_optimizer_state(directory: Path) -> None:
+    """Rewrite an older checkpoint's trainer_state.pt without its AdamW state (weights, run state and RNG
+    stay, so it still loads as a model and says why it cannot resume). The manifest is rewritten to match;
+    both replace their files by rename. A checkpoint already slimmed is left alone."""
+    state_path = directory / checkpoint.STATE
+    saved = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
+    if "optimizer" not in saved:
+        return
+    saved = {k: v for k, v in saved.items() if k not in ("optimizer", "scaler")}
+    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
+    tmp_state = directory / f".{checkpoint.STATE}.tmp{os.getpid()}"
+    torch.save(saved, tmp_state)
+    manifest["files"][checkpoint.STATE] = checkpoint.file_entry(tmp_state)
+    tmp_manifest = directory / f".{checkpoint.MANIFEST}.tmp{os.getpid()}"
+    tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp_state.replace(state_path)
+    tmp_manifest.replace(directory / checkpoint.MANIFEST)

@@ -1,0 +1,31 @@
+"""`python -m smollm_ref.train`: options from a recipe and the command line, one-line errors, exit codes
+(0 done, 1 diverged, 2 bad input, 128 + signal when stopped by SIGINT/SIGTERM with a checkpoint written)."""
+
+from __future__ import annotations
+
+import sys
+
+from .loop import train
+from .options import build_parser, read_recipe, resolve_config
+from .run import Diverged
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    recipe = args.pop("recipe", None)
+    try:
+        options = {**(read_recipe(recipe) if recipe else {}), **args}
+        cfg, found = resolve_config(options)
+        result = train(cfg, found)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:  # TrainError, DataError, CheckpointError, SourceError, config errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
+    if result.stopped_by_signal is not None:
+        return 128 + result.stopped_by_signal
+    return 0

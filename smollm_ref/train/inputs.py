@@ -1,0 +1,124 @@
+"""What a run is built from, checked before anything is written: the run directory, the model's config
+and starting weights, the tokenizer, and the token windows for training and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import checkpoint, data, distributed
+from ..config import ModelConfig
+from .options import DEFAULT_MODEL, DEFAULT_TOKENIZER, TrainConfig, TrainError
+
+
+def check_out_dir(cfg: TrainConfig, resuming: bool, d: distributed.Dist) -> bool:
+    """Refuse an existing run directory unless resuming or --overwrite; make sure it can be written.
+    Returns whether the directory had to be created (so a failed setup can remove it again).
+    Every rank checks before any rank writes there: otherwise a later rank sees rank 0's new directory."""
+    out = Path(cfg.out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out-dir {out} is a file, not a directory; pass another --out-dir")
+    existing = out.is_dir() and any(out.iterdir())
+    if existing and not resuming:
+        if not cfg.overwrite:
+            raise TrainError(
+                f"run directory {out} already exists; pass --resume auto to continue it, --overwrite to replace it, or another --out-dir"
+            )
+        markers = ("metrics.jsonl", "checkpoints", checkpoint.TRAIN_CONFIG)
+        if not any((out / m).exists() for m in markers):
+            raise TrainError(f"--overwrite refused: {out} does not look like a run directory (no metrics.jsonl or checkpoints/)")
+    distributed.barrier(d)
+    if not d.is_main:
+        return False
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{id(cfg)}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"cannot write to --out-dir {out} ({e.strerror or e}); pass a writable directory") from None
+    return created
+
+
+def model_and_weights(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelConfig, dict | None]:
+    """The model's config and the weights to start from (None: fresh initialisation)."""
+    from ..weights import from_pretrained, read_state_dict
+
+    explicit = ModelConfig.from_name(cfg.model_config) if cfg.model_config else None
+    if resume_dir is not None:
+        saved = ModelConfig.from_json(resume_dir / "config.json")
+        if explicit is not None and explicit != saved:
+            diff = [
+                f"{f.name} {getattr(saved, f.name)} vs {getattr(explicit, f.name)}"
+                for f in dataclasses.fields(ModelConfig)
+                if getattr(saved, f.name) != getattr(explicit, f.name)
+            ]
+            raise TrainError(
+                f"checkpoint {resume_dir} holds a model of another shape ({', '.join(diff[:3])}); pass the matching --model-config or another --resume"
+            )
+        return saved, checkpoint.strip_compile_prefix(read_state_dict(resume_dir))
+    if cfg.init_from:
+        model = from_pretrained(cfg.init_from)
+        if explicit is not None and explicit != model.config:
+            raise TrainError(
+                f"--model-config {cfg.model_config} differs from the model of --init-from {cfg.init_from}; drop --model-config"
+            )
+        return model.config, dict(model.state_dict())
+    return explicit or ModelConfig.from_name(DEFAULT_MODEL), None
+
+
+def load_tokenizer(cfg: TrainConfig, resume_dir: Path | None):
+    """--tokenizer, else the checkpoint's or --init-from model's own, else SmolLM2's."""
+    from ..tokenizer import load_tokenizer
+    from ..weights import SourceError
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    for source in (resume_dir, cfg.init_from):
+        if source is None:
+            continue
+        try:
+            return load_tokenizer(source)
+        except SourceError:
+            continue  # a model without tokenizer files: fall back to SmolLM2's own
+    return load_tokenizer(DEFAULT_TOKENIZER)
+
+
+@dataclass
+class TokenData:
+    train: data.Windows
+    val: data.Windows
+    key: str  # the token cache's key, recorded in checkpoints
+    train_tokens: int
+    val_tokens: int
+
+
+def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist) -> TokenData:
+    """The corpus tokenised once into the cache (rank 0 tokenises; the others then find it cached), split
+    into training and validation windows of --seq-len + 1 tokens."""
+    from ..weights import cache_dir
+
+    docs = data.read_documents(cfg.data, cfg.text_field)  # every rank reads them: they make the cache key
+    cache_root = cache_dir() / "tokens"
+    if d.is_main:
+        token_path = data.tokenize_to_cache(docs, tokenizer, cache_root, progress=cfg.progress)
+    distributed.barrier(d)
+    if not d.is_main:
+        token_path = data.tokenize_to_cache(docs, tokenizer, cache_root, progress=False)
+    del docs
+    split = data.split_tokens(data.load_tokens(token_path), cfg.seq_len, cfg.val_fraction, key=token_path.stem)
+    return TokenData(data.Windows(split.train, cfg.seq_len), data.Windows(split.val, cfg.seq_len), split.key, len(split.train), len(split.val))
+
+
+def eval_batches(n_windows: int, cfg: TrainConfig, d: distributed.Dist) -> list[list[int]]:
+    """This rank's validation batches: the first windows, the same number of batches on every rank."""
+    per_rank = min(cfg.eval_batches, n_windows // (cfg.batch_size * d.world_size))
+    if per_rank == 0 and n_windows >= d.world_size:  # a small validation split: one short batch each
+        size = n_windows // d.world_size
+        return [list(range(d.rank * size, (d.rank + 1) * size))]
+    return [
+        list(range((b * d.world_size + d.rank) * cfg.batch_size, (b * d.world_size + d.rank + 1) * cfg.batch_size))
+        for b in range(per_rank)
+    ]

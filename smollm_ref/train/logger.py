@@ -1,0 +1,124 @@
+"""What a run tells people: the progress bar, console lines, metrics.jsonl and WandB. The main rank gets a
+`RunLogger`; every other rank a `NullLogger` with the same methods, so the loop never asks which rank it is."""
+
+from __future__ import annotations
+
+import secrets
+import string
+import sys
+import warnings
+from pathlib import Path
+
+from .. import metrics
+from .options import TrainConfig
+
+
+def say(message: str) -> None:
+    """A console line that does not break the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+class NullLogger:
+    """A non-main rank's logger: says and records nothing."""
+
+    wandb_run_id: str | None = None
+
+    def say(self, message: str) -> None:
+        pass
+
+    def start(self, step: int, max_steps: int) -> None:
+        pass
+
+    def step(self, step: int, values: dict) -> None:
+        pass
+
+    def validation(self, step: int, loss: float) -> None:
+        pass
+
+    def sample(self, step: int, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLogger(NullLogger):
+    """The main rank's logger. `step` records every step (metrics.jsonl, WandB, the bar) and prints a line
+    every --log-every steps with the mean loss since the last line (one batch is noisy; a mean shows the trend)."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, resumed_step: int, wandb_run_id: str | None):
+        self.cfg = cfg
+        metrics.truncate_after(run_dir / "metrics.jsonl", resumed_step)  # a resumed run redoes later steps
+        wandb_run = None
+        self.wandb_run_id = wandb_run_id
+        if cfg.wandb:
+            wandb_run, self.wandb_run_id = _start_wandb(cfg, run_dir, wandb_run_id)
+        self.log = metrics.MetricsLog(run_dir, wandb_run)
+        self.bar = None
+        self.recent: list[float] = []
+
+    def say(self, message: str) -> None:
+        say(message)
+
+    def start(self, step: int, max_steps: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.max_steps = max_steps
+        self.bar = tqdm(
+            total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not self.cfg.progress, file=sys.stderr
+        )
+
+    def step(self, step: int, values: dict) -> None:
+        self.log.log(step, values)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_sec']:,.0f}", refresh=False)
+        self.recent.append(values["loss"])
+        if step % self.cfg.log_every == 0 or step == self.max_steps:
+            mean, count = sum(self.recent) / len(self.recent), len(self.recent)
+            self.recent.clear()
+            mfu = f" | mfu {values['mfu']:.1%}" if "mfu" in values else ""
+            say(
+                f"step {step:>6} | loss {mean:.4f} (mean of {count}) | lr {values['lr']:.2e} | grad norm {values['grad_norm']:.3f}"
+                f" | {values['tokens_per_sec']:,.0f} tok/s (avg {values['avg_tokens_per_sec']:,.0f}){mfu}"
+            )
+
+    def validation(self, step: int, loss: float) -> None:
+        self.log.log(step, {"val_loss": loss})
+        say(f"step {step:>6} | val loss {loss:.4f}")
+
+    def sample(self, step: int, text: str) -> None:
+        say(f"--- sample at step {step} ---\n{text}\n---")
+        self.log.log(step, {"sample": text})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.log.close()
+
+
+def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):
+    """A WandB run continuing `run_id` when resuming. The mode is chosen first (offline without a key or a
+    network), so init never blocks; if init still fails the job goes on without WandB."""
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("--wandb asked but the wandb package is not installed; logging to metrics.jsonl only", stacklevel=2)
+        return None, run_id
+    # WandB's own id format (8 lowercase alphanumerics), drawn from `secrets` so the training RNG is untouched
+    run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    try:
+        run = wandb.init(
+            project=cfg.wandb_project,
+            id=run_id,
+            resume="allow",
+            mode=metrics.wandb_mode(),
+            dir=str(run_dir),
+            config=cfg.to_dict(),
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
+    except Exception as e:  # never let logging kill a training run
+        warnings.warn(f"wandb.init failed ({type(e).__name__}: {e}); logging to metrics.jsonl only", stacklevel=2)
+        return None, run_id
+    return run, run_id

@@ -1,0 +1,117 @@
+"""The training loop: step, log, maybe validate, maybe checkpoint or sample, check for a stop. Each of
+those is a verb of `Run` (smollm_ref/train/run.py); the loop decides only when."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import distributed
+from .options import TrainConfig, read_recipe, resolve_config
+from .run import Run
+from .step import resolve_device
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float | None
+    val_loss: float | None
+    checkpoint: Path | None
+    run_dir: Path
+    stopped_by_signal: int | None = None
+
+
+class StopFlag:
+    """Records SIGINT/SIGTERM; the loop checks it after each step, writes a checkpoint and leaves."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig, resume_dir: Path | None = None) -> TrainResult:
+    """Run `cfg` to its max_steps (or until SIGINT/SIGTERM)."""
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    d = distributed.init(device.type)
+    try:
+        return fit(Run.build(cfg, resume_dir, d, device))
+    finally:
+        distributed.shutdown(d)
+
+
+def fit(run: Run) -> TrainResult:
+    cfg, state = run.cfg, run.state
+    try:
+        with StopFlag() as stop:
+            if cfg.eval_every and run.resumed_from is None:
+                run.validate()  # where a fine-tune starts from
+            run.logger.start(state.step, run.max_steps)
+            while state.step < run.max_steps:
+                run.record(run.step())
+                last = state.step == run.max_steps
+                if cfg.eval_every and (state.step % cfg.eval_every == 0 or last):
+                    run.validate()
+                interrupted = distributed.any_rank(run.d, stop.signum is not None, run.device)
+                if run.checkpointer.due(state.step, run.max_steps) or interrupted:
+                    run.save()
+                    if not interrupted:
+                        run.sample()
+                elif cfg.sample_every and state.step % cfg.sample_every == 0:
+                    run.sample()
+                if interrupted:
+                    break
+    finally:
+        run.logger.close()
+    result = TrainResult(state.step, run.last_loss, run.last_val, run.checkpointer.last, run.run_dir)
+    if stop.signum is not None and state.step < run.max_steps:
+        result.stopped_by_signal = stop.signum
+        run.logger.say(
+            f"stopped by {signal.Signals(stop.signum).name} at step {state.step}; checkpoint written. "
+            f"Continue with: --resume {result.checkpoint or 'auto'}"
+        )
+    else:
+        run.logger.say(closing_lines(result))
+    return result
+
+
+def closing_lines(result: TrainResult) -> str:
+    """What a finished run says last: where its outputs are, how it ended, what to run next."""
+    run_dir = result.run_dir
+    losses = f"final train loss {result.loss:.4f}" if result.loss is not None else "no finite train loss"
+    if result.val_loss is not None:
+        losses += f", val loss {result.val_loss:.4f}"
+    return (
+        f"done: {result.step} steps, {losses}\n"
+        f"  checkpoints  {run_dir / 'checkpoints'} (newest {result.checkpoint.name if result.checkpoint else 'none'})\n"
+        f"  metrics      {run_dir / 'metrics.jsonl'}\n"
+        f"  next         python -m smollm_ref.plot {run_dir}\n"
+        f"               python -m smollm_ref.demo --checkpoint {run_dir}\n"
+        f"               python -m smollm_ref.train --resume {run_dir} --additional-steps N"
+    )
+
+
+def continue_training(checkpoint_path, config_path=None, additional_steps: int = 50) -> TrainResult:
+    """Resume the run of `checkpoint_path` (a checkpoint or run directory) for `additional_steps` more steps.
+    `config_path` is an optional recipe whose options override the checkpoint's run."""
+    options = read_recipe(config_path) if config_path else {}
+    options.update(resume=str(checkpoint_path), additional_steps=additional_steps)
+    cfg, found = resolve_config(options)
+    return train(cfg, found)

@@ -1,0 +1,218 @@
+"""A training run put together: `Run.build` checks every input, then makes the model, optimizer, state,
+checkpointer and logger; its methods are the loop's verbs (next batches, step, record, validate, sample,
+save). Nothing here decides when: that is the loop's (`smollm_ref.train.loop`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint, data, distributed, metrics
+from ..model import LlamaForCausalLM
+from . import inputs
+from .checkpointer import Checkpointer, check_compatible
+from .logger import NullLogger, RunLogger
+from .options import TrainConfig, TrainError
+from .state import RunState
+from .step import StepStats, autocast_context, evaluate, fast_forward, lr_at, make_optimizer, resolve_precision, sample_text, train_step
+
+
+class Diverged(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    d: distributed.Dist
+    device: torch.device
+    run_dir: Path
+    model: torch.nn.Module  # what the step calls: DDP/FSDP-wrapped or compiled
+    raw_model: LlamaForCausalLM  # the plain module: checkpoints, validation, samples
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    loss_fn: object  # the fast step's loss, or None for the reference model under autocast
+    autocast: object
+    tokenizer: object
+    data: inputs.TokenData
+    order: data.Order  # the window order over the training tokens, fixed by --seed
+    eval_batches: list[list[int]]  # this rank's validation batches
+    state: RunState
+    max_steps: int
+    checkpointer: Checkpointer
+    logger: NullLogger
+    resumed_from: Path | None = None
+    created_dir: bool = False  # this run made its directory (an interruption before the first checkpoint removes it)
+    bad_steps: int = 0
+    last_loss: float | None = None
+    last_val: float | None = None
+    per_step: int = 0  # sequences per optimizer step, all ranks
+    flops_per_token: int = 0
+    peak: float | None = None  # the device's dense peak FLOP/s, where known (MFU)
+    throughput: metrics.Throughput | None = None
+
+    # ---- set-up ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist, device: torch.device) -> Run:
+        precision = resolve_precision(cfg.precision, device)
+        run_dir = Path(cfg.out_dir).expanduser()
+        created = inputs.check_out_dir(cfg, resume_dir is not None or cfg.resume == "auto", d)
+        try:
+            saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
+            if saved is not None:
+                check_compatible(saved, resume_dir, d.world_size, cfg.fsdp)
+            model_config, weights = inputs.model_and_weights(cfg, resume_dir)
+            if cfg.seq_len > model_config.max_position_embeddings:
+                raise TrainError(
+                    f"--seq-len {cfg.seq_len} exceeds the model's {model_config.max_position_embeddings} positions; pass --seq-len <= {model_config.max_position_embeddings}"
+                )
+            tokenizer = inputs.load_tokenizer(cfg, resume_dir)
+            model_config.check_vocab(len(tokenizer))
+            token_data = inputs.token_data(cfg, tokenizer, d)
+        except BaseException:
+            if created and d.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # leave nothing behind for a run that never started
+            raise
+        if cfg.overwrite and cfg.resume is None and d.is_main and run_dir.is_dir() and any(run_dir.iterdir()):
+            shutil.rmtree(run_dir)  # only now that every input has been checked
+            run_dir.mkdir(parents=True)
+        distributed.barrier(d)
+
+        torch.manual_seed(cfg.seed)
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls; on CPU fp32 stays exact fp32
+        raw_model = LlamaForCausalLM(model_config)
+        if weights is not None:
+            from ..weights import load_into
+
+            load_into(raw_model, weights)
+        del weights
+        raw_model.to(device).train()
+        model = distributed.wrap(raw_model, d, cfg.fsdp, device)
+        optimizer = make_optimizer(raw_model, cfg)
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
+        checkpointer = Checkpointer(run_dir, cfg, d, raw_model, optimizer, scaler, tokenizer)
+        horizon = cfg.lr_decay_steps or cfg.max_steps
+        state = checkpointer.restore(saved, horizon) if saved is not None else RunState(horizon=horizon)
+        max_steps = state.step + cfg.additional_steps if cfg.additional_steps is not None else cfg.max_steps
+        if state.step >= max_steps:
+            raise TrainError(
+                f"the checkpoint is at step {state.step}, already at --max-steps {max_steps}; pass --additional-steps N or a larger --max-steps"
+            )
+        fast = fast_forward(raw_model, cfg, d.world_size, precision)
+        if cfg.compile and fast is None:
+            model = torch.compile(model)
+        logger = RunLogger(run_dir, cfg, state.step, state.wandb_run_id) if d.is_main else NullLogger()
+        state.wandb_run_id = logger.wandb_run_id
+        if saved is not None and saved.get("data_key") != token_data.key:
+            logger.say(
+                f"warning: the data differs from the checkpoint's (cache key {saved.get('data_key')} vs {token_data.key}); "
+                "the stream position is kept but the tokens differ"
+            )
+        state.data_key = token_data.key
+        if d.is_main:
+            (run_dir / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        run = cls(
+            cfg=cfg, d=d, device=device, run_dir=run_dir, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
+            loss_fn=fast.lm_loss if fast is not None else None, autocast=autocast_context(device, precision), tokenizer=tokenizer,
+            data=token_data, order=data.Order(len(token_data.train), cfg.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg, d),
+            state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, resumed_from=resume_dir, created_dir=created,
+        )  # fmt: skip
+        run._describe(precision, model_config)
+        return run
+
+    def _describe(self, precision: str, model_config) -> None:
+        cfg, d = self.cfg, self.d
+        self.per_step = d.world_size * cfg.batch_size * cfg.grad_accum
+        self.flops_per_token = metrics.flops_per_token(model_config, cfg.seq_len)
+        self.peak = metrics.peak_flops(metrics.device_name(self.device), precision) if self.device.type == "cuda" else None
+        self.throughput = metrics.Throughput()
+        peak = f"{self.peak / 1e12:g} TFLOP/s per device" if self.peak else "unknown for this device: no MFU"
+        self.logger.say(
+            f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(self.device)} x{d.world_size} | {precision}, "
+            f"{'fast' if self.loss_fn is not None else 'reference'} step | {self.per_step} x {cfg.seq_len} tokens per step | "
+            f"train {self.data.train_tokens:,} tokens ({len(self.data.train):,} sequences), val {self.data.val_tokens:,} | MFU peak {peak} | run dir {self.run_dir}"
+        )
+        if self.resumed_from is not None:
+            self.logger.say(f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.tokens:,} tokens seen)")
+
+    # ---- the loop's verbs ----------------------------------------------------------------------------------
+
+    def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the next step, from the run's position in the window order."""
+        cfg, d, micro = self.cfg, self.d, []
+        for m in range(cfg.grad_accum):
+            start = 0 if cfg.overfit_single_batch else self.state.data_position + (m * d.world_size + d.rank) * cfg.batch_size
+            inputs_, targets = self.data.train.batch(self.order.indices(start, cfg.batch_size))
+            micro.append((inputs_.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)))
+        return micro
+
+    def step(self) -> dict:
+        """One optimizer step; the run state advances and the step's metrics come back."""
+        t0 = time.perf_counter()
+        lr = lr_at(self.state.step, self.cfg, self.state.horizon)
+        autocast = None if self.loss_fn is not None else self.autocast  # the fast step does its own mixed precision
+        stats: StepStats = train_step(
+            self.model, self.next_batches(), self.optimizer, self.scaler, lr=lr, grad_clip=self.cfg.grad_clip, autocast=autocast, loss_fn=self.loss_fn
+        )
+        loss = float(distributed.mean(self.d, stats.loss))
+        elapsed = time.perf_counter() - t0
+        self.state.advance(self.per_step, self.cfg.seq_len)
+        rate, average = self.throughput.update(self.per_step * self.cfg.seq_len, elapsed)
+        values = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": stats.grad_norm,
+            "step_time": elapsed,
+            "tokens_per_sec": rate,
+            "avg_tokens_per_sec": average,
+            "tokens": self.state.tokens,
+            "epoch": self.order.epoch(self.state.data_position),
+        }
+        if self.peak:
+            values["mfu"] = self.flops_per_token * rate / (self.peak * self.d.world_size)
+        if stats.skipped:
+            values["skipped"] = True
+        return values
+
+    def record(self, values: dict) -> None:
+        """Log a step; count non-finite ones and stop the run (Diverged) after --max-bad-steps in a row."""
+        step = self.state.step
+        if values.get("skipped"):
+            self.bad_steps += 1
+            self.logger.say(
+                f"step {step}: non-finite gradient (norm {values['grad_norm']}, loss {values['loss']}); update skipped ({self.bad_steps} in a row)"
+            )
+        else:
+            self.bad_steps, self.last_loss = 0, values["loss"]
+        self.logger.step(step, values)
+        if self.bad_steps >= self.cfg.max_bad_steps and self.scaler is None:
+            raise Diverged(
+                f"training diverged: {self.bad_steps} non-finite steps in a row up to step {step}; lower --lr, raise --warmup-steps, "
+                f"or use --precision fp32, then --resume from the last good checkpoint"
+            )
+
+    def validate(self) -> None:
+        if not self.eval_batches:
+            return
+        loss = evaluate(self.raw_model, self.data.val, self.eval_batches, self.device, self.autocast)
+        self.last_val = float(distributed.mean(self.d, loss))
+        self.logger.validation(self.state.step, self.last_val)
+
+    def sample(self) -> None:
+        cfg = self.cfg
+        stop_id = data.separator_id(self.tokenizer)
+        text = sample_text(self.raw_model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, self.device, self.autocast, cfg.seed, stop_id)
+        self.logger.sample(self.state.step, cfg.sample_prompt + text)
+
+    def save(self) -> Path | None:
+        path = self.checkpointer.save(self.state)
+        if path is not None:
+            self.logger.say(self.checkpointer.describe(path))
+        return path

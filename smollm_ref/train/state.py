@@ -1,0 +1,56 @@
+"""The run's mutable state as one object: what a checkpoint saves and a resume restores whole.
+
+Everything else a run needs (options, model, data) is rebuilt from the command line and the checkpoint's
+files; this is what changes from step to step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import checkpoint
+
+FORMAT = 1
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens trained on, all ranks
+    data_position: int = 0  # sequences consumed in the window order, all ranks
+    horizon: int = 0  # the learning-rate schedule's horizon (kept when a run is extended)
+    wandb_run_id: str | None = None
+    data_key: str = ""  # the token cache the position refers to
+
+    def advance(self, sequences: int, seq_len: int) -> None:
+        self.step += 1
+        self.data_position += sequences
+        self.tokens += sequences * seq_len
+
+    def to_checkpoint(self, schedule: dict, world_size: int, fsdp: bool) -> dict:
+        """The plain values of `trainer_state.pt` (format 1), RNG states included; the optimizer and scaler
+        states are added by the checkpointer."""
+        return {
+            "format": FORMAT,
+            "step": self.step,
+            "tokens": self.tokens,
+            "data_position": self.data_position,
+            "data_key": self.data_key,
+            "schedule": {**schedule, "horizon": self.horizon},
+            "rng": checkpoint.rng_state(),
+            "wandb_run_id": self.wandb_run_id or "",
+            "world_size": world_size,
+            "fsdp": fsdp,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, horizon: int) -> RunState:
+        """The state `saved` recorded. `horizon` is this invocation's; the caller decides whether the saved one
+        wins. RNG states are restored separately (`checkpoint.set_rng_state(saved["rng"])`)."""
+        return cls(
+            step=int(saved["step"]),
+            tokens=int(saved["tokens"]),
+            data_position=int(saved["data_position"]),
+            horizon=horizon,
+            wandb_run_id=saved.get("wandb_run_id") or None,
+            data_key=str(saved.get("data_key", "")),
+        )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from smollm_ref.fast import (
     FastForward,
     FastGenerator,
+    PackCache,
     StaticKVCache,
     Workspace,
     _forward_cached,
@@ -95,6 +96,20 @@ def test_inference_pack_is_reused_until_the_weights_change(model, ids):
         torch.testing.assert_close(fast.logits(ids), model(ids).logits, rtol=1e-5, atol=1e-5)
     assert not torch.equal(before, fast.logits(ids).detach())
     assert fast.packed().layers[0].qkv.requires_grad  # under grad: packed afresh, in the graph
+
+
+def test_pack_cache_keeps_one_copy_per_weights_dtype_and_layout(model):
+    """The one cache behind `FastForward.packed` and `FastGenerator.packed`."""
+    cache = PackCache(model)
+    plain = cache.get()
+    assert cache.get() is plain and plain.dtype == torch.float32
+    low = cache.get(torch.bfloat16)
+    assert low is not plain and low.dtype == torch.bfloat16 and low.lm_head.dtype == torch.bfloat16
+    assert cache.get(torch.bfloat16) is low and not low.lm_head.requires_grad
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)
+    assert cache.get(torch.bfloat16) is not low
+    torch.testing.assert_close(cache.get(torch.bfloat16).norm, model.model.norm.weight)
 
 
 def test_lm_loss_takes_shifted_targets_like_the_trainer(model, ids):

@@ -5,7 +5,7 @@
     python -m smollm_ref.demo --model my-model --port 8000
 
 The page is served on localhost and reaches nothing outside it: no analytics, no share link, and the
-theme's fonts ship with gradio. Generation is `smollm_ref.generate.stream` with the KV cache. `Demo`
+theme's fonts ship with gradio. Generation is `smollm_ref.generate.TextStream` with the KV cache. `Demo`
 holds everything the page does and needs no gradio; `build_app` is the page around it.
 """
 
@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import re
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .generate import stream
+from .checkpoint import step_of
+from .generate import TextStream
 from .model import LlamaForCausalLM
 from .weights import PYPI_SOURCE, SourceError
 
@@ -34,12 +33,6 @@ class DemoError(Exception):
 
 
 # ---- which model ------------------------------------------------------------------------------------------
-
-
-def checkpoint_step(directory: Path) -> int | None:
-    """A checkpoint's training step, read from its directory name (`step_000200`)."""
-    numbers = re.findall(r"\d+", directory.name)
-    return int(numbers[-1]) if numbers else None
 
 
 def latest_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
@@ -59,7 +52,7 @@ def latest_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
             raise DemoError(str(e)) from None
     for w in skipped:
         print(f"note: {w.message}", file=sys.stderr)
-    return found, checkpoint_step(found)
+    return found, step_of(found)
 
 
 # ---- what the page does -----------------------------------------------------------------------------------
@@ -132,36 +125,14 @@ class Demo:
         device = next(self.model.parameters()).device
         rng = torch.Generator(device=device)
         rng.seed()
-        produced: list[int] = []
-        text, end = "", "max new tokens"
         notice = "".join(f"  \n⚠️ {n}" for n in notes)
-        start = time.perf_counter()
-        for token in stream(
-            self.model,
-            torch.tensor([ids], device=device),
-            settings.max_new_tokens,
-            temperature=settings.temperature,
-            top_k=settings.top_k or None,
-            top_p=settings.top_p if settings.top_p < 1.0 else None,
-            eos_token_id=eos_ids,
-            generator=rng,
-        ):
-            token = token.item()
-            if token in eos_ids:
-                end = "end of text"
-                break
-            produced.append(token)
-            decoded = self.tokenizer.decode(produced, skip_special_tokens=True)
-            if not decoded.endswith("\ufffd"):  # a multi-byte character is still incomplete
-                text = decoded
-            rate = len(produced) / (time.perf_counter() - start)
-            yield text, f"{len(produced)} tokens · {rate:.1f} tokens/s" + notice
-        elapsed = time.perf_counter() - start
-        text = self.tokenizer.decode(produced, skip_special_tokens=True)
-        yield (
-            text,
-            f"{len(produced)} tokens in {elapsed:.1f} s · **{len(produced) / elapsed:.1f} tokens/s** · stopped at {end}" + notice,
-        )
+        top_k, top_p = settings.top_k or None, settings.top_p if settings.top_p < 1.0 else None
+        out = TextStream(self.model, self.tokenizer, torch.tensor([ids], device=device), settings.max_new_tokens, eos_ids,
+                         settings.temperature, top_k, top_p, rng)  # fmt: skip
+        for text in out:
+            yield text, f"{len(out.tokens)} tokens · {out.rate:.1f} tokens/s" + notice
+        end = "end of text" if out.hit_eos else "max new tokens"
+        yield out.text, f"{len(out.tokens)} tokens in {out.seconds:.1f} s · **{out.rate:.1f} tokens/s** · stopped at {end}" + notice
 
     def complete(self, prompt: str, settings: Settings) -> Iterator[tuple[str, str]]:
         """Continue `prompt`; yields (prompt + continuation so far, status)."""

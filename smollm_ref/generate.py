@@ -83,6 +83,57 @@ def generate(
     return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
 
 
+class TextStream:
+    """One prompt's continuation as text, a token at a time: iterating yields the text so far after each new
+    token (a multi-byte character shows once its last byte has come). It ends after max_new_tokens or at an
+    end-of-sequence token, which is not part of the text. Then `text`, `tokens`, `hit_eos`, `seconds` and
+    `rate` say what came and how fast. The command line and the demo both stream through one of these."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        tokenizer,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | list[int] | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"TextStream takes one prompt, input_ids of shape (1, length); got {tuple(input_ids.shape)}")
+        self.model, self.tokenizer, self.input_ids, self.max_new_tokens = model, tokenizer, input_ids, max_new_tokens
+        eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.tokens: list[int] = []
+        self.text = ""
+        self.hit_eos = False
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        start = time.perf_counter()
+        for token in stream(self.model, self.input_ids, self.max_new_tokens, eos_token_id=self.eos_ids, **self.sampling):
+            token = token.item()
+            if token in self.eos_ids:
+                self.hit_eos = True
+                break
+            self.tokens.append(token)
+            decoded = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            if not decoded.endswith("\ufffd"):  # a multi-byte character is still incomplete
+                self.text = decoded
+            self.seconds = time.perf_counter() - start
+            yield self.text
+        self.seconds = time.perf_counter() - start
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second so far, the prompt's prefill included."""
+        return len(self.tokens) / max(self.seconds, 1e-9)
+
+
 def chat_prompt(tokenizer, message: str) -> str:
     """The tokenizer's chat template applied to one user message, ready for the assistant's answer."""
     if not getattr(tokenizer, "chat_template", None):
@@ -120,31 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
         if not args.chat:
             sys.stdout.write(args.prompt)
-        produced: list[int] = []
+        out = TextStream(model, tokenizer, ids, args.max_new_tokens, eos, args.temperature, args.top_k, args.top_p, gen)
         printed = ""
-        start = time.perf_counter()
-        for tok in stream(
-            model,
-            ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            eos_token_id=eos,
-            generator=gen,
-        ):
-            if eos is not None and tok.item() == eos:
-                break
-            produced.append(tok.item())
-            text_now = tokenizer.decode(produced, skip_special_tokens=True)
-            if not text_now.endswith("\ufffd"):  # wait for a whole UTF-8 character
-                sys.stdout.write(text_now[len(printed) :])
-                sys.stdout.flush()
-                printed = text_now
-        elapsed = time.perf_counter() - start
-        sys.stdout.write("\n")
+        for so_far in out:
+            sys.stdout.write(so_far[len(printed) :])
+            sys.stdout.flush()
+            printed = so_far
+        sys.stdout.write(out.text[len(printed) :] + "\n")
         sys.stdout.flush()
-        print(f"[{len(produced)} tokens, {len(produced) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        print(f"[{len(out.tokens)} tokens, {out.rate:.1f} tokens/s]", file=sys.stderr)
     except (ValueError, FileNotFoundError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import smollm_ref.fast
-from smollm_ref.generate import generate, sample_next, stream
+from smollm_ref.generate import TextStream, generate, sample_next, stream
 from smollm_ref.model import LlamaForCausalLM
 from tests.conftest import tiny_config
 
@@ -117,3 +117,26 @@ def test_fast_path_never_imports_the_reference_loop():
     for path in files:
         modules = {node.module for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)}
         assert not {m for m in modules if m and m.lstrip(".").split(".")[0] == "generate"}, path
+
+
+class ByteTokenizer:
+    """Token i is byte i: random tokens make broken UTF-8, as a real tokenizer's byte-fallback tokens can."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_shows_whole_characters_and_stops_before_eos(model):
+    ids = torch.tensor([[0xE2, 0x82]])
+    free = generate(model, ids, 30, eos_token_id=[])[0, 2:].tolist()
+    out = TextStream(model, ByteTokenizer(), ids, 30, eos_token_id=[])
+    texts = list(out)
+    assert out.tokens == free and len(texts) == 30 and not out.hit_eos
+    assert out.text == bytes(free).decode("utf-8", errors="replace") and out.rate > 0
+    for before, after in zip(texts, texts[1:]):
+        assert after.startswith(before) and not after.endswith("\ufffd")
+    eos = free[5]
+    out = TextStream(model, ByteTokenizer(), ids, 30, eos_token_id=[eos])
+    assert len(list(out)) == free.index(eos) and out.tokens == free[: free.index(eos)] and out.hit_eos
+    with pytest.raises(ValueError, match="one prompt"):
+        TextStream(model, ByteTokenizer(), torch.zeros(2, 3, dtype=torch.long), 4)

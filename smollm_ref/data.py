@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import storage
+
 FORMAT_VERSION = 1  # bump when the document layout changes, so old caches are not reused
 DEFAULT_DATA = "stdlib"
 CODE_SUFFIXES = frozenset(".py .pyi .c .h .cc .cpp .hpp .rs .go .java .js .ts .rb .sh .lua .jl .swift .kt .scala .sql".split())
@@ -195,23 +197,31 @@ def tokenize_to_cache(docs: list[str], tokenizer, cache_root: Path, progress: bo
     cache_root.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(len(tokenizer))
     sep = separator_id(tokenizer)
+    storage.sweep_stale(cache_root, "", ".tmp")  # temporaries of tokenisers that were killed
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     n_tokens, chunk = 0, 64
-    with (
-        open(tmp, "wb") as f,
-        tqdm(total=sum(len(d) for d in docs), unit="char", unit_scale=True, desc="tokenising", disable=not progress) as bar,
-    ):
-        for start in range(0, len(docs), chunk):
-            batch = docs[start : start + chunk]
-            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                arr = np.asarray(ids + [sep], dtype=dtype)
-                f.write(arr.tobytes())
-                n_tokens += arr.size
-            bar.update(sum(len(d) for d in batch))
-        f.flush()
-        os.fsync(f.fileno())
-    meta = {"tokens": n_tokens, "dtype": dtype.name, "documents": len(docs), "separator": sep, "format": FORMAT_VERSION}
-    path.with_suffix(".json").write_text(json.dumps(meta) + "\n")
+    try:
+        with (
+            open(tmp, "wb") as f,
+            tqdm(total=sum(len(d) for d in docs), unit="char", unit_scale=True, desc="tokenising", disable=not progress) as bar,
+        ):
+            for start in range(0, len(docs), chunk):
+                batch = docs[start : start + chunk]
+                for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                    arr = np.asarray(ids + [sep], dtype=dtype)
+                    f.write(arr.tobytes())
+                    n_tokens += arr.size
+                bar.update(sum(len(d) for d in batch))
+            f.flush()
+            os.fsync(f.fileno())
+        meta = {"tokens": n_tokens, "dtype": dtype.name, "documents": len(docs), "separator": sep, "format": FORMAT_VERSION}
+        path.with_suffix(".json").write_text(json.dumps(meta) + "\n")
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and storage.is_disk_full(e):
+            needed = sum(len(d) for d in docs) // 2 * dtype.itemsize  # about 2 characters a token
+            raise storage.disk_full_error(cache_root, "the token cache", needed) from None
+        raise
     tmp.replace(path)
     return path
 

@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,12 +154,23 @@ class MetricsLog:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop records past `step` (a resumed run redoes them), keeping the file's other lines."""
+    """Drop records past `step` (a resumed run redoes them), keeping the file's other lines. A partial last
+    line (what a full disk or a kill mid-write leaves) is dropped with a warning naming the file; a broken
+    line before the last is an error that names it."""
     if not path.exists():
         return
-    kept = [
-        line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                warnings.warn(f"{path}: dropped a partial last line (a run stopped while writing it)", stacklevel=2)
+                continue
+            raise ValueError(f"{path} line {number} is not JSON; fix or remove that line, then resume again") from None
+        if record.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

@@ -36,7 +36,9 @@ def test_a_checkpoint_written_before_the_split_resumes(tmp_path, capsys):
     saved = checkpoint.load_state(run / "checkpoints" / "step_000002")
     assert saved["format"] == 1 and saved["step"] == 2 and "optimizer" in saved
 
-    cfg, found = train.resolve_config({"resume": str(run), "max_steps": 4, "data": str(FORMAT1 / "corpus.txt"), "progress": False})
+    cfg, found = train.resolve_config(
+        {"resume": str(run), "max_steps": 4, "data": str(FORMAT1 / "corpus.txt"), "progress": False}
+    )
     assert found == run / "checkpoints" / "step_000002"
     assert Path(cfg.out_dir) == run.resolve()  # not the /tmp/fx/run its train_config.json recorded
     result = train.train(cfg, found)

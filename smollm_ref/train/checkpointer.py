@@ -9,10 +9,15 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, distributed
+from .. import checkpoint, distributed, storage
 from ..model import LlamaForCausalLM
+from .logger import say
 from .options import TrainConfig, TrainError
 from .state import RunState
+
+
+class CheckpointSpace(TrainError):
+    """A checkpoint could not be written for lack of space; the message says where and what to do."""
 
 
 def check_compatible(saved: dict, resume_dir: Path, world_size: int, fsdp: bool) -> None:
@@ -22,7 +27,9 @@ def check_compatible(saved: dict, resume_dir: Path, world_size: int, fsdp: bool)
             f"checkpoint {resume_dir} was written by {saved['world_size']} process(es); resume it with the same number, not {world_size}"
         )
     if bool(saved.get("fsdp", False)) != fsdp:
-        raise TrainError(f"checkpoint {resume_dir} was written {'with' if saved.get('fsdp') else 'without'} --fsdp; resume it the same way")
+        raise TrainError(
+            f"checkpoint {resume_dir} was written {'with' if saved.get('fsdp') else 'without'} --fsdp; resume it the same way"
+        )
     if "optimizer" not in saved:
         raise TrainError(
             f"checkpoint {resume_dir} holds no optimizer state (--optimizer-state latest keeps it only in the newest "
@@ -81,13 +88,43 @@ class Checkpointer:
                 torch.save(trainer_state, tmp / checkpoint.STATE)
                 (tmp / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-            path = checkpoint.write(self.root, state.step, write_files, cfg.keep_last or None)
-            if cfg.optimizer_state == "latest":
-                for _, older in checkpoint.list_checkpoints(self.root)[:-1]:
-                    drop_optimizer_state(older)
-            self.last = path
+            path = self._write(state.step, write_files)
         distributed.barrier(self.d)
         return path
+
+    def _write(self, step: int, write_files) -> Path | None:
+        cfg = self.cfg
+        try:
+            path = checkpoint.write(self.root, step, write_files, cfg.keep_last or None)
+        except (OSError, RuntimeError) as e:  # torch.save wraps ENOSPC in a RuntimeError without its errno
+            if not storage.is_disk_full(e, self.root, self.bytes_needed()):
+                raise
+            error = storage.disk_full_error(self.root, f"checkpoint {checkpoint.step_dir_name(step)}", self.bytes_needed())
+            kept = f"the previous checkpoint {self.last} is kept" if self.last else "no checkpoint of this run was written"
+            if cfg.on_disk_full == "continue":
+                say(f"warning: {error}; {kept}; training goes on and tries again at the next checkpoint")
+                return None
+            raise CheckpointSpace(f"{error}; {kept}; free some space, then continue with --resume {self.root.parent}") from None
+        if cfg.optimizer_state == "latest":
+            for _, older in checkpoint.list_checkpoints(self.root)[:-1]:
+                drop_optimizer_state(older)
+        self.last = path
+        return path
+
+    def bytes_needed(self) -> int:
+        """About what one checkpoint takes: float32 weights, and twice that again for AdamW's two moments."""
+        weights = sum(p.numel() * 4 for p in self.model.parameters())
+        return weights * 3 + 20_000_000  # + tokenizer files and run state
+
+    def space_warning(self) -> str | None:
+        """A warning when the run directory's disk holds less than two checkpoints."""
+        free, needed = storage.free_bytes(self.root.parent), self.bytes_needed()
+        if free >= 2 * needed:
+            return None
+        return (
+            f"warning: {storage.gb(free)} free on the device holding {self.root.parent}, less than two checkpoints "
+            f"(about {storage.gb(needed)} each); free some space or lower --keep-last"
+        )
 
     def describe(self, path: Path) -> str:
         total = sum(p.stat().st_size for p in path.iterdir() if p.is_file())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from .. import storage
 from .loop import train
 from .options import build_parser, read_recipe, resolve_config
 from .run import Diverged
@@ -22,6 +23,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (ValueError, FileNotFoundError) as e:  # TrainError, DataError, CheckpointError, SourceError, config errors
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not storage.is_disk_full(e):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(
+            f"error: {e.strerror or e}{where}; free some space, then continue with --resume auto --out-dir RUN_DIR",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted before training started; nothing was written", file=sys.stderr)

@@ -4,22 +4,25 @@ and starting weights, the tokenizer, and the token windows for training and vali
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import checkpoint, data, distributed
+from .. import checkpoint, data, distributed, storage
 from ..config import ModelConfig
+from ..storage import DirectoryLock, LockedError
 from .options import DEFAULT_MODEL, DEFAULT_TOKENIZER, TrainConfig, TrainError
 
 
-def check_out_dir(cfg: TrainConfig, resuming: bool, d: distributed.Dist) -> bool:
-    """Refuse an existing run directory unless resuming or --overwrite; make sure it can be written.
-    Returns whether the directory had to be created (so a failed setup can remove it again).
-    Every rank checks before any rank writes there: otherwise a later rank sees rank 0's new directory."""
+def check_out_dir(cfg: TrainConfig, resuming: bool, d: distributed.Dist) -> tuple[bool, DirectoryLock | None]:
+    """Refuse an existing run directory unless resuming or --overwrite; create it and take its lock (one
+    trainer per run directory; the main rank holds it). Returns whether the directory had to be created (so a
+    failed setup can remove it again) and the lock. Every rank checks before any rank writes there:
+    otherwise a later rank sees rank 0's new directory."""
     out = Path(cfg.out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out-dir {out} is a file, not a directory; pass another --out-dir")
-    existing = out.is_dir() and any(out.iterdir())
+    existing = out.is_dir() and any(p.name != DirectoryLock.NAME for p in out.iterdir())
     if existing and not resuming:
         if not cfg.overwrite:
             raise TrainError(
@@ -30,16 +33,39 @@ def check_out_dir(cfg: TrainConfig, resuming: bool, d: distributed.Dist) -> bool
             raise TrainError(f"--overwrite refused: {out} does not look like a run directory (no metrics.jsonl or checkpoints/)")
     distributed.barrier(d)
     if not d.is_main:
-        return False
+        return False, None
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{id(cfg)}"
-        probe.write_text("ok")
-        probe.unlink()
+        lock = DirectoryLock(out).acquire()
+    except LockedError as e:
+        raise TrainError(f"{e}; wait for it to finish, or pass another --out-dir") from None
     except OSError as e:
         raise TrainError(f"cannot write to --out-dir {out} ({e.strerror or e}); pass a writable directory") from None
-    return created
+    return created, lock
+
+
+def sweep_temporaries(run_dir: Path) -> list[Path]:
+    """Half-written checkpoints of killed runs (`.tmp-step_*`, `.old-step_*`, a slimmed state's temporary).
+    The caller holds the run's lock, so no live writer owns any of them."""
+    root = checkpoint.checkpoints_root(run_dir)
+    removed = storage.sweep_stale(root, ".tmp-step_", "-", all_dead=True) + storage.sweep_stale(
+        root, ".old-step_", "-", all_dead=True
+    )
+    for _, path in checkpoint.list_checkpoints(root):
+        removed += storage.sweep_stale(path, ".", ".tmp", all_dead=True)
+    return removed
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite: remove the old run's files, keeping the lock this process holds."""
+    for path in run_dir.iterdir():
+        if path.name == DirectoryLock.NAME:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def model_and_weights(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelConfig, dict | None]:
@@ -109,7 +135,9 @@ def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist) -> TokenData:
         token_path = data.tokenize_to_cache(docs, tokenizer, cache_root, progress=False)
     del docs
     split = data.split_tokens(data.load_tokens(token_path), cfg.seq_len, cfg.val_fraction, key=token_path.stem)
-    return TokenData(data.Windows(split.train, cfg.seq_len), data.Windows(split.val, cfg.seq_len), split.key, len(split.train), len(split.val))
+    return TokenData(
+        data.Windows(split.train, cfg.seq_len), data.Windows(split.val, cfg.seq_len), split.key, len(split.train), len(split.val)
+    )
 
 
 def eval_batches(n_windows: int, cfg: TrainConfig, d: distributed.Dist) -> list[list[int]]:

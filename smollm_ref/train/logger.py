@@ -67,7 +67,13 @@ class RunLogger(NullLogger):
 
         self.max_steps = max_steps
         self.bar = tqdm(
-            total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not self.cfg.progress, file=sys.stderr
+            total=max_steps,
+            initial=step,
+            desc="training",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.cfg.progress,
+            file=sys.stderr,
         )
 
     def step(self, step: int, values: dict) -> None:
@@ -95,7 +101,10 @@ class RunLogger(NullLogger):
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.log.close()
+            self.bar = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
 
 def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):

@@ -59,10 +59,16 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> TrainResult:
 
 def fit(run: Run) -> TrainResult:
     cfg, state = run.cfg, run.state
+    result = TrainResult(state.step, None, None, None, run.run_dir)
+    stop = StopFlag()
     try:
-        with StopFlag() as stop:
+        with stop:
             if cfg.eval_every and run.resumed_from is None:
                 run.validate()  # where a fine-tune starts from
+            if stop.signum is not None and run.resumed_from is None:  # interrupted before the first step
+                result.stopped_by_signal = stop.signum
+                run.logger.say(f"stopped by {signal.Signals(stop.signum).name} before the first step; {run.discard()}")
+                return result
             run.logger.start(state.step, run.max_steps)
             while state.step < run.max_steps:
                 run.record(run.step())
@@ -79,7 +85,7 @@ def fit(run: Run) -> TrainResult:
                 if interrupted:
                     break
     finally:
-        run.logger.close()
+        run.close()
     result = TrainResult(state.step, run.last_loss, run.last_val, run.checkpointer.last, run.run_dir)
     if stop.signum is not None and state.step < run.max_steps:
         result.stopped_by_signal = stop.signum

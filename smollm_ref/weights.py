@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -217,14 +218,43 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         from gguf import GGUFReader, dequantize
     except ImportError:
         raise SourceError("reading .gguf files needs the `gguf` package: pip install gguf") from None
-    reader = GGUFReader(str(path))
+    with _reading(path, "GGUF file"):
+        reader = GGUFReader(str(path))
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise SourceError(f"{path} holds a {arch!r} model; only the llama architecture (SmolLM2) is supported")
     tensors = {t.name: t for t in reader.tensors}
+    with _reading(path, "llama GGUF file"):  # a missing tensor or key, or a value of the wrong kind
+        config, keys = _gguf_config(reader, tensors)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    check_fits_memory(config)
+    check_shapes(config, {keys[n]: tuple(int(d) for d in reversed(t.shape)) for n, t in tensors.items()}, path)
+    state = {}
+    for name, t in tensors.items():
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)]) if len(t.shape) > 1 else w.reshape(-1)
+        if ".attn_q." in name:
+            w = _unpermute_rope(w, heads)
+        elif ".attn_k." in name:
+            w = _unpermute_rope(w, kv_heads)
+        state[keys[name]] = w
+    return config, state
+
+
+def _gguf_config(reader, tensors) -> tuple[ModelConfig, dict[str, str]]:
+    """The config a llama GGUF file describes, from its metadata and tensor list (no tensor data read), and
+    each tensor's transformers name."""
     hidden, vocab = (int(d) for d in tensors["token_embd.weight"].shape)  # gguf lists dims innermost first
     heads = int(_gguf_field(reader, "llama.attention.head_count"))
     kv_heads = int(_gguf_field(reader, "llama.attention.head_count_kv", heads))
+    keys = {}
+    for name in tensors:
+        stem, suffix = name.rsplit(".", 1)
+        if stem.startswith("blk."):
+            _, layer, part = stem.split(".", 2)
+            keys[name] = f"model.layers.{layer}.{_GGUF_NAMES[part]}.{suffix}"
+        else:
+            keys[name] = f"{_GGUF_NAMES[stem]}.{suffix}"
     config = ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -240,45 +270,142 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_gguf_field(reader, "tokenizer.ggml.padding_token_id"),
     )
-    state = {}
-    for name, t in tensors.items():
-        stem, suffix = name.rsplit(".", 1)
-        if stem.startswith("blk."):
-            _, layer, part = stem.split(".", 2)
-            key = f"model.layers.{layer}.{_GGUF_NAMES[part]}.{suffix}"
-        else:
-            key = f"{_GGUF_NAMES[stem]}.{suffix}"
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)]) if len(t.shape) > 1 else w.reshape(-1)
-        if ".attn_q." in name:
-            w = _unpermute_rope(w, heads)
-        elif ".attn_k." in name:
-            w = _unpermute_rope(w, kv_heads)
-        state[key] = w
-    return config, state
+    return config, keys
 
 
 # ---- transformers directories -----------------------------------------------------------------------------
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(directory: Path, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a transformers checkpoint directory: model.safetensors, sharded safetensors with an
-    index, or pytorch_model*.bin (read with weights_only=True)."""
+    index, or pytorch_model*.bin (read with weights_only=True: pickled code is refused). Given the `config`
+    they are for, the model's size is checked against free memory and the tensor names and shapes against
+    the safetensors headers before any tensor is read (`check_fits_memory`, `check_shapes`)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if config is not None:
+        check_fits_memory(config)
     files = sorted(directory.glob("*.safetensors"))
     if files:
+        if config is not None:
+            shapes = {}
+            for f in files:
+                with _reading(f, "safetensors file"), safe_open(f, "pt") as sf:
+                    shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+            check_shapes(config, shapes, directory)
         state = {}
         for f in files:
-            state.update(load_file(f))
+            with _reading(f, "safetensors file"):
+                state.update(load_file(f))
         return state
     bins = sorted(directory.glob("pytorch_model*.bin"))
     if bins:
         state = {}
         for f in bins:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+            with _reading(f, "PyTorch weights file"):
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+        if config is not None:
+            check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, directory)
         return state
+    if not directory.is_dir():  # removed while being read (a pruned checkpoint): the caller may look again
+        raise FileNotFoundError(2, "No such file or directory", str(directory))
     raise SourceError(f"{directory} has a config.json but no model.safetensors or pytorch_model.bin")
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str):
+    """Whatever a weights reader raises on a damaged or hostile file becomes a one-line SourceError.
+    FileNotFoundError passes through: a checkpoint pruned under a reader is retried (`checkpoint.load_latest`)."""
+    try:
+        yield
+    except (FileNotFoundError, SourceError):
+        raise
+    except pickle.UnpicklingError:  # torch's message advises loading the file unsafely: not repeated here
+        raise SourceError(
+            f"{path} is not a readable {what}: it holds pickled objects other than tensors, which are never "
+            "loaded (weights_only=True); convert it to safetensors where it can be trusted"
+        ) from None
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        raise SourceError(f"{path} is not a readable {what} ({reason})") from None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the state dict of a model with this config, from a model built on
+    the meta device (no memory), so the shapes are the model's own."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source) -> None:
+    """Raise SourceError unless the tensors named in `shapes` are those a model of `config` has, with the
+    same shapes; a missing lm_head.weight is left to `load_into`'s tying rule."""
+    expected = expected_shapes(config)
+    for name, shape in shapes.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name not in expected:
+            raise SourceError(
+                f"checkpoint {source} does not fit its config: it has a tensor {name} that a model of that config "
+                f"lacks (config: {config.num_hidden_layers} layers)"
+            )
+        if tuple(shape) != expected[name]:
+            raise SourceError(
+                f"checkpoint {source} does not fit its config: tensor {name} has shape {list(shape)} in the "
+                f"weights, the config implies {list(expected[name])}"
+            )
+    missing = [k for k in expected if k not in shapes and k != "lm_head.weight"]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise SourceError(f"checkpoint {source} does not fit its config: the weights lack {missing[0]}{more}")
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, as far as the system says: the least of /proc/meminfo's
+    MemAvailable, the cgroup's memory.max less its use, and RLIMIT_AS less this process's address space."""
+    limits = []
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        limits += [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        try:
+            limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            limits.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            status = Path("/proc/self/status").read_text()
+            used = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmSize:")), 0)
+            limits.append(soft - used)
+    except (ImportError, OSError, ValueError):
+        pass
+    return max(0, min(limits)) if limits else None
+
+
+def check_fits_memory(config: ModelConfig, bytes_per_parameter: int = 4) -> None:
+    """Raise SourceError if a model of `config` (float32 while it is built and loaded) would not fit in
+    the memory left: a small config.json can describe a model of any size."""
+    need = config.num_parameters() * bytes_per_parameter
+    free = available_memory()
+    if free is not None and need > free:
+        raise SourceError(
+            f"a model of this config has {config.num_parameters() / 1e9:.2f}B parameters, about {need / 1e9:.1f} GB "
+            f"in float32, but only {free / 1e9:.1f} GB of memory is available; check the config's sizes "
+            f"(hidden_size {config.hidden_size}, {config.num_hidden_layers} layers, vocab_size {config.vocab_size})"
+        )
 
 
 def load_into(model: LlamaForCausalLM, state: dict[str, torch.Tensor]) -> None:
@@ -306,13 +433,28 @@ def from_pretrained(
 ) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` from any source (see the module docstring), in `dtype` (default: float32) on
     `device` (default: CPU), in eval mode."""
+    local = Path(str(source)).expanduser()
+    if local.is_dir() and ((local / "manifest.json").exists() or (local / "checkpoints").is_dir()):
+        from .checkpoint import load_model  # a training run or checkpoint: verified against its manifest
+
+        return load_model(local, dtype=dtype, device=device)[1]
     kind, path = resolve(source)
     if kind == "gguf":
-        with _noted(f"loading {path.name}: dequantising its weights to float32 (seconds)"):
-            config, state = read_gguf(path)
-    else:
-        config = ModelConfig.from_json(path / "config.json")
-        state = read_state_dict(path)
+        with _noted(f"loading {path.name}: dequantising its weights to float32 and building the model (seconds)"):
+            return _to_model(*read_gguf(path), dtype, device)
+    return from_directory(path, dtype, device)
+
+
+def from_directory(
+    directory: Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> LlamaForCausalLM:
+    """A model from a transformers directory (config.json and weights), its config checked against the
+    weights' headers and the free memory before the model is allocated (see `read_state_dict`)."""
+    config = ModelConfig.from_json(Path(directory) / "config.json")
+    return _to_model(config, read_state_dict(Path(directory), config), dtype, device)
+
+
+def _to_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype, device) -> LlamaForCausalLM:
     model = LlamaForCausalLM(config)
     load_into(model, state)
     model.to(device=device or "cpu", dtype=dtype or torch.float32)

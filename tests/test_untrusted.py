@@ -160,3 +160,240 @@ def test_integer_floats_in_config_json_are_read_as_floats():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert config == ModelConfig.from_dict(config.to_dict())
+
+
+# ---- tiny model directories and the generate CLI -----------------------------------------------------------
+
+# `python -m smollm_ref.generate` warns on stderr: the package imports the module to export its function.
+_RUNPY_WARNING = "found in sys.modules after import of package"
+
+
+def tiny_tokenizer(directory: Path):
+    """A word-level tokenizer of a dozen words (ids below tiny_config's vocab of 256), saved to `directory`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "</s>", "hi", "there", "the", "cat", "sat", "on", "a", "mat", "."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def tiny_model_dir(directory: Path, tokenizer: bool = True, **changes) -> Path:
+    from smollm_ref.model import LlamaForCausalLM
+    from smollm_ref.weights import save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(LlamaForCausalLM(tiny_config(**changes)), directory)
+    if tokenizer:
+        tiny_tokenizer(directory)
+    return directory
+
+
+def run_generate(*args: str, memory_limit: int | None = None):
+    """`python -m smollm_ref.generate ARGS` -> (returncode, stdout, stderr lines); optionally under an
+    address-space limit, so that a large allocation fails instead of being made."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "smollm_ref.generate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        preexec_fn=limit if memory_limit else None,
+    )
+    err = [line for line in proc.stderr.splitlines() if line.strip() and _RUNPY_WARNING not in line]
+    return proc.returncode, proc.stdout, err
+
+
+def assert_one_line_error(result, *expected: str):
+    code, out, err = result
+    assert code != 0 and out == "", (code, out)
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback" not in err[0] and all(e in err[0] for e in expected), err
+
+
+# ---- item 4: a config is checked against its weights and the free memory before the model is allocated --------
+
+
+def test_config_that_does_not_describe_its_weights_is_refused_before_allocating(tmp_path, monkeypatch):
+    from smollm_ref import weights
+    from smollm_ref.model import LlamaForCausalLM
+
+    directory = tiny_model_dir(tmp_path, tokenizer=False)
+    (directory / "config.json").write_text(json.dumps(tiny_config(intermediate_size=128).to_dict()))
+    built = []
+
+    class Watched(LlamaForCausalLM):
+        def __init__(self, config):
+            built.append(torch.empty(()).device.type)  # "meta" while only the expected shapes are worked out
+            super().__init__(config)
+
+    monkeypatch.setattr(weights, "LlamaForCausalLM", Watched)
+    shapes = r"tensor model.layers.0.mlp.down_proj.weight has shape \[64, 96\] in the weights, the config implies \[64, 128\]"
+    with pytest.raises(weights.SourceError, match=shapes) as info:
+        weights.from_pretrained(directory)
+    assert built == ["meta"] and "\n" not in str(info.value)
+    (directory / "config.json").write_text(json.dumps(tiny_config(num_hidden_layers=30).to_dict()))
+    with pytest.raises(weights.SourceError, match="lack model.layers.2.*and .* more"):
+        weights.from_pretrained(directory)  # 28 layers more than the weights hold: none allocated
+    assert built == ["meta", "meta"]
+
+
+_100_GB = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=100, num_attention_heads=32, num_key_value_heads=8)
+_100_GB["head_dim"] = None  # hidden_size // num_attention_heads
+
+
+def test_small_config_of_a_huge_model_is_refused_with_its_size_under_a_memory_limit(tmp_path):
+    directory = tiny_model_dir(tmp_path)
+    huge = tiny_config(vocab_size=49152).to_dict() | _100_GB
+    (directory / "config.json").write_text(json.dumps(huge))
+    assert (directory / "config.json").stat().st_size < 1024
+    result = run_generate("--model", str(directory), "--prompt", "hi", memory_limit=4 << 30)
+    assert_one_line_error(result, "22.01B parameters", "88.1 GB", "available")
+
+
+def test_from_pretrained_of_a_huge_config_under_a_memory_limit(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    directory = tiny_model_dir(tmp_path, tokenizer=False)
+    (directory / "config.json").write_text(json.dumps(tiny_config(vocab_size=49152).to_dict() | _100_GB))
+    code = (
+        "import sys\nfrom smollm_ref.weights import SourceError, from_pretrained\n"
+        f"try:\n    from_pretrained({str(directory)!r})\nexcept SourceError as e:\n    sys.exit(str(e))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)),
+    )
+    assert proc.returncode == 1 and "88.1 GB in float32" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---- item 8: damaged or hostile weights and tokenizers, impossible options: one line, exit != 0 -------------------
+
+
+def test_bad_safetensors_is_one_line(tmp_path):
+    directory = tiny_model_dir(tmp_path)
+    (directory / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    assert_one_line_error(run_generate("--model", str(directory), "--prompt", "hi"), "not a readable safetensors file")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_with_code_is_refused_in_one_line(tmp_path):
+    directory = tiny_model_dir(tmp_path)
+    (directory / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"model.embed_tokens.weight": _Payload(marker)}, directory / "pytorch_model.bin")
+    result = run_generate("--model", str(directory), "--prompt", "hi")
+    assert_one_line_error(result, "pytorch_model.bin", "pickled objects other than tensors")
+    assert not marker.exists()
+
+
+def test_corrupt_tokenizer_json_is_one_line_in_generate_and_demo(tmp_path, capsys):
+    from smollm_ref.demo import main as demo_main
+
+    directory = tiny_model_dir(tmp_path)
+    (directory / "tokenizer.json").write_text("{garbage")
+    assert_one_line_error(run_generate("--model", str(directory), "--prompt", "hi"), "tokenizer files", "cannot be read")
+    assert demo_main(["--model", str(directory), "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "tokenizer files" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (["--temperature", "nan"], "temperature must be 0 (greedy) or a finite number >= 0.001, got nan"),
+        (["--temperature", "1e-45"], "temperature must be 0 (greedy) or a finite number >= 0.001"),
+        (["--temperature", "inf"], "temperature must be"),
+        (["--top-p", "nan"], "top_p must be in (0, 1]"),
+        (["--max-new-tokens", "-1"], "max_new_tokens"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
+        (["--device", "nonsense"], "is not a device"),
+    ],
+)
+def test_impossible_generate_options_are_one_line_before_loading(option, expected):
+    # The model source does not exist: the options are refused before anything is loaded.
+    assert_one_line_error(run_generate("--model", "no/such-model", "--prompt", "hi", *option), expected)
+
+
+def test_sampling_rejects_non_finite_and_tiny_temperatures():
+    from smollm_ref.generate import generate
+    from smollm_ref.model import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_config()).eval()
+    for temperature in (float("nan"), float("inf"), 1e-45):
+        with pytest.raises(ValueError, match="temperature must be 0"):
+            generate(model, torch.ones(1, 3, dtype=torch.long), 2, temperature=temperature)
+
+
+# ---- item 10: generate checks everything before it prints the prompt -------------------------------------------
+
+
+def test_generate_prints_nothing_before_its_checks_pass(tmp_path):
+    directory = tiny_model_dir(tmp_path)
+    result = run_generate("--model", str(directory), "--prompt", "hi", "--max-new-tokens", "1000")
+    assert_one_line_error(result, "exceeds the model's 512 positions")  # the old code wrote "hierror: ..."
+    code, out, _ = run_generate("--model", str(directory), "--prompt", "the cat", "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("the cat")
+
+
+# ---- item 8: the demo's settings refuse NaN, inf and out-of-range values on the page ----------------------------
+
+
+@pytest.mark.parametrize(
+    "controls, field",
+    [
+        ((float("nan"), 0.7, 50, 0.9), "max_new_tokens"),
+        ((float("inf"), 0.7, 50, 0.9), "max_new_tokens"),
+        ((12.5, 0.7, 50, 0.9), "max_new_tokens"),
+        ((12, float("nan"), 50, 0.9), "temperature"),
+        ((12, 1e-45, 50, 0.9), "temperature"),
+        ((12, -1.0, 50, 0.9), "temperature"),
+        ((12, 0.7, float("nan"), 0.9), "top_k"),
+        ((12, 0.7, -3, 0.9), "top_k"),
+        ((12, 0.7, 50, float("nan")), "top_p"),
+        ((12, 0.7, 50, 2.0), "top_p"),
+        ((12, "warm", 50, 0.9), "temperature"),
+    ],
+)
+def test_demo_settings_from_the_page_are_refused_on_the_page(tmp_path, controls, field):
+    from smollm_ref.demo import Demo
+    from smollm_ref.model import LlamaForCausalLM
+
+    demo = Demo(LlamaForCausalLM(tiny_config()).eval(), tiny_tokenizer(tmp_path), "tiny")
+    ((prompt, status),) = demo.complete_from_page("the cat", *controls)  # one answer: nothing generated
+    assert prompt == "the cat" and status.startswith("⚠️ Settings.") and field in status
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ((same, status),) = demo.chat_from_page("hi", history, *controls)
+    assert same is history and field in status
+
+
+def test_demo_settings_from_the_page_generate_when_valid(tmp_path):
+    from smollm_ref.demo import Demo
+    from smollm_ref.model import LlamaForCausalLM
+
+    demo = Demo(LlamaForCausalLM(tiny_config()).eval(), tiny_tokenizer(tmp_path), "tiny")
+    *_, (text, status) = demo.complete_from_page("the cat", 4.0, 0.0, 0, 1.0)
+    assert text.startswith("the cat") and "tokens in" in status

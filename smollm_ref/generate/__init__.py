@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 
 from ..model import LlamaForCausalLM
-from ..sampling import check_args, sample_next
+from ..sampling import check_args, check_sampling, sample_next
 
 
 @torch.inference_mode()
@@ -134,6 +134,26 @@ class TextStream:
         return len(self.tokens) / max(self.seconds, 1e-9)
 
 
+def check_device(name: str) -> torch.device:
+    """The device `name` names, if this machine has it; a ValueError saying what to pass otherwise (torch
+    itself fails later, deep inside a `.to()`, with an AssertionError)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {name}: this machine has no CUDA device (or PyTorch was built without CUDA); use --device cpu"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: only cpu, cuda and mps are supported")
+    return device
+
+
 def chat_prompt(tokenizer, message: str) -> str:
     """The tokenizer's chat template applied to one user message, ready for the assistant's answer."""
     if not getattr(tokenizer, "chat_template", None):
@@ -143,7 +163,7 @@ def chat_prompt(tokenizer, message: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from ..tokenizer import load_tokenizer
-    from ..weights import PYPI_SOURCE, SourceError, from_pretrained
+    from ..weights import PYPI_SOURCE, from_pretrained
 
     parser = argparse.ArgumentParser(
         prog="python -m smollm_ref.generate", description="Generate text from a SmolLM2 model, streamed to stdout."
@@ -162,13 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)"
     )
     args = parser.parse_args(argv)
-    try:
+    try:  # every option is checked before anything is loaded or printed
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        check_device(args.device)
         model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
         ids = tokenizer(text, return_tensors="pt").input_ids.to(args.device)
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if args.chat else None
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
+        check_args(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # the prompt's length
         if not args.chat:
             sys.stdout.write(args.prompt)
         out = TextStream(model, tokenizer, ids, args.max_new_tokens, eos, args.temperature, args.top_k, args.top_p, gen)
@@ -180,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(out.text[len(printed) :] + "\n")
         sys.stdout.flush()
         print(f"[{len(out.tokens)} tokens, {out.rate:.1f} tokens/s]", file=sys.stderr)
-    except (ValueError, FileNotFoundError, SourceError) as e:
+    except (ValueError, OSError) as e:  # SourceError, CheckpointError and FileNotFoundError among them
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

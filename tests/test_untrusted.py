@@ -246,6 +246,42 @@ def test_config_that_does_not_describe_its_weights_is_refused_before_allocating(
     assert built == ["meta", "meta"]
 
 
+def _tiny_gguf(path: Path, block_count: int) -> Path:
+    """A float32 llama GGUF of 2 layers whose metadata claims `block_count` layers."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(block_count)
+    writer.add_context_length(64)
+    writer.add_embedding_length(16)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((256, 16), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(16, np.float32))
+    parts = {"attn_norm": (16,), "ffn_norm": (16,), "attn_q": (16, 16), "attn_k": (8, 16), "attn_v": (8, 16)}
+    parts |= {"attn_output": (16, 16), "ffn_gate": (32, 16), "ffn_up": (32, 16), "ffn_down": (16, 32)}
+    for layer in range(2):
+        for part, shape in parts.items():
+            writer.add_tensor(f"blk.{layer}.{part}.weight", rng.standard_normal(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_whose_metadata_does_not_describe_its_tensors_is_refused_before_dequantising(tmp_path):
+    from smollm_ref.weights import SourceError, from_pretrained
+
+    assert from_pretrained(_tiny_gguf(tmp_path / "ok.gguf", block_count=2)).config.num_hidden_layers == 2
+    with pytest.raises(SourceError, match=r"lack model.layers.2.self_attn.q_proj.weight and 251 more"):
+        from_pretrained(_tiny_gguf(tmp_path / "bad.gguf", block_count=30))
+
+
 _100_GB = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=100, num_attention_heads=32, num_key_value_heads=8)
 _100_GB["head_dim"] = None  # hidden_size // num_attention_heads
 

@@ -93,9 +93,8 @@ def _full(value):
     return value.detach().cpu() if torch.is_tensor(value) else value
 
 
-def full_model_state(model: torch.nn.Module, fsdp: bool | None = None) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on CPU (under FSDP every rank must call this). `fsdp` is unused (DTensor
-    shards gather themselves) and goes once the trainer stops passing it."""
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU (under FSDP every rank must call this: DTensor shards gather)."""
     return {k: _full(v) for k, v in model.state_dict().items()}
 
 

@@ -163,7 +163,10 @@ class Demo:
         for text in out:
             yield text, f"{len(out.tokens)} tokens · {out.rate:.1f} tokens/s" + notice
         end = "end of text" if out.hit_eos else "max new tokens"
-        yield out.text, f"{len(out.tokens)} tokens in {out.seconds:.1f} s · **{out.rate:.1f} tokens/s** · stopped at {end}" + notice
+        yield (
+            out.text,
+            f"{len(out.tokens)} tokens in {out.seconds:.1f} s · **{out.rate:.1f} tokens/s** · stopped at {end}" + notice,
+        )
 
     def complete_from_page(self, prompt: str, *controls) -> Iterator[tuple[str, str]]:
         """`complete` with the page's raw control values (`Settings.from_page`); bad ones are answered in the

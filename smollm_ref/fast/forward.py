@@ -164,4 +164,3 @@ class FastForward:
         """`train.lm_loss(model, inputs, targets)`: targets already shifted (row t predicts targets[t])."""
         packed = self.packed()
         return linear_cross_entropy(self.hidden(inputs, packed), packed.lm_head, targets, self.chunk_size, self.workspace)
-

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-
 class Workspace:
     """Buffers kept from one step to the next, each leased to one user at a time.
 
@@ -131,4 +130,3 @@ def chunked_cross_entropy(
         raise ValueError(f"labels shape {tuple(labels.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     return linear_cross_entropy(hidden, lm_head_weight, targets, chunk_size, workspace)
-

@@ -102,7 +102,6 @@ def prepack_for_cpu(packed: PackedWeights) -> PackedWeights:
     return PackedWeights(embed=packed.embed, layers=layers, norm=packed.norm, lm_head=lm_head, dtype=packed.dtype)
 
 
-
 class PackCache:
     """One packed copy of a model's weights, reused until a parameter's version counter moves (an update in
     place: an optimizer step, `load_state_dict`) or another dtype or layout is asked for. Packed without

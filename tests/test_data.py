@@ -60,16 +60,20 @@ def test_hf_dataset_without_datasets_package_or_network_is_a_clear_error():
         data.read_documents("hf:HuggingFaceTB/no-such-dataset")
 
 
-def test_token_cache_is_keyed_by_content_and_joins_documents_with_endoftext(tmp_path, tok):
+def test_token_store_is_keyed_by_the_source_and_joins_documents_with_endoftext(tmp_path, tok):
     docs = ["def f():\n    return 1\n", "Some prose."]
-    path = data.tokenize_to_cache(docs, tok, tmp_path, progress=False)
-    tokens = data.load_tokens(path)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    store = data.cached_store(str(corpus), tok, tmp_path / "cache", progress=False)
+    tokens = np.asarray(store.tokens())
     expected = tok(docs[0], add_special_tokens=False).input_ids + [0] + tok(docs[1], add_special_tokens=False).input_ids + [0]
     assert tokens.dtype == np.uint16 and tokens.tolist() == expected
     assert data.separator_id(tok) == tok.convert_tokens_to_ids("<|endoftext|>") == 0
-    mtime = path.stat().st_mtime_ns
-    assert data.tokenize_to_cache(list(docs), tok, tmp_path, progress=False) == path and path.stat().st_mtime_ns == mtime
-    assert data.tokenize_to_cache(docs[:1], tok, tmp_path, progress=False) != path
+    mtime = (store.dir / "index.json").stat().st_mtime_ns
+    again = data.cached_store(str(corpus), tok, tmp_path / "cache", progress=False)
+    assert again.dir == store.dir and (store.dir / "index.json").stat().st_mtime_ns == mtime  # opened, not re-made
+    corpus.write_text(json.dumps({"text": docs[0]}) + "\n")  # the source changed: another store
+    assert data.cached_store(str(corpus), tok, tmp_path / "cache", progress=False).dir != store.dir
 
 
 def test_split_holds_out_the_tail_and_rejects_short_corpora():

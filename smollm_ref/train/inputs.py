@@ -4,6 +4,8 @@ and starting weights, the tokenizer, and the token windows for training and vali
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 from .. import checkpoint, data, distributed, storage
 from ..config import ModelConfig
 from ..storage import DirectoryLock, LockedError
+from .logger import say
 from .options import DEFAULT_MODEL, DEFAULT_TOKENIZER, TrainConfig, TrainError
 
 
@@ -70,7 +73,7 @@ def clear_run_dir(run_dir: Path) -> None:
 
 def model_and_weights(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelConfig, dict | None]:
     """The model's config and the weights to start from (None: fresh initialisation)."""
-    from ..weights import from_pretrained, read_state_dict
+    from ..weights import check_fits_memory, from_pretrained, read_state_dict
 
     explicit = ModelConfig.from_name(cfg.model_config) if cfg.model_config else None
     if resume_dir is not None:
@@ -84,7 +87,8 @@ def model_and_weights(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelC
             raise TrainError(
                 f"checkpoint {resume_dir} holds a model of another shape ({', '.join(diff[:3])}); pass the matching --model-config or another --resume"
             )
-        return saved, checkpoint.strip_compile_prefix(read_state_dict(resume_dir))
+        # sizes against memory, shapes against the safetensors header, before any tensor is read
+        return saved, checkpoint.strip_compile_prefix(read_state_dict(resume_dir, saved))
     if cfg.init_from:
         model = from_pretrained(cfg.init_from)
         if explicit is not None and explicit != model.config:
@@ -92,7 +96,10 @@ def model_and_weights(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelC
                 f"--model-config {cfg.model_config} differs from the model of --init-from {cfg.init_from}; drop --model-config"
             )
         return model.config, dict(model.state_dict())
-    return explicit or ModelConfig.from_name(DEFAULT_MODEL), None
+    config = explicit or ModelConfig.from_name(DEFAULT_MODEL)
+    # model + AdamW's two moments + gradients, float32: refused with its size before anything is allocated
+    check_fits_memory(config, bytes_per_parameter=16)
+    return config, None
 
 
 def load_tokenizer(cfg: TrainConfig, resume_dir: Path | None):
@@ -116,28 +123,69 @@ def load_tokenizer(cfg: TrainConfig, resume_dir: Path | None):
 class TokenData:
     train: data.Windows
     val: data.Windows
-    key: str  # the token cache's key, recorded in checkpoints
+    key: str  # the token store's key, recorded in checkpoints
+    budget: int | None  # the token budget the store was read to
     train_tokens: int
     val_tokens: int
 
 
-def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist) -> TokenData:
-    """The corpus tokenised once into the cache (rank 0 tokenises; the others then find it cached), split
-    into training and validation windows of --seq-len + 1 tokens."""
-    from ..weights import cache_dir
+def data_budget(cfg: TrainConfig, world_size: int, saved: dict | None) -> int | None:
+    """How many tokens of --data to read: --data-tokens; else what a resumed run read; else, for a streamed
+    hf: spec, what this run needs (every step's windows plus the validation share); else everything."""
+    if cfg.data_tokens is not None:
+        return cfg.data_tokens
+    if saved is not None:
+        return saved.get("data_budget")
+    if not cfg.data.startswith("hf:"):
+        return None
+    train_tokens = cfg.max_steps * world_size * cfg.batch_size * cfg.grad_accum * cfg.seq_len + 1
+    return math.ceil(train_tokens / (1 - cfg.val_fraction))
 
-    docs = data.read_documents(cfg.data, cfg.text_field)  # every rank reads them: they make the cache key
-    cache_root = cache_dir() / "tokens"
+
+def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | None) -> TokenData:
+    """The token store of --data (a prepared store as is; any other spec prepared once into the cache by
+    the main rank while the others wait), split into training and validation windows of --seq-len + 1."""
+    if data.is_store(cfg.data):
+        store = data.Store(cfg.data)
+        store.check_tokenizer(tokenizer)
+    else:
+        from ..weights import cache_dir
+
+        directory = data.store_dir(cfg.data, tokenizer, cache_dir() / "tokens", cfg.text_field, budget)
+        if d.is_main:
+            if budget is not None and not data.is_store(directory):
+                say(f"streaming {cfg.data} until {budget / 1e6:.1f} M tokens")
+            store = data.prepare_or_open(
+                directory,
+                cfg.data,
+                tokenizer,
+                text_field=cfg.text_field,
+                budget=budget,
+                workers=_workers(cfg.data),
+                progress=cfg.progress,
+            )
+        distributed.barrier(d)
+        if not d.is_main:
+            store = data.Store(directory)
     if d.is_main:
-        token_path = data.tokenize_to_cache(docs, tokenizer, cache_root, progress=cfg.progress)
-    distributed.barrier(d)
-    if not d.is_main:
-        token_path = data.tokenize_to_cache(docs, tokenizer, cache_root, progress=False)
-    del docs
-    split = data.split_tokens(data.load_tokens(token_path), cfg.seq_len, cfg.val_fraction, key=token_path.stem)
+        store.verify()
+    split = data.split_tokens(store.tokens(), cfg.seq_len, cfg.val_fraction, key=store.key)
     return TokenData(
-        data.Windows(split.train, cfg.seq_len), data.Windows(split.val, cfg.seq_len), split.key, len(split.train), len(split.val)
+        data.Windows(split.train, cfg.seq_len),
+        data.Windows(split.val, cfg.seq_len),
+        split.key,
+        budget,
+        len(split.train),
+        len(split.val),
     )
+
+
+def _workers(spec: str) -> int:
+    """All cores, except for a small local corpus, where starting worker processes costs more than it saves."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.stat().st_size < 16 << 20:
+        return 1
+    return os.cpu_count() or 1
 
 
 def eval_batches(n_windows: int, cfg: TrainConfig, d: distributed.Dist) -> list[list[int]]:

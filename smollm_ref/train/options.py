@@ -55,8 +55,14 @@ class TrainConfig:
     data: str = _opt(
         data.DEFAULT_DATA,
         "training text: 'stdlib' (default: the Python standard library, no download), a text file, a directory, "
-        "a glob, a .jsonl file, or hf:ORG/NAME[@SPLIT]",
+        "a glob, a .jsonl file, hf:PATH[:CONFIG][@SPLIT] (a Hub dataset or a local datasets folder, streamed), or a "
+        "token store written by python -m smollm_ref.data prepare",
         "SPEC",
+    )
+    data_tokens: int | None = _opt(
+        None,
+        "read at most N tokens of --data (default: a streamed hf: spec is read as far as the run needs, max steps x tokens "
+        "per step plus the validation share; local files and stores: all)",
     )
     text_field: str = _opt("text", "field holding the text in .jsonl / Hugging Face records (default text)", "FIELD")
     val_fraction: float = _opt(0.01, "share of the tokens held out for validation (default 0.01)")
@@ -146,7 +152,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "sample_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("additional_steps", "lr_decay_steps"):
+        for name in ("additional_steps", "lr_decay_steps", "data_tokens"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)}")
         if not self.lr > 0:

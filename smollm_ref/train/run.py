@@ -50,7 +50,8 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist)
         )
     tokenizer = inputs.load_tokenizer(cfg, resume_dir)
     model_config.check_vocab(len(tokenizer))
-    return saved, model_config, weights, tokenizer, inputs.token_data(cfg, tokenizer, d)
+    budget = inputs.data_budget(cfg, d.world_size, saved)
+    return saved, model_config, weights, tokenizer, inputs.token_data(cfg, tokenizer, d, budget)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class Run:
                 f"warning: the data differs from the checkpoint's (cache key {saved.get('data_key')} vs {token_data.key}); "
                 "the stream position is kept but the tokens differ"
             )
-        state.data_key = token_data.key
+        state.data_key, state.data_budget = token_data.key, token_data.budget
         if d.is_main:
             (run_dir / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         return cls(

@@ -19,7 +19,8 @@ class RunState:
     data_position: int = 0  # sequences consumed in the window order, all ranks
     horizon: int = 0  # the learning-rate schedule's horizon (kept when a run is extended)
     wandb_run_id: str | None = None
-    data_key: str = ""  # the token cache the position refers to
+    data_key: str = ""  # the token store the position refers to
+    data_budget: int | None = None  # the token budget a streamed spec was read to (the store's identity with the spec)
 
     def advance(self, sequences: int, seq_len: int) -> None:
         self.step += 1
@@ -35,6 +36,7 @@ class RunState:
             "tokens": self.tokens,
             "data_position": self.data_position,
             "data_key": self.data_key,
+            "data_budget": self.data_budget,
             "schedule": {**schedule, "horizon": self.horizon},
             "rng": checkpoint.rng_state(),
             "wandb_run_id": self.wandb_run_id or "",
@@ -53,4 +55,5 @@ class RunState:
             horizon=horizon,
             wandb_run_id=saved.get("wandb_run_id") or None,
             data_key=str(saved.get("data_key", "")),
+            data_budget=saved.get("data_budget"),
         )

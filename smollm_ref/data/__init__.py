@@ -1,0 +1,51 @@
+"""Training data: a data spec -> a stream of documents -> a token store (tokenised once, by several
+processes, into memory-mapped shards) -> windows read in a seeded order.
+
+    sources   data specs (stdlib, files, .jsonl, hf:PATH[:CONFIG][@SPLIT], a prepared store), streamed
+    store     token stores: `prepare` (parallel, bounded memory, resumable), `Store`, the trainer's cache
+    batches   the validation split, windows of seq_len + 1 tokens, their order
+
+`python -m smollm_ref.data prepare SPEC --out DIR` builds a store; `--data DIR` trains from it. Every
+other spec goes through the same `prepare` into a store under the cache, so there is one path.
+"""
+
+from .batches import Order, Split, Windows, split_tokens
+from .sources import DEFAULT_DATA, FORMAT_VERSION, DataError, HFSpec, iter_documents, read_documents, source_key
+from .store import (
+    DEFAULT_SHARD_TOKENS,
+    ShardedTokens,
+    Store,
+    cached_store,
+    is_store,
+    prepare,
+    prepare_or_open,
+    separator_id,
+    store_dir,
+    token_dtype,
+    tokenizer_fingerprint,
+)
+
+__all__ = [
+    "DEFAULT_DATA",
+    "DEFAULT_SHARD_TOKENS",
+    "FORMAT_VERSION",
+    "DataError",
+    "HFSpec",
+    "Order",
+    "ShardedTokens",
+    "Split",
+    "Store",
+    "Windows",
+    "cached_store",
+    "is_store",
+    "iter_documents",
+    "prepare",
+    "prepare_or_open",
+    "read_documents",
+    "separator_id",
+    "source_key",
+    "split_tokens",
+    "store_dir",
+    "token_dtype",
+    "tokenizer_fingerprint",
+]

@@ -9,10 +9,18 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from smollm_ref.config import ModelConfig
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The same Hypothesis profiles as tests/test_properties.py registers, here so that every property test gets
+# them whichever test files run: `ci` (derandomized, bounded; HYPOTHESIS_PROFILE=ci, what nox uses), `dev` else.
+_HYPOTHESIS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", derandomize=True, max_examples=20, print_blob=True, **_HYPOTHESIS)
+settings.register_profile("dev", max_examples=40, **_HYPOTHESIS)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture(autouse=True)

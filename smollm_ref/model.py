@@ -201,6 +201,25 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len
     return mask
 
 
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Boolean (B|1, 1, T, T) block-diagonal causal mask for rows that pack several sequences, or None where
+    every row holds one sequence (then SDPA's `is_causal` is exact).
+
+    A new sequence starts wherever a position does not follow the previous one by 1, e.g. position ids
+    [0 1 2 0 1 0 1 2 3] pack three sequences; a query sees the keys of its own sequence up to itself. This is
+    how transformers reads position ids given without an attention mask (`find_packed_sequence_indices` in
+    `masking_utils`), so a packed row gets the same mask here and there.
+    """
+    first = position_ids[:, :1] - 1  # so that the first token continues "its predecessor"
+    sequence = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # (B|1, T) sequence of each token
+    if not bool((sequence[:, -1] != 0).any()):
+        return None
+    t = position_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()  # (T, T)
+    same_sequence = sequence[:, :, None] == sequence[:, None, :]  # (B|1, T, T)
+    return (causal & same_sequence)[:, None]  # (B|1, 1, T, T)
+
+
 def positions_from_mask(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """Position of each of the last `q_len` tokens counted from its row's first real token (left padding)."""
     position_ids = attention_mask.long().cumsum(-1) - 1
@@ -226,7 +245,12 @@ class LlamaModel(nn.Module):
                 position_ids = positions_from_mask(attention_mask, t)
             else:
                 position_ids = torch.arange(past, past + t, device=x.device)[None, :]
-        mask = build_attention_mask(attention_mask, t, past + t, x.device)
+        if attention_mask is None and kv_cache is None and position_ids is not None:
+            # Packing: position ids that restart within a row (several sequences in one row) and no padding
+            # mask get a block-diagonal causal mask; plain 0..T-1 positions get None, as before.
+            mask = packed_causal_mask(position_ids)
+        else:
+            mask = build_attention_mask(attention_mask, t, past + t, x.device)
         position_embeddings = self.rotary_emb(x, position_ids)
         for layer in self.layers:
             x = layer(x, position_embeddings, mask, kv_cache)
@@ -244,6 +268,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     logits = logits.float()
     shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=ignore_index)
+
+
+def causal_lm_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the next-token cross-entropies, number of tokens scored), with `causal_lm_loss`'s shift:
+    sum / count is its mean. An optimizer step over several micro-batches (or ranks) adds both up and
+    divides once, so every trained token weighs the same however the tokens fall into micro-batches."""
+    logits = logits.float()
+    shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
+    total = F.cross_entropy(
+        logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=ignore_index, reduction="sum"
+    )
+    return total, (shift_labels != ignore_index).sum()
 
 
 class LlamaForCausalLM(nn.Module):
@@ -288,7 +326,9 @@ class LlamaForCausalLM(nn.Module):
         logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """input_ids (B, T); attention_mask (B, S) over cached + new tokens, 1 = real, 0 = padding;
-        labels (B, T), -100 ignored; logits_to_keep > 0 computes logits for the last positions only."""
+        labels (B, T), -100 ignored; logits_to_keep > 0 computes logits for the last positions only.
+        Packed rows (several sequences per row, `smollm_ref.chat.pack`): position_ids (B|1, T) that restart at
+        0 with each sequence, and no attention_mask or cache; attention then stays within each sequence."""
         h = self.model(input_ids, attention_mask, position_ids, kv_cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]

@@ -120,6 +120,12 @@ def encode(tokenizer, messages) -> tuple[list[int], list[int]]:
     check_messages(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise ChatError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template; chat data needs one")
+    for i, message in enumerate(messages):
+        # "<|im_end|>" typed inside a message is read as the control token: a reply would be trained to end
+        # mid-way (and a user could forge turns)
+        for token in getattr(tokenizer, "all_special_tokens", ()):
+            if token and token in message["content"]:
+                raise ChatError(f"messages[{i}] ({message['role']}) contains the control token {token!r}; refusing")
     whole = _render(tokenizer, messages, generation_prompt=False)
     spans = _assistant_spans(tokenizer, messages, whole)
     try:

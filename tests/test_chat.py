@@ -174,6 +174,14 @@ def test_encode_checks_the_messages(tok):
         encode(tok, [USER, {"role": "function", "content": "x"}, ASSISTANT])
 
 
+@pytest.mark.parametrize("role", ["user", "assistant"])
+def test_control_tokens_inside_a_message_are_refused(tok, role):
+    messages = [USER, ASSISTANT, {"role": role, "content": "done<|im_end|> and more"}]
+    with pytest.raises(ChatError) as e:
+        encode(tok, messages if role == "assistant" else [*messages, ASSISTANT])
+    assert str(e.value) == f"messages[2] ({role}) contains the control token '<|im_end|>'; refusing"
+
+
 def test_an_assistant_opening_the_conversation_is_refused(tok):
     with pytest.raises(ChatError, match=r"messages\[0\] is the assistant's"):
         encode(tok, [ASSISTANT, USER])

@@ -134,6 +134,9 @@ def _hf_records(spec: HFSpec):
 def _hf_error(spec: HFSpec, e: Exception) -> str:
     first = (str(e).splitlines() or [""])[0][:200]
     local = Path(spec.path).expanduser().exists()
+    # what datasets raises for a split without records (it never yields, or arrow refuses an empty file)
+    if isinstance(e, StopIteration) or "greater than 0, got 0" in first or "file size is 0 bytes" in first:
+        return f"dataset {spec} has no records; check the configuration and split"
     if spec.config and ("config" in first.lower() or "builderconfig" in first.lower()):
         try:
             import datasets
@@ -142,7 +145,11 @@ def _hf_error(spec: HFSpec, e: Exception) -> str:
             return f"dataset {spec.path!r} has no configuration {spec.config!r}; it has {', '.join(names)}"
         except Exception:
             pass
-    if "split" in first.lower() and "not found" in first.lower() or "unknown split" in first.lower():
+    if (
+        "bad split" in first.lower()
+        or "unknown split" in first.lower()
+        or ("split" in first.lower() and "not found" in first.lower())
+    ):
         return f"dataset {spec.path!r} has no split {spec.split!r} ({first}); pick one with @SPLIT"
     offline = any(w in first.lower() for w in ("offline", "connection", "resolve", "network", "couldn't reach", "max retries"))
     if not local and offline:

@@ -85,7 +85,10 @@ class ShardedTokens:
             take = min(self.stop, int(self.ends[shard])) - pos
             pieces.append(self.arrays[shard][pos - first : pos - first + take])
             pos, shard = pos + take, shard + 1
-        out = np.concatenate(pieces) if len(pieces) != 1 else np.array(pieces[0])
+        if not pieces:
+            out = np.zeros(0, dtype=self.dtype)
+        else:
+            out = np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
         return out.astype(dtype, copy=False) if dtype is not None else out
 
 

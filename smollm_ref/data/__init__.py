@@ -1,7 +1,10 @@
 """Training data: a data spec -> a stream of documents -> a token store (tokenised once, by several
 processes, into memory-mapped shards) -> windows read in a seeded order.
 
-    sources   data specs (stdlib, files, .jsonl, hf:PATH[:CONFIG][@SPLIT], a prepared store), streamed
+    sources   data specs (stdlib, files, .jsonl, hf:PATH[:CONFIG][@SPLIT], a prepared store), streamed;
+              chat records (stdlib-chat, .jsonl or hf: with `messages`)
+    conversations  chat data for fine-tuning: encoded, held out, packed into rows
+    stdlib_chat    the embedded chat set
     store     token stores: `prepare` (parallel, bounded memory, resumable), `Store`, the trainer's cache
     batches   the validation split, windows of seq_len + 1 tokens, their order
 
@@ -10,7 +13,18 @@ other spec goes through the same `prepare` into a store under the cache, so ther
 """
 
 from .batches import Order, Split, Windows, split_tokens
-from .sources import DEFAULT_DATA, FORMAT_VERSION, DataError, HFSpec, iter_documents, read_documents, source_key
+from .sources import (
+    CHAT_DATA,
+    DEFAULT_DATA,
+    FORMAT_VERSION,
+    DataError,
+    HFSpec,
+    iter_documents,
+    iter_records,
+    looks_like_chat,
+    read_documents,
+    source_key,
+)
 from .store import (
     DEFAULT_SHARD_TOKENS,
     ShardedTokens,
@@ -26,6 +40,9 @@ from .store import (
 )
 
 __all__ = [
+    "CHAT_DATA",
+    "iter_records",
+    "looks_like_chat",
     "DEFAULT_DATA",
     "DEFAULT_SHARD_TOKENS",
     "FORMAT_VERSION",

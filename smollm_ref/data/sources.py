@@ -32,6 +32,7 @@ from pathlib import Path
 
 FORMAT_VERSION = 1  # bump when the document layout changes, so old caches are not reused
 DEFAULT_DATA = "stdlib"
+CHAT_DATA = "stdlib-chat"  # the embedded chat set (questions on the standard library answered from its docs)
 CODE_SUFFIXES = frozenset(".py .pyi .c .h .cc .cpp .hpp .rs .go .java .js .ts .rb .sh .lua .jl .swift .kt .scala .sql".split())
 
 
@@ -233,7 +234,7 @@ def source_key(spec: str, text_field: str = "text") -> str:
     names, sizes and modification times; for the standard library the Python that ships it; for a Hub
     dataset its name, configuration, split and field."""
     h = hashlib.sha256(f"smollm_ref-docs-v{FORMAT_VERSION}\0{spec}\0{text_field}\0".encode())
-    if spec == DEFAULT_DATA:
+    if spec in (DEFAULT_DATA, CHAT_DATA):
         h.update(f"{sys.version}\0{sysconfig.get_paths()['stdlib']}".encode())
         return h.hexdigest()[:32]
     if spec.startswith("hf:"):
@@ -246,3 +247,52 @@ def source_key(spec: str, text_field: str = "text") -> str:
         st = path.stat()
         h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()[:32]
+
+
+# ---- chat records -------------------------------------------------------------------------------------------
+
+
+def iter_records(spec: str) -> Iterator[dict]:
+    """The raw records of a chat spec: `stdlib-chat`, a .jsonl file, or hf:... (each a dict holding `messages`)."""
+    if spec == CHAT_DATA:
+        from .stdlib_chat import records
+
+        yield from records()
+        return
+    if spec.startswith("hf:"):
+        hf = HFSpec.parse(spec)
+        try:
+            for record in _hf_records(hf):
+                yield dict(record)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(_hf_error(hf, e)) from None
+        return
+    path = Path(spec).expanduser()
+    if not (path.is_file() and path.suffix in (".jsonl", ".ndjson")):
+        raise DataError(
+            f'chat data {spec} must be a .jsonl file of {{"messages": [...]}} records, hf:PATH with a messages column, or {CHAT_DATA}'
+        )
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno} is not JSON ({e.msg}); fix the line") from None
+            yield record if isinstance(record, dict) else {"_not_an_object": record}
+
+
+def looks_like_chat(spec: str) -> bool:
+    """Whether a spec holds conversations: the embedded chat set, or a first record with `messages`."""
+    if spec == CHAT_DATA:
+        return True
+    if spec == DEFAULT_DATA:
+        return False
+    path = Path(spec).expanduser()
+    if not spec.startswith("hf:") and not (path.is_file() and path.suffix in (".jsonl", ".ndjson")):
+        return False
+    first = next(iter_records(spec), None)
+    return isinstance(first, dict) and "messages" in first

@@ -180,6 +180,19 @@ def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | N
     )
 
 
+def is_chat(cfg: TrainConfig) -> bool:
+    if cfg.data_format != "auto":
+        return cfg.data_format == "chat"
+    return data.looks_like_chat(cfg.data)
+
+
+def chat_data(cfg: TrainConfig, tokenizer):
+    """Conversations encoded with the tokenizer's chat template (every rank encodes them: a chat set is small)."""
+    from ..data.conversations import chat_data
+
+    return chat_data(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, pack=cfg.pack, too_long=cfg.too_long)
+
+
 def _workers(spec: str) -> int:
     """All cores, except for a small local corpus, where starting worker processes costs more than it saves."""
     path = Path(spec).expanduser()

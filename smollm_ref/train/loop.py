@@ -69,6 +69,8 @@ def fit(run: Run) -> TrainResult:
                 result.stopped_by_signal = stop.signum
                 run.logger.say(f"stopped by {signal.Signals(stop.signum).name} before the first step; {run.discard()}")
                 return result
+            if run.chat and run.resumed_from is None:
+                run.sample()  # a reply before fine-tuning, to compare with the ones after
             run.logger.start(state.step, run.max_steps)
             while state.step < run.max_steps:
                 run.record(run.step())

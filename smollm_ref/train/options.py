@@ -55,14 +55,31 @@ class TrainConfig:
     data: str = _opt(
         data.DEFAULT_DATA,
         "training text: 'stdlib' (default: the Python standard library, no download), a text file, a directory, "
-        "a glob, a .jsonl file, hf:PATH[:CONFIG][@SPLIT] (a Hub dataset or a local datasets folder, streamed), or a "
-        "token store written by python -m smollm_ref.data prepare",
+        "a glob, a .jsonl file, hf:PATH[:CONFIG][@SPLIT] (a Hub dataset or a local datasets folder, streamed), a "
+        "token store written by python -m smollm_ref.data prepare, or chat data: stdlib-chat (questions on the standard "
+        "library answered from its docs, no download), .jsonl or hf: records holding `messages`",
         "SPEC",
     )
     data_tokens: int | None = _opt(
         None,
         "read at most N tokens of --data (default: a streamed hf: spec is read as far as the run needs, max steps x tokens "
         "per step plus the validation share; local files and stores: all)",
+    )
+    data_format: str = _opt(
+        "auto",
+        "text (next-token loss on every token) or chat (records of OpenAI/TRL `messages`: loss on the assistant's replies "
+        "only, through the tokenizer's chat template); auto: chat when the records hold `messages` (default auto)",
+        choices=("auto", "text", "chat"),
+    )
+    pack: bool = _opt(
+        True,
+        "chat data: several conversations per --seq-len row, each with its own positions and no attention across them; "
+        "--no-pack: one conversation per row, padded to the longest in its batch (default on)",
+    )
+    too_long: str = _opt(
+        "truncate",
+        "chat data: a conversation longer than --seq-len is cut to it, or dropped (default truncate)",
+        choices=("truncate", "drop"),
     )
     text_field: str = _opt("text", "field holding the text in .jsonl / Hugging Face records (default text)", "FIELD")
     val_fraction: float = _opt(0.01, "share of the tokens held out for validation (default 0.01)")

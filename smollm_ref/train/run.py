@@ -4,6 +4,7 @@ save). Nothing here decides when: that is the loop's (`smollm_ref.train.loop`)."
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint, data, distributed, metrics
+from ..data.conversations import ChatData
 from ..model import LlamaForCausalLM
 from ..storage import DirectoryLock
 from . import inputs
@@ -24,13 +26,19 @@ from .step import (
     StepStats,
     autocast_context,
     evaluate,
+    evaluate_chat,
     fast_forward,
     lr_at,
     make_optimizer,
     resolve_precision,
+    sample_chat,
     sample_text,
+    sft_loss_sum,
     train_step,
+    trained_tokens,
 )
+
+CHAT_SAMPLE_QUESTION = "What does the Python module `json` do?"  # when --sample-prompt is left at its text default
 
 
 class Diverged(RuntimeError):
@@ -51,6 +59,8 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist)
     tokenizer = inputs.load_tokenizer(cfg, resume_dir)
     model_config.check_vocab(len(tokenizer))
     budget = inputs.data_budget(cfg, d.world_size, saved)
+    if inputs.is_chat(cfg):
+        return saved, model_config, weights, tokenizer, inputs.chat_data(cfg, tokenizer)
     return saved, model_config, weights, tokenizer, inputs.token_data(cfg, tokenizer, d, budget)
 
 
@@ -77,6 +87,7 @@ class Run:
     resumed_from: Path | None = None
     created_dir: bool = False  # this run made its directory (an interruption before the first step removes it)
     lock: DirectoryLock | None = None  # the run directory's lock, held by the main rank
+    chat: bool = False  # chat data: loss on assistant replies only, rows of (input_ids, labels, position_ids)
     bad_steps: int = 0
     last_loss: float | None = None
     last_val: float | None = None
@@ -136,7 +147,8 @@ class Run:
             raise TrainError(
                 f"the checkpoint is at step {state.step}, already at --max-steps {max_steps}; pass --additional-steps N or a larger --max-steps"
             )
-        fast = fast_forward(raw_model, cfg, d.world_size, precision)
+        chat = isinstance(token_data, ChatData)
+        fast = None if chat else fast_forward(raw_model, cfg, d.world_size, precision)
         if cfg.compile and fast is None:
             model = torch.compile(model)
         logger = RunLogger(run_dir, cfg, state.step, state.wandb_run_id) if d.is_main else NullLogger()
@@ -146,14 +158,14 @@ class Run:
                 f"warning: the data differs from the checkpoint's (cache key {saved.get('data_key')} vs {token_data.key}); "
                 "the stream position is kept but the tokens differ"
             )
-        state.data_key, state.data_budget = token_data.key, token_data.budget
+        state.data_key, state.data_budget = token_data.key, getattr(token_data, "budget", None)
         if d.is_main:
             (run_dir / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         return cls(
             cfg=cfg, d=d, device=device, run_dir=run_dir, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
             loss_fn=fast.lm_loss if fast is not None else None, autocast=autocast_context(device, precision), tokenizer=tokenizer,
             data=token_data, order=data.Order(len(token_data.train), cfg.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg, d),
-            state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger,
+            state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, chat=chat,
         )  # fmt: skip
 
     def _describe(self, precision: str, model_config) -> None:
@@ -163,10 +175,19 @@ class Run:
         self.peak = metrics.peak_flops(metrics.device_name(self.device), precision) if self.device.type == "cuda" else None
         self.throughput = metrics.Throughput()
         peak = f"{self.peak / 1e12:g} TFLOP/s per device" if self.peak else "unknown for this device: no MFU"
+        if self.chat:
+            self.logger.say(self.data.describe())
+            data_line = f"train {len(self.data.train):,} rows, val {len(self.data.val):,}"
+        else:
+            data_line = (
+                f"train {self.data.train_tokens:,} tokens ({len(self.data.train):,} sequences), val {self.data.val_tokens:,}"
+            )
+        step_kind = "fast" if self.loss_fn is not None else "reference"
+        if self.chat and self.cfg.fast and precision != "fp32":
+            step_kind += " (the fast step does not take chat rows yet)"
         self.logger.say(
             f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(self.device)} x{d.world_size} | {precision}, "
-            f"{'fast' if self.loss_fn is not None else 'reference'} step | {self.per_step} x {cfg.seq_len} tokens per step | "
-            f"train {self.data.train_tokens:,} tokens ({len(self.data.train):,} sequences), val {self.data.val_tokens:,} | MFU peak {peak} | run dir {self.run_dir}"
+            f"{step_kind} step | {self.per_step} x {cfg.seq_len} tokens per step | {data_line} | MFU peak {peak} | run dir {self.run_dir}"
         )
         warning = self.checkpointer.space_warning() if d.is_main else None
         if warning:
@@ -176,29 +197,36 @@ class Run:
 
     # ---- the loop's verbs ----------------------------------------------------------------------------------
 
-    def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches of the next step, from the run's position in the window order."""
+    def next_batches(self) -> list[tuple[torch.Tensor, ...]]:
+        """This rank's micro-batches of the next step, from the run's position in the row order: (inputs,
+        targets) windows of text, or (input_ids, labels, position_ids or None) rows of chat."""
         cfg, d, micro = self.cfg, self.d, []
         for m in range(cfg.grad_accum):
             start = 0 if cfg.overfit_single_batch else self.state.data_position + (m * d.world_size + d.rank) * cfg.batch_size
-            inputs_, targets = self.data.train.batch(self.order.indices(start, cfg.batch_size))
-            micro.append((inputs_.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)))
+            batch = self.data.train.batch(self.order.indices(start, cfg.batch_size))
+            micro.append(tuple(t.to(self.device, non_blocking=True) if t is not None else None for t in batch))
         return micro
 
     def step(self) -> dict:
         """One optimizer step; the run state advances and the step's metrics come back."""
         t0 = time.perf_counter()
         lr = lr_at(self.state.step, self.cfg, self.state.horizon)
+        micro = self.next_batches()
         autocast = None if self.loss_fn is not None else self.autocast  # the fast step does its own mixed precision
+        loss_fn, divide_by = self.loss_fn, None
+        if self.chat:  # the sum over the step's trained tokens, all micro-batches and ranks, over their number
+            trained = distributed.mean(self.d, trained_tokens(micro).float())  # all ranks' count / ranks: DDP averages
+            loss_fn, divide_by = functools.partial(sft_loss_sum, self.model), float(trained)
         stats: StepStats = train_step(
             self.model,
-            self.next_batches(),
+            micro,
             self.optimizer,
             self.scaler,
             lr=lr,
             grad_clip=self.cfg.grad_clip,
             autocast=autocast,
-            loss_fn=self.loss_fn,
+            loss_fn=loss_fn,
+            divide_by=divide_by,
         )
         loss = float(distributed.mean(self.d, stats.loss))
         elapsed = time.perf_counter() - t0
@@ -216,6 +244,8 @@ class Run:
         }
         if self.peak:
             values["mfu"] = self.flops_per_token * rate / (self.peak * self.d.world_size)
+        if divide_by is not None:
+            values["trained_tokens"] = round(divide_by * self.d.world_size)
         if stats.skipped:
             values["skipped"] = True
         return values
@@ -240,12 +270,21 @@ class Run:
     def validate(self) -> None:
         if not self.eval_batches:
             return
-        loss = evaluate(self.raw_model, self.data.val, self.eval_batches, self.device, self.autocast)
-        self.last_val = float(distributed.mean(self.d, loss))
+        if self.chat:  # assistant-only: summed over every rank's trained tokens, then divided once
+            total, count = evaluate_chat(self.raw_model, self.data.val, self.eval_batches, self.device, self.autocast)
+            self.last_val = float(distributed.mean(self.d, total)) / max(float(distributed.mean(self.d, count.float())), 1e-9)
+        else:
+            loss = evaluate(self.raw_model, self.data.val, self.eval_batches, self.device, self.autocast)
+            self.last_val = float(distributed.mean(self.d, loss))
         self.logger.validation(self.state.step, self.last_val)
 
     def sample(self) -> None:
         cfg = self.cfg
+        if self.chat:
+            question = cfg.sample_prompt if cfg.sample_prompt != TrainConfig.sample_prompt else CHAT_SAMPLE_QUESTION
+            reply = sample_chat(self.raw_model, self.tokenizer, question, cfg.sample_tokens, self.device, self.autocast, cfg.seed)
+            self.logger.sample(self.state.step, f"user: {question}\nassistant: {reply}")
+            return
         stop_id = data.separator_id(self.tokenizer)
         text = sample_text(
             self.raw_model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, self.device, self.autocast, cfg.seed, stop_id

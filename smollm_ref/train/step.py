@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data
+from ..model import causal_lm_loss_sum
 from ..precision import autocast_context
 from .options import TrainConfig, TrainError
 
@@ -25,14 +26,18 @@ __all__ = [
     "adamw",
     "autocast_context",
     "evaluate",
+    "evaluate_chat",
     "fast_forward",
     "lm_loss",
     "lr_at",
     "make_optimizer",
     "resolve_device",
     "resolve_precision",
+    "sample_chat",
     "sample_text",
+    "sft_loss_sum",
     "train_step",
+    "trained_tokens",
 ]
 
 
@@ -143,26 +148,40 @@ def _ddp_of(model):
 
 
 def train_step(
-    model, micro_batches, optimizer, scaler=None, *, lr: float | None = None, grad_clip: float = 1.0, autocast=None, loss_fn=None
+    model,
+    micro_batches,
+    optimizer,
+    scaler=None,
+    *,
+    lr: float | None = None,
+    grad_clip: float = 1.0,
+    autocast=None,
+    loss_fn=None,
+    divide_by: float | None = None,
 ) -> StepStats:
     """One optimizer step over `micro_batches` [(inputs, targets), ...] already on the model's device.
 
-    loss_fn(inputs, targets): the micro-batch loss (default `lm_loss(model, ...)` under `autocast`); the
-    trainer passes `FastForward(...).lm_loss`, which does its own mixed precision.
+    loss_fn(*micro_batch): the micro-batch loss (default `lm_loss(model, ...)` under `autocast`); the
+    trainer passes `FastForward(...).lm_loss`, which does its own mixed precision, or for chat data a sum.
 
-    Loss of each micro-batch is divided by their number, so the gradient is that of the mean; DDP syncs
-    only on the last one. With a GradScaler (fp16) gradients are unscaled before clipping. A step whose
-    gradient norm is not finite is skipped (no update); with fp16 the scaler also lowers its scale."""
+    The step's loss is the sum over its trained tokens divided by their number in the whole step. Without
+    `divide_by`, every micro-batch trains the same number of tokens (text windows), so each micro-batch's
+    mean is divided by their number. With it, loss_fn returns a sum and each is divided by `divide_by`:
+    the step's trained tokens over all micro-batches and ranks, divided by the number of ranks (DDP
+    averages the ranks' gradients). DDP syncs only on the last micro-batch. With a GradScaler (fp16)
+    gradients are unscaled before clipping. A step whose gradient norm is not finite is skipped (no
+    update); with fp16 the scaler also lowers its scale."""
     micro_batches = list(micro_batches)
     if lr is not None:
         for group in optimizer.param_groups:
             group["lr"] = lr
     ddp = _ddp_of(model)
+    denominator = divide_by if divide_by is not None else len(micro_batches)
     total = None
-    for i, (inputs, targets) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
         sync = ddp is None or i == len(micro_batches) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync(), autocast or contextlib.nullcontext():
-            loss = (loss_fn or functools.partial(lm_loss, model))(inputs, targets) / len(micro_batches)
+            loss = (loss_fn or functools.partial(lm_loss, model))(*batch) / denominator
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
     if scaler is not None:
@@ -182,6 +201,18 @@ def train_step(
     return StepStats(loss=total, grad_norm=norm, skipped=not finite)
 
 
+def sft_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed next-token loss over the trained (label != -100) tokens of a chat batch; packed rows pass
+    their restarting `position_ids` (and no attention mask), so no conversation attends to another."""
+    logits = model(input_ids, position_ids=position_ids).logits
+    return causal_lm_loss_sum(logits, labels)[0]
+
+
+def trained_tokens(micro_batches) -> torch.Tensor:
+    """How many tokens a chat step trains on (labels shifted by one, as the loss reads them)."""
+    return sum((labels[:, 1:] != -100).sum() for _, labels, _ in micro_batches)
+
+
 @torch.no_grad()
 def evaluate(model, windows: data.Windows, batches: list[list[int]], device, autocast) -> torch.Tensor:
     """Mean loss over the given batches of validation windows (this rank's share)."""
@@ -194,6 +225,22 @@ def evaluate(model, windows: data.Windows, batches: list[list[int]], device, aut
             losses.append(lm_loss(model, inputs, targets))
     model.train(was_training)
     return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def evaluate_chat(model, rows, batches: list[list[int]], device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, trained tokens) over the given batches of validation rows (this rank's share): the
+    assistant-only validation loss is their ratio over all ranks."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for indices in batches:
+        input_ids, labels, position_ids = (t.to(device) if t is not None else None for t in rows.batch(indices))
+        with autocast:
+            total += sft_loss_sum(model, input_ids, labels, position_ids).float()
+        count += (labels[:, 1:] != -100).sum()
+    model.train(was_training)
+    return total, count
 
 
 def sample_text(
@@ -213,3 +260,21 @@ def sample_text(
         out = generate(model, ids, min(max_new_tokens, room), temperature=0.8, top_k=50, eos_token_id=stop_id, generator=g)
     model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=False)
+
+
+def sample_chat(model, tokenizer, question: str, max_new_tokens: int, device, autocast, seed: int = 0) -> str:
+    """A chat reply to `question`: the tokenizer's chat template with the generation prompt, sampled as
+    `sample_text` samples, up to the token that closes the assistant's turn."""
+    from ..generate import generate
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt")
+    ids = (ids["input_ids"] if hasattr(ids, "keys") else ids).to(device)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    room = model.config.max_position_embeddings - ids.shape[1]
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    with autocast:
+        out = generate(model, ids, min(max_new_tokens, room), temperature=0.8, top_k=50, eos_token_id=end, generator=g)
+    model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)

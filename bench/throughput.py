@@ -40,8 +40,9 @@ if not __package__ and str(ROOT) not in sys.path:  # run as a script without smo
 
 from smollm_ref import metrics, precision  # noqa: E402
 from smollm_ref.config import ModelConfig  # noqa: E402
-from smollm_ref.fast import FastForward, FastGenerator, adamw  # noqa: E402
+from smollm_ref.fast import FastForward, FastGenerator  # noqa: E402
 from smollm_ref.model import LlamaForCausalLM  # noqa: E402
+from smollm_ref.train.step import adamw  # noqa: E402
 
 MODES = ("float32", "bf16", "float32-compiled", "bf16-compiled")
 TASKS = ("forward", "train", "decode", "memory")
@@ -184,7 +185,8 @@ def forward_fns(models: dict, mode: Mode, ids, device):
 
 def train_fns(models: dict, mode: Mode, ids, device):
     """A training step per side: loss, backward, AdamW step, zero_grad. Optimizer state is built at the
-    warm-up call. smollm_ref uses its fast paths (packed weights, chunked loss, fused AdamW); the peers
+    warm-up call. smollm_ref uses its fast paths (packed weights, chunked loss) and the trainer's AdamW (fused
+    where the device has it); the peers
     their standard recipe (autocast, default AdamW)."""
     fns = {}
     for name, model in models.items():

@@ -212,6 +212,26 @@ def test_fast_step_trains_like_the_reference_step(corpus, tmp_path, capsys):
     assert "bf16-mixed, fast step" in log.out + log.err and "bf16-mixed, reference step" in log.out + log.err
 
 
+def test_adamw_policy_fused_step_matches_default_adamw():
+    """The one AdamW policy (trainer and bench): the fused kernel where the device has one, same updates."""
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 4)
+    b = torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    opt_a = train.adamw([{"params": list(a.parameters()), "weight_decay": 0.1}], lr=1e-2)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    assert opt_a.defaults["fused"] is True
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            m(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert len(train.adamw(a.parameters(), lr=1e-3).param_groups[0]["params"]) == 2  # a generator is read once
+
+
 def test_train_step_uses_the_given_loss_fn():
     from smollm_ref.config import ModelConfig
     from smollm_ref.fast import FastForward

@@ -30,8 +30,6 @@ low-precision dtype, norms, RoPE and the residual stream in float32, loss in flo
 
 from __future__ import annotations
 
-import torch
-
 from .decode import FastGenerator, StaticKVCache, decode_step, fast_generate, rope_matrices
 from .decode import _forward_cached as _forward_cached  # for the tests
 from .forward import FastForward, rope_table
@@ -48,7 +46,6 @@ __all__ = [
     "PackedWeights",
     "StaticKVCache",
     "Workspace",
-    "adamw",
     "chunked_cross_entropy",
     "decode_step",
     "fast_generate",
@@ -58,12 +55,3 @@ __all__ = [
     "rope_matrices",
     "rope_table",
 ]
-
-
-def adamw(params, **kwargs) -> torch.optim.AdamW:
-    """`torch.optim.AdamW` with the fused kernel where this torch has it for the parameters' device."""
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, **kwargs)

@@ -87,6 +87,7 @@ def fast_forward(model, cfg: TrainConfig, world_size: int, precision: str):
 def adamw(param_groups, *, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, sharded: bool = False) -> torch.optim.AdamW:
     """`torch.optim.AdamW` with its fused kernel where this torch has one for the parameters' device, else
     the multi-tensor (foreach) one. FSDP2's sharded DTensor parameters take foreach."""
+    param_groups = list(param_groups)
     params = [p for g in param_groups for p in (g["params"] if isinstance(g, dict) else [g])]
     if not sharded and params:
         try:

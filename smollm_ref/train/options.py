@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoint, data
+from ..configs import preset_names
 from ..precision import PRECISIONS
 
 SCHEDULES = ("constant", "cosine", "wsd")
@@ -45,7 +46,7 @@ class TrainConfig:
 
     model_config: str | None = _opt(
         None,
-        "model preset (smollm2-135m, smollm2-360m, smollm2-1.7b, smollm2-tiny) or a config.json path "
+        f"model preset ({', '.join(preset_names())}) or a config.json path "
         f"(default {DEFAULT_MODEL}; with --init-from or --resume, the model's own)",
         "PRESET|PATH",
     )

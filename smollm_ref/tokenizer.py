@@ -1,7 +1,8 @@
 """Tokenizers: SmolLM2's own (default), from any model source, and the original project's GPT-2 alternative.
 
-SmolLM2's tokenizer (49152 tokens) is read from the embedded GGUF on first use and cached as a
-transformers tokenizer directory (`tokenizer.json` + chat template), so later loads are fast.
+SmolLM2's tokenizer (49152 tokens) is read from the embedded GGUF on first use, with the pre-tokenizer the GGUF
+names (`smollm`: every digit on its own, which transformers' conversion drops), and cached as a transformers
+tokenizer directory (`tokenizer.json` + chat template), so later loads are fast.
 """
 
 from __future__ import annotations
@@ -48,14 +49,49 @@ def _quiet_transformers():
     return transformers
 
 
+# Bumped whenever _from_gguf converts differently, so a cache written by an older conversion is never read
+# (v2: the `smollm` pre-tokenizer; v1 kept transformers' byte-level-only one).
+_GGUF_CACHE_VERSION = 2
+
+
+def _gguf_pre_tokenizer(name: str):
+    r"""The tokenizers-library pre-tokenizer for a GGUF's `tokenizer.ggml.pre`, or None to keep transformers' own.
+
+    transformers' GGUF conversion gives every BPE vocabulary GPT-2's byte-level regex and drops
+    `tokenizer.ggml.pre`. For `smollm`, llama.cpp (LLAMA_VOCAB_PRE_TYPE_SMOLLM) first isolates every `\p{N}`
+    character, then applies the GPT-2 regex to each piece: SmolLM2's tokenizer.json says the same as
+    Digits(individual_digits=True) then ByteLevel. Without the digit split, `"\n    0"` becomes
+    `["\n   ", " ", "0"]` where SmolLM2 has `["\n    ", "0"]`."""
+    from tokenizers import pre_tokenizers
+
+    if name == "smollm":
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
+    return None
+
+
+def _gguf_string(path: Path, key: str) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get(key)
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
 def _from_gguf(path: Path):
     """Tokenizer of a GGUF file, cached by file name and size as a transformers tokenizer directory."""
     transformers = _quiet_transformers()
     stat = path.stat()
-    cached = cache_dir() / "tokenizers" / f"{path.stem}-{stat.st_size}"
+    cached = cache_dir() / "tokenizers" / f"{path.stem}-{stat.st_size}-v{_GGUF_CACHE_VERSION}"
     if (cached / "tokenizer.json").exists():
         return transformers.AutoTokenizer.from_pretrained(cached)
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    pre = _gguf_pre_tokenizer(_gguf_string(path, "tokenizer.ggml.pre") or "")
+    if pre is not None:
+        tok.backend_tokenizer.pre_tokenizer = pre
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     tok.save_pretrained(tmp)
     try:

@@ -19,13 +19,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trainer_runs import FORMAT1, argv, tiny_options
 
 from smollm_ref import checkpoint, data, train
 from smollm_ref.train import TrainConfig
 from smollm_ref.weights import read_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
-FORMAT1 = Path(__file__).parent / "data" / "format1"
 
 
 @pytest.fixture(scope="module")
@@ -288,22 +288,7 @@ def test_prepare_into_a_directory_that_is_not_a_store_is_refused(tok, tmp_path):
 
 
 def options(store: Path, out: Path, **changes) -> dict:
-    base = dict(
-        data=str(store),
-        model_config=str(FORMAT1 / "step_000002" / "config.json"),
-        tokenizer=str(FORMAT1 / "step_000002"),
-        out_dir=str(out),
-        batch_size=2,
-        seq_len=32,
-        max_steps=6,
-        checkpoint_every=3,
-        eval_every=0,
-        log_every=100,
-        sample_tokens=4,
-        progress=False,
-    )
-    base.update(changes)
-    return base
+    return tiny_options(out.parent, **{"data": str(store), "out_dir": str(out), "max_steps": 6, "checkpoint_every": 3, **changes})
 
 
 def test_training_on_a_multi_shard_store_resumes_exactly_across_a_shard_boundary(tok, tmp_path):
@@ -331,23 +316,13 @@ def test_training_refuses_a_store_of_another_tokenizer_and_an_unfinished_one(tok
         str(jsonl(tmp_path / "c.jsonl", ["hello world " * 300])), tmp_path / "store", tok, workers=1, progress=False
     )
     opts = options(store.dir, tmp_path / "run", tokenizer=None, model_config="smollm2-tiny")
-    assert train.main([*_argv(opts)]) == 2
+    assert train.main([*argv(opts)]) == 2
     assert "made with another tokenizer" in capsys.readouterr().err and not (tmp_path / "run").exists()
     unfinished = tmp_path / "unfinished"
     shutil.copytree(store.dir, unfinished)
     (unfinished / "index.json").rename(unfinished / "progress.json")
-    assert train.main([*_argv(options(unfinished, tmp_path / "run"))]) == 2
+    assert train.main([*argv(options(unfinished, tmp_path / "run"))]) == 2
     assert "unfinished token store" in capsys.readouterr().err and not (tmp_path / "run").exists()
-
-
-def _argv(opts: dict) -> list[str]:
-    out = []
-    for key, value in opts.items():
-        if value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        out += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
-    return out
 
 
 def test_a_streamed_spec_reads_what_the_run_needs_and_says_so(corpus_folder, tmp_path, capsys):

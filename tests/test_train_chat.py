@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_runs import FORMAT1, argv
 
 from smollm_ref import checkpoint, train
 from smollm_ref.config import ModelConfig
@@ -23,7 +24,6 @@ from smollm_ref.train import TrainConfig
 from smollm_ref.train.step import sft_loss_sum, train_step, trained_tokens
 
 REPO = Path(__file__).resolve().parent.parent
-FORMAT1 = Path(__file__).parent / "data" / "format1"
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +87,6 @@ def test_uneven_micro_batches_give_the_gradients_of_one_batch(tok, tmp_path, pac
     assert max(float((x - y).abs().max()) for x, y in zip(wrong.grads, b.grads)) > 1e-4
 
 
-def _argv(opts: dict) -> list[str]:
-    out = []
-    for key, value in opts.items():
-        flag = "--" + key.replace("_", "-")
-        out += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
-    return out
-
-
 def chat_options(data: Path | str, out: Path, **changes) -> dict:
     base = dict(
         model_config="smollm2-tiny",
@@ -128,7 +120,7 @@ def test_two_gloo_ranks_with_uneven_rows_equal_one_process(tmp_path):
             else [sys.executable]
         )
         done = subprocess.run(
-            [*prefix, "-m", "smollm_ref.train", *_argv(opts)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+            [*prefix, "-m", "smollm_ref.train", *argv(opts)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
         )
         assert done.returncode == 0, done.stderr[-3000:]
 
@@ -207,7 +199,7 @@ BAD_CHAT = {
 def test_bad_chat_records_are_one_line_errors(tmp_path, capsys, case):
     bad, message = BAD_CHAT[case]
     data = write_jsonl(tmp_path / "c.jsonl", [conversations(1)[0], bad, *conversations(3)])
-    assert train.main(_argv(chat_options(data, tmp_path / "run", data_format="chat"))) == 2
+    assert train.main(argv(chat_options(data, tmp_path / "run", data_format="chat"))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and __import__("re").search(message, err[-1]), err[-1]
     assert not (tmp_path / "run").exists()
@@ -215,12 +207,12 @@ def test_bad_chat_records_are_one_line_errors(tmp_path, capsys, case):
 
 def test_no_assistant_reply_anywhere_and_no_chat_template_are_one_line_errors(tmp_path, capsys):
     data = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hello?"}]}] * 3)
-    assert train.main(_argv(chat_options(data, tmp_path / "run"))) == 2
+    assert train.main(argv(chat_options(data, tmp_path / "run"))) == 2
     assert "holds no conversation with an assistant reply (3 records, 3 without one)" in capsys.readouterr().err
     good = write_jsonl(tmp_path / "g.jsonl", conversations(4))
     opts = chat_options(
         good, tmp_path / "run", model_config=str(FORMAT1 / "step_000002" / "config.json"), tokenizer=str(FORMAT1 / "step_000002")
     )
-    assert train.main(_argv(opts)) == 2
+    assert train.main(argv(opts)) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: ") and "chat template" in line

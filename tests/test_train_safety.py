@@ -17,44 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_runs import argv
+from trainer_runs import tiny_options as options
 
 from smollm_ref import checkpoint, train
 from smollm_ref.train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
-FORMAT1 = Path(__file__).parent / "data" / "format1"
-
-
-def options(tmp_path: Path, **changes) -> dict:
-    """A tiny model (vocab 320, 2 layers of width 32) and its own small tokenizer: steps take milliseconds."""
-    corpus = tmp_path / "corpus.txt"
-    if not corpus.exists():
-        tmp_path.mkdir(parents=True, exist_ok=True)
-        corpus.write_text((FORMAT1 / "corpus.txt").read_text())
-    base = dict(
-        model_config=str(FORMAT1 / "step_000002" / "config.json"),
-        tokenizer=str(FORMAT1 / "step_000002"),
-        data=str(corpus),
-        out_dir=str(tmp_path / "run"),
-        batch_size=2,
-        seq_len=32,
-        max_steps=4,
-        checkpoint_every=2,
-        eval_every=0,
-        log_every=100,
-        sample_tokens=4,
-        progress=False,
-    )
-    base.update(changes)
-    return base
-
-
-def argv(opts: dict) -> list[str]:
-    out = []
-    for key, value in opts.items():
-        flag = "--" + key.replace("_", "-")
-        out += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
-    return out
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -247,7 +216,11 @@ def test_temporaries_of_killed_runs_are_swept(tmp_path, capsys):
     train.train(TrainConfig(**options(tmp_path)))
     root = tmp_path / "run" / "checkpoints"
     dead = 2**22 + 12345  # above the default pid_max: no such process
-    stale = [root / f".tmp-step_000006-{dead}", root / f".old-step_000002-{dead}", root / "step_000004" / f".trainer_state.pt.tmp{dead}"]
+    stale = [
+        root / f".tmp-step_000006-{dead}",
+        root / f".old-step_000002-{dead}",
+        root / "step_000004" / f".trainer_state.pt.tmp{dead}",
+    ]
     for path in stale[:2]:
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"half")

@@ -12,16 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_runs import FORMAT1, losses, tiny_options
 
 from smollm_ref import checkpoint, train
 from smollm_ref.train import TrainConfig
 from smollm_ref.weights import read_state_dict
-
-FORMAT1 = Path(__file__).parent / "data" / "format1"
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
 def test_a_checkpoint_written_before_the_split_resumes(tmp_path, capsys):
@@ -43,7 +38,7 @@ def test_a_checkpoint_written_before_the_split_resumes(tmp_path, capsys):
     assert Path(cfg.out_dir) == run.resolve()  # not the /tmp/fx/run its train_config.json recorded
     result = train.train(cfg, found)
     assert result.step == 4
-    got = _losses(run)
+    got = losses(run)
     assert sorted(got) == [3, 4]
     for step in (3, 4):
         assert got[step] == pytest.approx(golden[str(step)], rel=1e-6, abs=0)
@@ -63,30 +58,8 @@ def test_recipes_are_found_by_name_and_an_unknown_one_lists_them(tmp_path):
         train.read_recipe("no-such-recipe")
 
 
-def _tiny_run(tmp_path: Path, **changes) -> dict:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text((FORMAT1 / "corpus.txt").read_text())
-    opts = dict(
-        model_config=str(FORMAT1 / "step_000002" / "config.json"),
-        tokenizer=str(FORMAT1 / "step_000002"),
-        data=str(corpus),
-        out_dir=str(tmp_path / "run"),
-        batch_size=2,
-        seq_len=32,
-        max_steps=4,
-        checkpoint_every=2,
-        eval_every=2,
-        log_every=100,
-        sample_tokens=4,
-        progress=False,
-    )
-    opts.update(changes)
-    return opts
-
-
 def test_a_finished_run_says_where_its_outputs_are_and_what_to_run_next(tmp_path, capsys):
-    result = train.train(TrainConfig(**_tiny_run(tmp_path)))
+    result = train.train(TrainConfig(**tiny_options(tmp_path, eval_every=2)))
     err = capsys.readouterr().err
     tail = err[err.index("done: 4 steps") :]
     assert f"final train loss {result.loss:.4f}, val loss {result.val_loss:.4f}" in tail
@@ -98,7 +71,7 @@ def test_a_finished_run_says_where_its_outputs_are_and_what_to_run_next(tmp_path
 
 
 def test_optimizer_state_latest_keeps_exact_resume_from_the_newest_only(tmp_path, capsys):
-    straight = train.train(TrainConfig(**_tiny_run(tmp_path / "a", max_steps=6, optimizer_state="latest", keep_last=0)))
+    straight = train.train(TrainConfig(**tiny_options(tmp_path / "a", max_steps=6, optimizer_state="latest", keep_last=0)))
     root = tmp_path / "a" / "run" / "checkpoints"
     sizes = {p.name: (p / checkpoint.STATE).stat().st_size for _, p in checkpoint.list_checkpoints(root)}
     assert sizes["step_000002"] < sizes["step_000006"] / 5 and sizes["step_000004"] < sizes["step_000006"] / 5
@@ -109,7 +82,7 @@ def test_optimizer_state_latest_keeps_exact_resume_from_the_newest_only(tmp_path
         cfg, found = train.resolve_config({"resume": str(root / "step_000004"), "max_steps": 6})
         train.train(cfg, found)
     # the newest one resumes exactly: the same weights as straight through
-    half = train.train(TrainConfig(**_tiny_run(tmp_path / "b", max_steps=4, optimizer_state="latest")))
+    half = train.train(TrainConfig(**tiny_options(tmp_path / "b", max_steps=4, optimizer_state="latest")))
     cfg, found = train.resolve_config({"resume": str(half.run_dir), "max_steps": 6, "progress": False})
     train.train(cfg, found)
     a = read_state_dict(root / "step_000006")
@@ -118,7 +91,7 @@ def test_optimizer_state_latest_keeps_exact_resume_from_the_newest_only(tmp_path
 
 
 def test_checkpoint_files_follow_the_umask(tmp_path):
-    train.train(TrainConfig(**_tiny_run(tmp_path, max_steps=2, eval_every=0)))
+    train.train(TrainConfig(**tiny_options(tmp_path, max_steps=2, eval_every=0)))
     newest = checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")[-1][1]
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in newest.iterdir()}
     umask = _umask()

@@ -82,18 +82,23 @@ def _file_document(path: Path, root: Path | None) -> str | None:
     return text
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def _jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of every non-blank line; a line that is not JSON is an error naming it."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno} is not JSON ({e.msg}); fix the line or pass a plain text file") from None
-            if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{path} line {lineno} has no {field!r} field; set --text-field to the field holding the text")
-            yield str(record[field])
+                raise DataError(f"{path} line {lineno} is not JSON ({e.msg}); fix the line") from None
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    for lineno, record in _jsonl_records(path):
+        if not isinstance(record, dict) or field not in record:
+            raise DataError(f"{path} line {lineno} has no {field!r} field; set --text-field to the field holding the text")
+        yield str(record[field])
 
 
 @dataclass(frozen=True)
@@ -274,15 +279,8 @@ def iter_records(spec: str) -> Iterator[dict]:
         raise DataError(
             f'chat data {spec} must be a .jsonl file of {{"messages": [...]}} records, hf:PATH with a messages column, or {CHAT_DATA}'
         )
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno} is not JSON ({e.msg}); fix the line") from None
-            yield record if isinstance(record, dict) else {"_not_an_object": record}
+    for _, record in _jsonl_records(path):
+        yield record if isinstance(record, dict) else {"_not_an_object": record}
 
 
 def looks_like_chat(spec: str) -> bool:

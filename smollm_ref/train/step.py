@@ -244,38 +244,35 @@ def evaluate_chat(model, rows, batches: list[list[int]], device, autocast) -> tu
     return total, count
 
 
-def sample_text(
-    model, tokenizer, prompt: str, max_new_tokens: int, device, autocast, seed: int = 0, stop_id: int | None = None
-) -> str:
-    """A KV-cached sample (temperature 0.8, top-k 50) from its own generator, so the training RNG is untouched."""
+def _sample(model, ids: torch.Tensor, max_new_tokens: int, autocast, seed: int, stop_id: int | None) -> list[int]:
+    """The new tokens of a KV-cached sample (temperature 0.8, top-k 50) continuing `ids`, from its own
+    generator, so the training RNG is untouched; the model is in eval mode meanwhile."""
     from ..generate import generate
 
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    if ids.shape[1] == 0:
-        ids = torch.tensor([[stop_id or 0]], device=device)
     room = model.config.max_position_embeddings - ids.shape[1]
     was_training = model.training
     model.eval()
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = torch.Generator(device=ids.device).manual_seed(seed)
     with autocast:
         out = generate(model, ids, min(max_new_tokens, room), temperature=0.8, top_k=50, eos_token_id=stop_id, generator=g)
     model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=False)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def sample_text(
+    model, tokenizer, prompt: str, max_new_tokens: int, device, autocast, seed: int = 0, stop_id: int | None = None
+) -> str:
+    """A sample continuing `prompt` (see `_sample`), up to the document separator `stop_id`."""
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[stop_id or 0]], device=device)
+    return tokenizer.decode(_sample(model, ids, max_new_tokens, autocast, seed, stop_id), skip_special_tokens=False)
 
 
 def sample_chat(model, tokenizer, question: str, max_new_tokens: int, device, autocast, seed: int = 0) -> str:
     """A chat reply to `question`: the tokenizer's chat template with the generation prompt, sampled as
     `sample_text` samples, up to the token that closes the assistant's turn."""
-    from ..generate import generate
-
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt")
     ids = (ids["input_ids"] if hasattr(ids, "keys") else ids).to(device)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
-    room = model.config.max_position_embeddings - ids.shape[1]
-    was_training = model.training
-    model.eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    with autocast:
-        out = generate(model, ids, min(max_new_tokens, room), temperature=0.8, top_k=50, eos_token_id=end, generator=g)
-    model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+    return tokenizer.decode(_sample(model, ids, max_new_tokens, autocast, seed, end), skip_special_tokens=True)

@@ -1,0 +1,50 @@
+"""What the trainer's tests share: a tiny model with its own small tokenizer (tests/data/format1, steps in
+milliseconds), the options and command line of a short run, and the losses a run logged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FORMAT1 = Path(__file__).parent / "data" / "format1"
+
+
+def tiny_options(tmp_path: Path, **changes) -> dict:
+    """A 4-step run of the format1 model (vocab 320, 2 layers of width 32) on a copy of its corpus."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text((FORMAT1 / "corpus.txt").read_text())
+    base = dict(
+        model_config=str(FORMAT1 / "step_000002" / "config.json"),
+        tokenizer=str(FORMAT1 / "step_000002"),
+        data=str(corpus),
+        out_dir=str(tmp_path / "run"),
+        batch_size=2,
+        seq_len=32,
+        max_steps=4,
+        checkpoint_every=2,
+        eval_every=0,
+        log_every=100,
+        sample_tokens=4,
+        progress=False,
+    )
+    base.update(changes)
+    return base
+
+
+def argv(opts: dict) -> list[str]:
+    """The command line of `opts` (booleans as --flag / --no-flag; None left out)."""
+    out = []
+    for key, value in opts.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        out += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    }

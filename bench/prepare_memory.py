@@ -1,5 +1,5 @@
 """Peak memory and throughput of `python -m smollm_ref.data prepare`: runs the command and samples the
-resident memory of it and all its worker processes together (from /proc) every 0.1 s.
+memory of it and all its worker processes together (PSS and RSS, from /proc) every 0.1 s.
 
     python bench/prepare_memory.py --json out.json -- prepare CORPUS --out DIR --workers 2 --no-progress
 """
@@ -16,27 +16,30 @@ import time
 from pathlib import Path
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and every descendant."""
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes of `pid` and every descendant. RSS counts a shared page (the torch and tokenizers
+    libraries every worker maps) once per process; PSS divides it among them, so its sum is what the tree
+    really holds."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        ppid = int(fields.get("PPid", "0").strip())
-        children.setdefault(ppid, []).append(int(entry))
-        rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    total, todo = 0, [pid]
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    rss = pss = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
         todo.extend(children.get(p, []))
-    return total
+        try:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in rollup.splitlines()[1:] if line.endswith("kB")}
+        rss, pss = rss + fields.get("Rss", 0), pss + fields.get("Pss", 0)
+    return rss, pss
 
 
 def cpu_model() -> str:
@@ -54,9 +57,10 @@ def main() -> int:
     command = [sys.executable, "-m", "smollm_ref.data", *[a for a in args.args if a != "--"]]
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    peak = 0
+    peak_rss = peak_pss = 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
+        rss, pss = tree_memory(proc.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.1)
     seconds = time.perf_counter() - started
     out = proc.stdout.read()
@@ -65,7 +69,8 @@ def main() -> int:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "seconds": round(seconds, 1),
-        "peak_rss_mib": round(peak / 2**20),
+        "peak_pss_mib": round(peak_pss / 2**20),
+        "peak_rss_sum_mib": round(peak_rss / 2**20),
         "returncode": proc.returncode,
         "output": out.strip(),
     }

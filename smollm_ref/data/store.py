@@ -31,7 +31,7 @@ STORE_FORMAT = 1
 INDEX = "index.json"
 PROGRESS = "progress.json"
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128 Mi tokens: 256 MB of uint16
-BATCH_DOCS, BATCH_CHARS = 256, 1 << 22  # documents in flight per task: bounded by count and by characters
+BATCH_DOCS, BATCH_CHARS = 256, 1 << 20  # documents per task: bounded by count and by characters
 
 
 def separator_id(tokenizer) -> int:
@@ -180,6 +180,9 @@ _WORKER_TOKENIZER = None
 
 
 def _init_worker(tokenizer_json: str) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a process per core; no thread pool inside each
     global _WORKER_TOKENIZER
     from tokenizers import Tokenizer

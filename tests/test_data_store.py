@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trainer_runs import FORMAT1, argv, tiny_options
+from trainer_runs import FORMAT1, argv, losses, tiny_options
 
 from smollm_ref import checkpoint, data, train
 from smollm_ref.train import TrainConfig
@@ -302,9 +302,6 @@ def test_training_on_a_multi_shard_store_resumes_exactly_across_a_shard_boundary
     cfg, found = train.resolve_config({"resume": str(half.run_dir), "max_steps": 6, "progress": False})
     train.train(cfg, found)
 
-    def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
-
     assert losses(straight.run_dir) == losses(half.run_dir) and sorted(losses(half.run_dir)) == list(range(1, 7))
     a, b = (read_state_dict(r / "checkpoints" / "step_000006") for r in (straight.run_dir, half.run_dir))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -335,3 +332,26 @@ def test_a_streamed_spec_reads_what_the_run_needs_and_says_so(corpus_folder, tmp
     cfg, found = train.resolve_config({"resume": str(tmp_path / "run"), "additional_steps": 1, "progress": False})
     train.train(cfg, found)  # the same store: the budget comes from the checkpoint
     assert checkpoint.load_state(checkpoint.find(tmp_path / "run"))["data_key"] == state["data_key"]
+
+
+def test_two_gloo_ranks_resume_exactly_on_a_multi_shard_store(tok, tmp_path):
+    """Both ranks memory-map the same store; the position saved is in the window order over all shards."""
+    docs = [(FORMAT1 / "corpus.txt").read_text()[i * 500 : (i + 1) * 500] for i in range(24)]
+    store = data.prepare(
+        str(jsonl(tmp_path / "c.jsonl", docs)), tmp_path / "store", tok, shard_tokens=97, workers=1, progress=False
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "smollm_ref.train"]
+
+    def run(*args):
+        done = subprocess.run([*torchrun, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run(*argv(options(store.dir, tmp_path / "straight", max_steps=4, checkpoint_every=2)))
+    run(*argv(options(store.dir, tmp_path / "halves", max_steps=2, checkpoint_every=2)))
+    run("--resume", str(tmp_path / "halves"), "--max-steps", "4", "--no-progress")
+
+    assert losses(tmp_path / "straight") == losses(tmp_path / "halves") and sorted(losses(tmp_path / "halves")) == [1, 2, 3, 4]
+    a, b = (read_state_dict(tmp_path / r / "checkpoints" / "step_000004") for r in ("straight", "halves"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint.load_state(tmp_path / "halves" / "checkpoints" / "step_000004")["data_position"] == 4 * 2 * 2

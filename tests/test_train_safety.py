@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -152,6 +153,26 @@ def test_on_disk_full_continue_trains_on_and_retries(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert result.step == 6 and "training goes on and tries again at the next checkpoint" in err
     assert [p.name for _, p in checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000002"]
+
+
+def test_a_real_full_disk_on_a_small_tmpfs(tmp_path):
+    """The same on a real file system that fills up: a 600 KB tmpfs (mounted in a user namespace of its own)
+    holds the first checkpoint of the tiny model (0.4 MB) but not the second."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user namespaces to mount a tmpfs in; the patched-writer tests above cover a full disk")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    opts = options(tmp_path, out_dir=str(mount / "run"), checkpoint_every=2, max_steps=4, keep_last=0)
+    script = f"mount -t tmpfs -o size=600k tmpfs {mount} && {sys.executable} -m smollm_ref.train {' '.join(map(shlex.quote, argv(opts)))}"
+    script += f"; code=$?; ls -A {mount}/run/checkpoints; {sys.executable} -c \"from smollm_ref import checkpoint; checkpoint.verify(__import__('pathlib').Path('{mount}/run/checkpoints/step_000002')); print('verified')\"; exit $code"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = one_line_error(done.stderr)
+    assert "no space left on the device holding" in line and "step_000002 is kept" in line, line
+    assert done.stdout.split() == ["step_000002", "verified"]  # no .tmp-step_000004-PID left, the kept one intact
 
 
 def test_a_full_disk_while_writing_metrics_is_one_line(tmp_path, monkeypatch, capsys):

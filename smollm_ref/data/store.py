@@ -195,7 +195,28 @@ def _encode(batch: list[str], sep: int, dtype: str) -> tuple[np.ndarray, np.ndar
     encodings = _WORKER_TOKENIZER.encode_batch(batch, add_special_tokens=False)
     lengths = np.array([len(e.ids) + 1 for e in encodings], dtype=np.int64)
     flat = np.fromiter(itertools.chain.from_iterable(e.ids + [sep] for e in encodings), dtype=dtype, count=int(lengths.sum()))
+    del encodings
+    _release_memory()
     return flat, lengths
+
+
+def _release_memory() -> None:
+    """Hand freed heap back to the system. One multi-megabyte document (the standard library has a 4 M
+    character one) makes the tokenizer allocate ~500 MB; glibc keeps that after it is freed, so every worker
+    would otherwise sit at its worst document's size for the rest of the run."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to trim
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def _batches(docs: Iterable[str]) -> Iterator[list[str]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_runs import argv
 
 from smollm_ref import checkpoint, train
 from smollm_ref.configs import preset_path
@@ -49,17 +50,6 @@ def options(corpus: Path, out_dir: Path, **changes) -> dict:
     )
     base.update(changes)
     return base
-
-
-def argv(opts: dict) -> list[str]:
-    out = []
-    for key, value in opts.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + flag[2:])
-        else:
-            out += [flag, str(value)]
-    return out
 
 
 def run_cli(args: list[str], torchrun: int = 0, **kwargs) -> subprocess.CompletedProcess:

@@ -145,6 +145,7 @@ def data_budget(cfg: TrainConfig, world_size: int, saved: dict | None) -> int | 
 def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | None) -> TokenData:
     """The token store of --data (a prepared store as is; any other spec prepared once into the cache by
     the main rank while the others wait), split into training and validation windows of --seq-len + 1."""
+    fresh = False  # prepared just now: its shards were hashed as they were written
     if data.is_store(cfg.data):
         store = data.Store(cfg.data)
         store.check_tokenizer(tokenizer)
@@ -153,7 +154,8 @@ def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | N
 
         directory = data.store_dir(cfg.data, tokenizer, cache_dir() / "tokens", cfg.text_field, budget)
         if d.is_main:
-            if budget is not None and not data.is_store(directory):
+            fresh = not (directory / data.store.INDEX).is_file()
+            if fresh and budget is not None:
                 say(f"streaming {cfg.data} until {budget / 1e6:.1f} M tokens")
             store = data.prepare_or_open(
                 directory,
@@ -167,8 +169,8 @@ def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | N
         distributed.barrier(d)
         if not d.is_main:
             store = data.Store(directory)
-    if d.is_main:
-        store.verify()
+    if d.is_main and not fresh:
+        store.verify()  # a store written earlier, or elsewhere: every shard against its checksum
     split = data.split_tokens(store.tokens(), cfg.seq_len, cfg.val_fraction, key=store.key)
     return TokenData(
         data.Windows(split.train, cfg.seq_len),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from hypothesis import HealthCheck, settings
 from smollm_ref.config import ModelConfig
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Kernel choices the fast paths time (`smollm_ref.fast.tuning`) go to a cache of this run's own, never the
+# user's ~/.cache; subprocesses inherit it.
+os.environ["SMOLLM_REF_CACHE"] = tempfile.mkdtemp(prefix="smollm-ref-tuning-")
 
 # The same Hypothesis profiles as tests/test_properties.py registers, here so that every property test gets
 # them whichever test files run: `ci` (derandomized, bounded; HYPOTHESIS_PROFILE=ci, what nox uses), `dev` else.

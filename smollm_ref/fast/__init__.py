@@ -21,8 +21,11 @@ is safe:
   does under autocast, so the numerics are autocast's.
 - `StaticKVCache` + `decode_step`: a preallocated cache and a decode step with fixed shapes, which
   `torch.compile` can turn into one graph (and CUDA graphs on GPU).
-- `prepack_for_cpu`: eager CPU decoding multiplies by weights reordered once into oneDNN's blocked
-  layout, which streams them from memory 1.5-2.5x faster than `F.linear` does at batch 1 to 8.
+- `choose_layouts` + `relayout`: inference (eager decoding, `FastForward.logits`) multiplies by weights
+  laid out the way that is fastest on this machine for its number of rows: row-major (the reference),
+  column-major, or oneDNN's blocked layout. Which wins depends on the CPU (oneDNN's streams 1.5-2.5x faster
+  than row-major at batch 1 on an AMD EPYC and 30% slower on an Intel Xeon), so `tuning.fastest` times them
+  on the real shapes once and remembers (per process; on disk when timing took over a second).
 
 Mixed precision here means what `torch.autocast` means for this model: matmuls and attention in the
 low-precision dtype, norms, RoPE and the residual stream in float32, loss in float32.
@@ -35,10 +38,11 @@ from .decode import _forward_cached as _forward_cached  # for the tests
 from .forward import FastForward, rope_table
 from .forward import _SwiGLUDown as _SwiGLUDown  # for the tests
 from .loss import IGNORE_INDEX, Workspace, chunked_cross_entropy, linear_cross_entropy
-from .packing import PackCache, PackedLayer, PackedWeights, pack_weights, prepack_for_cpu
+from .packing import LAYOUTS, PackCache, PackedLayer, PackedWeights, choose_layouts, pack_weights, relayout, to_layout
 
 __all__ = [
     "IGNORE_INDEX",
+    "LAYOUTS",
     "FastForward",
     "FastGenerator",
     "PackCache",
@@ -46,12 +50,14 @@ __all__ = [
     "PackedWeights",
     "StaticKVCache",
     "Workspace",
+    "choose_layouts",
     "chunked_cross_entropy",
     "decode_step",
     "fast_generate",
     "linear_cross_entropy",
     "pack_weights",
-    "prepack_for_cpu",
+    "relayout",
     "rope_matrices",
     "rope_table",
+    "to_layout",
 ]

@@ -68,18 +68,14 @@ def decode_step(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache
 
 
 def _forward_cached(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache, tokens, pos: int, tables):
-    """Eager prefill (pos 0, T tokens) or decode (T == 1) at a Python-int position: keys and values
-    written to cache[..., pos:pos+T, :], attention over the filled prefix only. Returns (B, V) logits."""
+    """Eager prefill (pos 0, T tokens) or decode (T == 1, `_decode_one`) at a Python-int position: keys and
+    values written to cache[..., pos:pos+T, :], attention over the filled prefix only. Returns (B, V) logits."""
     cos_table, sin_table, matrices = tables
     t = tokens.shape[1]
-    x = F.embedding(tokens, packed.embed)  # (B, T, C)
     if t == 1:
-        r = matrices[pos]  # (D, D), float32: a bf16 matmul this small is slower than casting around one
-
-        def rotate(q, k):
-            return (q.to(r.dtype) @ r).to(q.dtype), (k.to(r.dtype) @ r).to(k.dtype)
-    else:
-        rotate = _elementwise_rope(cos_table[pos : pos + t], sin_table[pos : pos + t], packed.dtype)
+        return _decode_one(packed, config, cache, tokens[:, 0], pos, matrices[pos])
+    x = F.embedding(tokens, packed.embed)  # (B, T, C)
+    rotate = _elementwise_rope(cos_table[pos : pos + t], sin_table[pos : pos + t], packed.dtype)
     for i, p in enumerate(packed.layers):
 
         def attend(q, k, v, i=i):
@@ -91,9 +87,41 @@ def _forward_cached(packed: PackedWeights, config: ModelConfig, cache: StaticKVC
     return _final_logits(x, packed, config)
 
 
+def _decode_one(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache, tokens, pos: int, r):
+    """`_layer`'s arithmetic for one token per row, with as few ops as it takes. A decode step reads every
+    weight once and is bound by memory, but on CPU each op also costs a few microseconds of dispatch, ~60 ops
+    a layer: so rows stay (B, C) with no time axis to transpose or copy, q and k are rotated by one matmul
+    with r (D, D), the float32 RoPE matrix of `pos`, and keys and values are written to the cache by index."""
+    b = tokens.shape[0]
+    h_, k_, d, eps, dtype = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.rms_norm_eps,
+        packed.dtype,
+    )
+    x = F.embedding(tokens, packed.embed)  # (B, C), the residual dtype
+    for i, p in enumerate(packed.layers):
+        qkv = _linear(_to(_rms_norm(x, p.ln1, eps), dtype), p.qkv, p.qkv_bias)  # (B, (H + 2K) D)
+        qk = qkv[:, : (h_ + k_) * d].view(b, h_ + k_, d)
+        qk = qk @ r if qk.dtype == r.dtype else (qk.to(r.dtype) @ r).to(dtype)  # (B, H + K, D), rotated
+        cache.k[i, :, :, pos] = qk[:, h_:]
+        cache.v[i, :, :, pos] = qkv[:, (h_ + k_) * d :].view(b, k_, d)
+        y = _causal_attention(qk[:, :h_, None], cache.k[i, :, :, : pos + 1], cache.v[i, :, :, : pos + 1])  # (B, H, 1, D)
+        x = x + _linear(y.view(b, h_ * d), p.o, p.o_bias)
+        gate, up = _linear(_to(_rms_norm(x, p.ln2, eps), dtype), p.gate_up, p.gate_up_bias).chunk(2, dim=-1)
+        x = x + _linear(F.silu(gate) * up, p.down, p.down_bias)
+    return _linear(_to(_rms_norm(x, packed.norm, eps), dtype), packed.lm_head)  # (B, V)
+
+
+def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class FastGenerator:
     """KV-cached generation with a static cache, for one model. Eager: attention over the filled prefix
-    of the cache, RoPE as one matmul. compile: a fixed-shape decode step over the whole cache, compiled.
+    of the cache, RoPE as one matmul, weights in the layouts measured fastest here for the batch size.
+    compile: a fixed-shape decode step over the whole cache, compiled.
 
     Greedy output equals `generate.generate` (float32: token for token on the tested configs).
     compile: `torch.compile` the decode step (on CUDA with CUDA graphs, mode "reduce-overhead").
@@ -114,8 +142,10 @@ class FastGenerator:
         self._tables: dict = {}
         self._caches: dict = {}
 
-    def packed(self) -> PackedWeights:
-        packed = self._weights.get(prepacked=not self.compiled)
+    def packed(self, batch_size: int = 1) -> PackedWeights:
+        """The weights as decoding reads them. Eager: each kind in the layout that streams fastest on this
+        machine at `batch_size` rows (`packing.choose_layouts`); compiled: row-major, what compile takes."""
+        packed = self._weights.get(rows=None if self.compiled else batch_size)
         if self.cuda_graphs and packed is not self._marked:
             # CUDA graphs copy every input that does not have a static address at each replay: the
             # weights must not be among them.
@@ -161,7 +191,7 @@ class FastGenerator:
         check_args(self.model, input_ids, max_new_tokens, temperature, top_k, top_p)
         if max_new_tokens == 0:
             return input_ids
-        packed = self.packed()
+        packed = self.packed(input_ids.shape[0])
         device = input_ids.device
         eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
         eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=device, dtype=torch.long)

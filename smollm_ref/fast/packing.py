@@ -35,7 +35,8 @@ class PackedWeights:
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or oneDNN's matmul when the weight was prepacked for the CPU (`prepack_for_cpu`)."""
+    """F.linear, or oneDNN's matmul when the weight is in oneDNN's layout (`to_layout(w, "onednn")`). A
+    column-major weight needs nothing special: F.linear reads it as the contiguous (in, out) matrix it is."""
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -75,36 +76,105 @@ def pack_weights(model: LlamaForCausalLM, dtype: torch.dtype | None = None) -> P
     return PackedWeights(embed=embed, layers=layers, norm=model.model.norm.weight, lm_head=lm_head, dtype=dtype)
 
 
-def prepack_for_cpu(packed: PackedWeights) -> PackedWeights:
-    """The matmul weights of `packed` reordered once into oneDNN's blocked layout (inference only).
+# The ways a weight matrix can be laid out for inference. The same values and shape (out, in) in each; what
+# differs is the order they are read in, hence the speed, which depends on the CPU (see `choose_layouts`).
+LAYOUTS = ("row-major", "column-major", "onednn")
+KINDS = ("qkv", "o", "gate_up", "down", "lm_head")  # the matmul weights of `PackedWeights`
+STREAMING_ROWS = 16  # up to this many rows a matmul is bound by reading its weight (decoding)
+TIMED_ROWS = 256  # above STREAMING_ROWS, the layouts are timed on this many rows (compute-bound: enough)
 
-    A decode step multiplies one row per sequence by every weight: it is a matrix-vector product,
-    bound by how fast the weights stream from memory. On CPU, `F.linear` on a row-major (N, C) weight
-    streams them at about 11 GB/s here; oneDNN's prepacked layout reaches 17-28 GB/s on the same shapes
-    (the lm_head most of all), which is what inductor's `freezing` does for compiled CPU models. Values
-    differ from `F.linear` only by summation order (~1e-7 relative in float32, none seen in bf16).
-    Returns `packed` unchanged where this torch lacks the ops or the weights are not on the CPU."""
-    if packed.lm_head.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return packed
 
-    def pack(w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
+def onednn_available(device: torch.device | str = "cpu") -> bool:
+    return (
+        torch.device(device).type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
-    try:
-        torch.ops.mkldnn._linear_pointwise  # noqa: B018  (the op `_linear` will call)
-        layers = [
-            PackedLayer(**{**vars(p), "qkv": pack(p.qkv), "o": pack(p.o), "gate_up": pack(p.gate_up), "down": pack(p.down)})
-            for p in packed.layers
-        ]
-        lm_head = pack(packed.lm_head)
-    except (AttributeError, RuntimeError):  # ops missing from this torch, or a dtype oneDNN does not reorder
-        return packed
-    return PackedWeights(embed=packed.embed, layers=layers, norm=packed.norm, lm_head=lm_head, dtype=packed.dtype)
+
+def to_layout(w: torch.Tensor, layout: str) -> torch.Tensor:
+    """`w` (out, in) in `layout` (one of LAYOUTS), for inference only.
+
+    row-major: as stored; F.linear streams it one output row at a time.
+    column-major: the same (out, in) tensor with the in dimension outermost (`w.t().contiguous().t()`):
+    F.linear then multiplies by a contiguous (in, out) matrix, a different BLAS kernel, which at one row
+    streams wide matrices (q|k|v, gate|up, the lm_head) 10-25% faster than row-major on some CPUs.
+    onednn: reordered once into oneDNN's blocked layout (CPU only); read by `_linear` through oneDNN's
+    matmul. What inductor's `freezing` does for compiled CPU models.
+    Values differ between layouts only by summation order."""
+    w = w.detach()
+    if layout == "row-major":
+        return w
+    if layout == "column-major":
+        return w.t().contiguous().t()
+    if layout == "onednn":
+        if not onednn_available(w.device):
+            raise ValueError(f"layout 'onednn' needs oneDNN on the CPU; this weight is on {w.device} or torch has no oneDNN")
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+    raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+
+
+def _kind_weights(packed: PackedWeights, kind: str) -> list[torch.Tensor]:
+    return [packed.lm_head] if kind == "lm_head" else [getattr(p, kind) for p in packed.layers]
+
+
+def relayout(packed: PackedWeights, layouts: dict[str, str]) -> PackedWeights:
+    """`packed` with each kind of matmul weight (KINDS: qkv, o, gate_up, down, lm_head) in the layout
+    `layouts` names for it (row-major where it names none). Norms, embedding and biases stay as they are."""
+    converted = {kind: [to_layout(w, layouts.get(kind, "row-major")) for w in _kind_weights(packed, kind)] for kind in KINDS}
+    layers = [
+        PackedLayer(**{**vars(p), **{kind: converted[kind][i] for kind in KINDS if kind != "lm_head"}})
+        for i, p in enumerate(packed.layers)
+    ]
+    return PackedWeights(embed=packed.embed, layers=layers, norm=packed.norm, lm_head=converted["lm_head"][0], dtype=packed.dtype)
+
+
+class _Trial:
+    """One layout of one kind of weight, timed: a pass of `x` through every matrix of the kind (streaming), or
+    through the first (compute-bound). Converts the weights at its first (untimed) call, not before: a choice
+    found in a cache costs no conversion."""
+
+    def __init__(self, weights: list[torch.Tensor], layout: str, x: torch.Tensor):
+        self.weights, self.layout, self.x = weights, layout, x
+        self.converted: list[torch.Tensor] | None = None
+
+    def __call__(self) -> None:
+        if self.converted is None:
+            self.converted = [to_layout(w, self.layout) for w in self.weights]
+        for w in self.converted:
+            _linear(self.x, w)
+
+
+def choose_layouts(packed: PackedWeights, rows: int) -> dict[str, str]:
+    """The fastest layout for each kind of matmul weight when multiplying `rows` rows (batch x tokens) at a
+    time, timed on this machine with `tuning.fastest` (row-major, the reference layout, unless another is
+    faster by the margin). Up to STREAMING_ROWS rows the timing is one pass over every matrix of the kind,
+    as decoding reads them (larger than the CPU's caches); above it, one matrix at TIMED_ROWS rows."""
+    from . import tuning
+
+    device = packed.lm_head.device
+    layouts = [name for name in LAYOUTS if name != "onednn" or onednn_available(device)]
+    chosen = {}
+    with torch.no_grad():
+        for kind in KINDS:
+            weights = _kind_weights(packed, kind)
+            streaming = rows <= STREAMING_ROWS
+            timed_rows = rows if streaming else TIMED_ROWS
+            timed = weights if streaming else weights[:1]
+            out_f, in_f = timed[0].shape
+            # A generator of its own: choosing must not move the global RNG that sampling and training use.
+            x = torch.randn(timed_rows, in_f, generator=torch.Generator(device).manual_seed(0), device=device)
+            x = x.to(packed.dtype)
+            key = f"linear {out_f}x{in_f} {str(packed.dtype).removeprefix('torch.')} rows {timed_rows} matrices {len(timed)}"
+            trials = {name: _Trial(timed, name, x) for name in layouts}
+            chosen[kind] = tuning.fastest(key, trials, "row-major", device)
+    return chosen
 
 
 class PackCache:
     """One packed copy of a model's weights, reused until a parameter's version counter moves (an update in
-    place: an optimizer step, `load_state_dict`) or another dtype or layout is asked for. Packed without
+    place: an optimizer step, `load_state_dict`) or another dtype or row count is asked for. Packed without
     grad: for inference only (under grad, `pack_weights` itself, inside the autograd graph)."""
 
     def __init__(self, model: LlamaForCausalLM):
@@ -112,13 +182,14 @@ class PackCache:
         self._key: tuple | None = None
         self._packed: PackedWeights | None = None
 
-    def get(self, dtype: torch.dtype | None = None, prepacked: bool = False) -> PackedWeights:
-        """`pack_weights(model, dtype)`, also `prepack_for_cpu`'d when `prepacked`."""
-        key = (tuple(p._version for p in self.model.parameters()), dtype, prepacked)
+    def get(self, dtype: torch.dtype | None = None, rows: int | None = None) -> PackedWeights:
+        """`pack_weights(model, dtype)`; with `rows`, each kind of weight in the layout that multiplies that
+        many rows fastest on this machine (`choose_layouts`), else row-major (what compile takes)."""
+        key = (tuple(p._version for p in self.model.parameters()), dtype, rows)
         if self._packed is None or self._key != key:
             self._packed = None  # one cached copy at a time
             with torch.no_grad():
                 packed = pack_weights(self.model, dtype)
-                self._packed = prepack_for_cpu(packed) if prepacked else packed
+                self._packed = packed if rows is None else relayout(packed, choose_layouts(packed, rows))
             self._key = key
         return self._packed

@@ -1,0 +1,150 @@
+"""Choosing between two ways of computing the same thing by timing both, on this machine, once.
+
+A fast path that wins on one CPU can lose on the next: oneDNN's prepacked weights stream twice as fast as
+`F.linear` at batch 1 on an AMD EPYC and 30% slower on an Intel Xeon. So where the fast path has a choice
+(`packing.choose_layouts`), it times every candidate on the real shapes and keeps the fastest, with the
+reference way kept unless another beats it by `MARGIN`: a choice is never slower than the reference as
+measured.
+
+Choices are cached for the process, keyed by what was timed. A choice whose timing took longer than
+`PERSIST_AFTER_S` is also kept on disk, in a JSON file under `$SMOLLM_REF_CACHE` (default
+`~/.cache/smollm_ref`), keyed by the machine as well (CPU model, torch version, threads), so that the
+next process does not pay for it again. `SMOLLM_REF_TUNING=off` turns measuring off: the reference way,
+always (for debugging, or to take timing noise out of a comparison).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+MARGIN = 0.03  # another way must be this much faster than the reference to be chosen
+PERSIST_AFTER_S = 1.0  # timings that cost more than this are written to disk
+FILE_NAME = "tuning.json"
+
+_CHOICES: dict[str, str] = {}  # this process's choices, by full key
+
+
+def enabled() -> bool:
+    return os.environ.get("SMOLLM_REF_TUNING", "on").lower() not in ("off", "0", "false", "no")
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(device: torch.device | str = "cpu") -> str:
+    """What a timing depends on besides the shapes: the processor, torch's version, its thread count."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return f"{device.type}|{name}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def cache_path() -> Path:
+    root = os.environ.get("SMOLLM_REF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smollm_ref"
+    return Path(root) / FILE_NAME
+
+
+def _read_disk() -> dict:
+    try:
+        data = json.loads(cache_path().read_text())
+    except (OSError, ValueError):  # none yet, unreadable or corrupt: measure again
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_disk(machine: str, key: str, record: dict) -> None:
+    """Add one choice to the file, written whole to a temporary and renamed: a crash never leaves half a file.
+    Best effort: a cache that cannot be written costs a re-measurement next time, not the run."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_disk()
+        data.setdefault(machine, {})[key] = record
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def time_candidates(candidates: dict[str, Callable[[], object]], repeats: int = 5, sync=None) -> dict[str, float]:
+    """Best-of-`repeats` seconds per candidate, after one untimed call each, calls interleaved (A B A B ...)
+    so that a machine that slows down mid-way slows every candidate alike."""
+    sync = sync or (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for fn in candidates.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+def pick(seconds: dict[str, float], reference: str, margin: float = MARGIN) -> str:
+    """The fastest candidate, or `reference` unless that one is more than `margin` faster."""
+    best = min(seconds, key=seconds.get)
+    return best if seconds[best] < seconds[reference] * (1 - margin) else reference
+
+
+def fastest(
+    key: str,
+    candidates: dict[str, Callable[[], object]],
+    reference: str,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+) -> str:
+    """The name of the fastest of `candidates` (callables doing the same work different ways) for `key`,
+    a description of the work (op, shapes, dtype) unique among choices. Measured once per process, or read
+    from disk where an earlier process measured it; `reference` when tuning is off or only it is offered."""
+    if reference not in candidates:
+        raise ValueError(f"reference {reference!r} is not among the candidates {sorted(candidates)}")
+    if not enabled() or len(candidates) == 1:
+        return reference
+    machine = machine_key(device)
+    full = f"{machine}|{key}"
+    if full in _CHOICES:
+        return _CHOICES[full]
+    stored = _read_disk().get(machine, {}).get(key)
+    if isinstance(stored, dict) and stored.get("choice") in candidates:
+        _CHOICES[full] = stored["choice"]
+        return stored["choice"]
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    start = time.perf_counter()
+    seconds = time_candidates(candidates, repeats, sync)
+    choice = pick(seconds, reference)
+    _CHOICES[full] = choice
+    cost = time.perf_counter() - start
+    if cost > PERSIST_AFTER_S:
+        _write_disk(machine, key, {"choice": choice, "seconds": seconds, "measured_in_s": round(cost, 3)})
+    return choice
+
+
+def choices() -> dict[str, str]:
+    """What this process chose so far (full key -> name): the bench records it."""
+    return dict(_CHOICES)
+
+
+def forget() -> None:
+    """Drop this process's choices (the disk file stays): the next `fastest` measures or reads again."""
+    _CHOICES.clear()

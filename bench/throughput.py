@@ -38,16 +38,19 @@ ROOT = Path(__file__).resolve().parent.parent
 if not __package__ and str(ROOT) not in sys.path:  # run as a script without smollm_ref installed
     sys.path.insert(0, str(ROOT))
 
+from bench import ceilings  # noqa: E402
 from smollm_ref import metrics, precision  # noqa: E402
 from smollm_ref.config import ModelConfig  # noqa: E402
-from smollm_ref.fast import FastForward, FastGenerator  # noqa: E402
+from smollm_ref.fast import FastForward, FastGenerator, tuning  # noqa: E402
 from smollm_ref.model import LlamaForCausalLM  # noqa: E402
 from smollm_ref.train.step import adamw  # noqa: E402
 
 MODES = ("float32", "bf16", "float32-compiled", "bf16-compiled")
 TASKS = ("forward", "train", "decode", "memory")
 # Without --modes: the figures the targets are about, in under 5 minutes on 2 CPU cores (float32 training
-# alone would take two more minutes; ask for it with --modes float32).
+# alone would take two more minutes; ask for it with --modes float32). Training and memory run in bf16 where
+# the machine's bf16 GEMMs are at least as fast as its float32 ones (bf16 in hardware: AVX512-BF16, AMX, any
+# CUDA GPU), in float32 where bf16 is emulated (4-5x slower: a bf16 step alone would take the 5 minutes).
 DEFAULT_PLAN = {"forward": ("float32",), "train": ("bf16",), "decode": ("float32", "bf16"), "memory": ("bf16",)}
 
 
@@ -324,7 +327,7 @@ def environment(device: torch.device) -> dict:
     import transformers
 
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else tuning.cpu_model(),
         "device_type": device.type,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -344,24 +347,20 @@ def environment(device: torch.device) -> dict:
         env["litgpt"] = getattr(litgpt, "__version__", "installed")
     except ImportError:
         env["litgpt"] = None
-    cpu = Path("/proc/cpuinfo")
-    if cpu.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpu.read_text().splitlines() if line.startswith("model name")]
-        env["cpu"] = names[0] if names else None
+    env["cpu"] = ceilings.cpu_info()
     return env
 
 
 def fmt_row(task, mode, side, r, unit="tok/s") -> str:
     if "error" in r:
-        return f"| {task} | {mode} | {side} | error: {r['error']} | | |"
+        return f"| {task} | {mode} | {side} | error: {r['error']} | | | |"
     tps = r["tokens_per_s"]
     ratio = r.get("ratio_vs_transformers")
     ratio_s = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else ""
     extra = f" MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
     batch = f"{r['seconds']['median'] * 1000:.0f} ms"
-    return (
-        f"| {task} | {mode} | {side} | {tps['median']:,.0f} {unit} (±{tps['spread_pct'] / 2:.0f}%){extra} | {batch} | {ratio_s} |"
-    )
+    share = f"{100 * r['ceiling_share']:.0f}%" if r.get("ceiling_share") is not None else ""
+    return f"| {task} | {mode} | {side} | {tps['median']:,.0f} {unit} (±{tps['spread_pct'] / 2:.0f}%){extra} | {batch} | {ratio_s} | {share} |"
 
 
 def parse_args(argv=None):
@@ -426,10 +425,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     config = ModelConfig.from_name(args.config)
     tasks = args.tasks.split(",")
-    if args.modes:
-        plan = [(Mode(m), t) for m in args.modes.split(",") for t in tasks]
-    else:
-        plan = [(Mode(m), t) for m in ("float32", "bf16") for t in tasks if m in DEFAULT_PLAN[t]]
+    plan = [(Mode(m), t) for m in args.modes.split(",") for t in tasks] if args.modes else []
     peers = [p for p in args.peers.split(",") if p]
     if args.decode_batch_sizes:
         decode_batches = {m: [int(b) for b in args.decode_batch_sizes.split(",")] for m in MODES}
@@ -443,19 +439,29 @@ def main(argv=None) -> int:
     models = build_models(config, device, args.seed, peers)
     if "litgpt" in peers and "litgpt" not in models:
         results["litgpt"] = "not installed: skipped"
+    limits = ceilings.Ceilings(config, args.batch_size * args.seq_len, args.seq_len, models["smollm_ref"], say)
+    results["ceilings"] = limits.measured
+    if not args.modes:
+        plan, results["plan"] = default_plan(tasks, limits)
+    for mode, task in plan:  # before the bar: a few seconds, each said on a line of its own
+        if task in ("forward", "train"):
+            limits.gemm(mode.dtype, train=task == "train")
+        elif task == "decode":
+            limits.bandwidth(mode.dtype)
     n = len(models)
     steps = sum(
         (args.repeats + 1) * (n if t != "decode" else min(n, 2) * len(decode_batches[m.name])) for m, t in plan if t != "memory"
     )
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
     bar = tqdm(total=steps, desc="bench", unit="call")
-    run = Run(args, config, device, models, ids, results, bar, fpt, peak, decode_batches)
+    run = Run(args, config, device, models, ids, results, bar, fpt, peak, decode_batches, limits)
     for mode, task in plan:
         try:
             run_task(task, mode, run)
         except Exception as e:  # one failing figure must not lose the others
             results["runs"].append({"task": task, "mode": mode.name, "error": f"{type(e).__name__}: {e}"[:500]})
             print(f"\n{task} {mode.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        results["tuning"] = tuning.choices()
         if args.json:
             write_json(results, args.json)
     bar.close()
@@ -463,6 +469,25 @@ def main(argv=None) -> int:
     if args.json:
         print(f"wrote {write_json(results, args.json)}")
     return 0
+
+
+def default_plan(tasks: list[str], limits: ceilings.Ceilings) -> tuple[list, str]:
+    """(mode, task) pairs of the default plan and a line saying why training runs in the dtype it does."""
+    train = {t: DEFAULT_PLAN[t] for t in ("train", "memory")}
+    note = "train and memory in bf16"
+    if any(t in tasks for t in train) and limits.device.type == "cpu":
+        bf16 = limits.gemm(torch.bfloat16, train=True)["flops_per_s"]
+        fp32 = limits.gemm(torch.float32, train=True)["flops_per_s"]
+        if bf16 < fp32:
+            train = {t: ("float32",) for t in train}
+            note = (f"train and memory in float32: bf16 GEMMs reach {bf16 / 1e9:.0f} GFLOP/s here against float32's "
+                    f"{fp32 / 1e9:.0f} (no bf16 in hardware); ask for bf16 with --modes bf16 --tasks train")  # fmt: skip
+    modes = {**DEFAULT_PLAN, **train}
+    return [(Mode(m), t) for m in ("float32", "bf16") for t in tasks if m in modes[t]], note
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def write_json(results: dict, path: str) -> Path:
@@ -486,6 +511,7 @@ class Run:
     flops_per_token: int  # training FLOPs per token (`metrics.flops_per_token`)
     peak: float | None  # dense bf16 FLOP/s that MFU is against; None: no MFU
     decode_batches: dict[str, list[int]]  # mode name -> decode batch sizes
+    limits: ceilings.Ceilings  # the machine's GEMM and bandwidth ceilings, measured as figures need them
 
 
 def run_task(task: str, mode: Mode, run: Run) -> None:
@@ -505,6 +531,7 @@ def run_task(task: str, mode: Mode, run: Run) -> None:
         for r in res.values():
             per_token = run.flops_per_token if task == "train" else run.flops_per_token / 3
             r["mfu"] = r["tokens_per_s"]["median"] * per_token / run.peak if run.peak else None
+            r["ceiling_share"] = run.limits.share(task, mode.dtype, r["tokens_per_s"]["median"])
             r.pop("_raw")
         results["runs"].append({"task": task, "mode": mode.name, "batch": [args.batch_size, args.seq_len], "sides": res})
         del fns
@@ -524,6 +551,7 @@ def run_task(task: str, mode: Mode, run: Run) -> None:
         )
         add_ratios(res)
         for r in res.values():
+            r["ceiling_share"] = run.limits.share("decode", mode.dtype, r["tokens_per_s"]["median"], b)
             r.pop("_raw")
         if len(outputs) == 2:
             same = torch.equal(outputs["smollm_ref"].cpu(), outputs["transformers"].cpu())
@@ -544,22 +572,36 @@ def print_table(results: dict) -> None:
         print(f"MFU against {results['peak']}; {results['flops_per_token'] / 1e9:.3f} GFLOP per trained token")
     if results.get("litgpt"):
         print(f"litgpt: {results['litgpt']}")
-    print("\n| task | mode | side | throughput (median, ±half-range) | time per call | smollm_ref / transformers |")
-    print("|---|---|---|---|---|---|")
+    cpu = env.get("cpu") or {}
+    print(f"CPU: {cpu.get('model')}, flags {' '.join(cpu.get('flags', []))}, torch kernels {cpu.get('torch_capability')}")
+    if results.get("plan"):
+        print(f"default plan: {results['plan']}")
+    for key, c in results.get("ceilings", {}).items():
+        if key.startswith("gemm"):
+            print(
+                f"ceiling {key}: {c['flops_per_s'] / 1e9:,.0f} GFLOP/s at the step's shapes ({c['gemm_seconds_per_step']:.2f} s of GEMMs per step)"
+            )
+        else:
+            print(f"ceiling {key}: {c['bytes_per_s'] / 1e9:.1f} GB/s (streaming read {c['stream_read_bytes_per_s'] / 1e9:.1f}, "
+                  f"batch-1 matmul pass {c['gemv_pass_bytes_per_s'] / 1e9:.1f}; {c['weight_bytes_per_step'] / 1e6:,.0f} MB of weights per step)")  # fmt: skip
+    print(
+        "\n| task | mode | side | throughput (median, ±half-range) | time per call | smollm_ref / transformers | share of ceiling |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for run in results["runs"]:
         if "error" in run:
-            print(f"| {run['task']} | {run['mode']} | all | error: {run['error'].splitlines()[0][:160]} | | |")
+            print(f"| {run['task']} | {run['mode']} | all | error: {run['error'].splitlines()[0][:160]} | | | |")
             continue
         for side, r in run["sides"].items():
             label = side + (" (untied, 162.8M params)" if side == "litgpt" else "")
             if run["task"] == "memory":
                 if "error" in r:
-                    print(f"| memory | {run['mode']} | {side} | error: {r['error']} | | |")
+                    print(f"| memory | {run['mode']} | {side} | error: {r['error']} | | | |")
                     continue
                 ratio = r.get("peak_ratio_vs_transformers")
                 ratio_s = f"{ratio:.2f}x peak, {r['delta_ratio_vs_transformers']:.2f}x step delta" if ratio else ""
                 print(
-                    f"| peak memory | {run['mode']} | {label} | {r['peak_bytes'] / 2**20:,.0f} MiB (step +{r['delta_bytes'] / 2**20:,.0f} MiB) | | {ratio_s} |"
+                    f"| peak memory | {run['mode']} | {label} | {r['peak_bytes'] / 2**20:,.0f} MiB (step +{r['delta_bytes'] / 2**20:,.0f} MiB) | | {ratio_s} | |"
                 )
                 continue
             row = fmt_row(run["task"], run["mode"], label, r)

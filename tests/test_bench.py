@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import ceilings
 from bench import throughput as bench
 from smollm_ref import metrics
+from smollm_ref.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,9 +28,14 @@ def test_default_plan_writes_every_figure_with_ratios(tmp_path, capsys):
     assert bench.main([*TINY, "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     runs = {(r["task"], r["mode"]): r for r in results["runs"]}
-    # without --modes: forward float32, train bf16, decode float32 at 1 and 8 and bf16 at 1, memory bf16
-    assert set(runs) == {("forward", "float32"), ("train", "bf16"), ("decode b1", "float32"), ("decode b8", "float32"),
-                         ("decode b1", "bf16"), ("memory", "bf16")}  # fmt: skip
+    # Without --modes: forward float32, decode float32 at 1 and 8 and bf16 at 1; train and memory in bf16
+    # where this machine's bf16 GEMMs are at least as fast as its float32 ones, else in float32.
+    limits = results["ceilings"]
+    bf16_fast = limits["gemm train bfloat16"]["flops_per_s"] >= limits["gemm train float32"]["flops_per_s"]
+    train = "bf16" if bf16_fast else "float32"
+    assert results["plan"].startswith(f"train and memory in {train}")
+    assert set(runs) == {("forward", "float32"), ("train", train), ("decode b1", "float32"), ("decode b8", "float32"),
+                         ("decode b1", "bf16"), ("memory", train)}  # fmt: skip
     for key, run in runs.items():
         assert "error" not in run, (key, run)
         ours = run["sides"]["smollm_ref"]
@@ -36,10 +43,42 @@ def test_default_plan_writes_every_figure_with_ratios(tmp_path, capsys):
             assert ours["peak_bytes"] > 0 and 0 < ours["peak_ratio_vs_transformers"] < 10
         else:
             assert ours["ratio_vs_transformers"]["median"] > 0 and run["sides"]["transformers"]["tokens_per_s"]["median"] > 0
+            for side in run["sides"].values():  # every figure also as a share of this machine's ceiling
+                assert 0 < side["ceiling_share"] < 10
+    assert {"gemm forward float32", "bandwidth float32", "bandwidth bfloat16"} <= set(limits)
+    assert results["env"]["cpu"]["model"] and isinstance(results["env"]["cpu"]["flags"], list)
     assert runs[("decode b1", "float32")]["sides"]["smollm_ref"]["same_tokens_as_transformers"] is True
     assert results["env"]["torch"] and results["env"]["transformers"] and results["env"]["cpu_count"]
     table = capsys.readouterr().out
     assert "| decode b8 | float32 | smollm_ref |" in table and "peak memory" in table
+    assert "share of ceiling" in table and "ceiling bandwidth float32" in table and results["env"]["cpu"]["model"] in table
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("rows", [32, 2048, 5000])
+def test_ceiling_gemms_add_up_to_the_model_flops(train, rows):
+    """The GEMMs the ceiling times, at their counts, are the step's own: 2 FLOPs per weight per row in the
+    forward, three times that in training (lm_head counted once whether tied or not, as in metrics)."""
+    config = ModelConfig.from_name("smollm2-135m")
+    total = sum(g.count * g.flops for g in ceilings.model_gemms(config, rows, train))
+    weights = metrics.matmul_params(config) - config.hidden_size * (2 * config.num_hidden_layers + 1)  # less the norms
+    assert total == pytest.approx(2 * weights * rows * (3 if train else 1), rel=1e-12)
+
+
+def test_shares_of_ceilings_are_figure_over_ceiling():
+    config = ModelConfig.from_name("smollm2-135m")
+    band = {"weight_bytes_per_step": 500e6, "bytes_per_s": 20e9}
+    assert ceilings.decode_share(40.0, 1, band) == pytest.approx(1.0)  # 40 tok/s x 500 MB = 20 GB/s
+    assert ceilings.decode_share(80.0, 8, band) == pytest.approx(0.25)  # one read of the weights serves 8 tokens
+    gemm = {"flops_per_s": metrics.flops_per_token(config, 512) * 100.0, "train": True}
+    assert ceilings.flops_share(50.0, config, 512, gemm) == pytest.approx(0.5)
+    assert ceilings.flops_share(150.0, config, 512, {**gemm, "train": False}) == pytest.approx(0.5)  # forward: 1/3 the FLOPs
+
+
+def test_cpu_info_names_the_processor_and_its_matmul_flags():
+    info = ceilings.cpu_info()
+    assert info["model"] and set(info["flags"]) <= set(ceilings.CPU_FLAGS)
+    assert info["bf16_in_hardware"] == bool({"avx512_bf16", "amx_bf16"} & set(info["flags"]))
 
 
 @pytest.mark.parametrize(

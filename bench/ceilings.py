@@ -1,0 +1,234 @@
+"""The machine's own ceilings, measured in the bench's run, which every throughput figure is also reported against.
+
+- GEMM: FLOP/s of torch's matmul at the model's own shapes and layouts, each GEMM of a step weighted by how
+  often the step runs it (forward: x @ W.T per linear and the lm_head; training adds the two backward GEMMs
+  of each). Train and forward figures are then a share of it: model FLOPs per token x tokens/s / ceiling,
+  MFU measured against what this machine's kernels reach rather than a datasheet.
+- Bandwidth: how fast weights can be read from memory. The larger of a plain streaming read (a sum over a
+  buffer the size of the decode's weights) and the fastest matrix-vector pass over every weight matrix at
+  batch 1 (each kind in its fastest layout, `smollm_ref.fast.packing`). Decode figures are a share of it:
+  bytes of weights per token (the matmul weights in the compute dtype / batch size) x tokens/s / ceiling.
+
+Compute-bound GEMMs are timed at up to TIMED_ROWS rows and the lm_head on LM_HEAD_COLUMNS of its rows (the
+rate has converged well before the full size), so that measuring costs seconds, not minutes, on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smollm_ref import metrics
+from smollm_ref.config import ModelConfig
+from smollm_ref.fast import tuning
+from smollm_ref.fast.packing import _linear, choose_layouts, pack_weights, relayout
+
+# What the CPU has for matmuls; recorded in the JSON beside every figure.
+CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+TIMED_ROWS = 512
+LM_HEAD_COLUMNS = 8192
+LOSS_CHUNK_ROWS = 512  # the fast loss's lm_head chunk on CPU (`FastForward.chunk_size`)
+
+
+def cpu_info() -> dict:
+    """Model name, the matmul-relevant flags (the bf16 and AMX ones decide most of what follows), the
+    kernel level torch dispatches to, cores and threads."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {
+        "model": tuning.cpu_model(),
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "bf16_in_hardware": bool(flags & {"avx512_bf16", "amx_bf16"}),
+    }
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """(m, k) @ (k, n), run `count` times per step; `a_t` / `b_t`: the operand is the transpose of a
+    contiguous tensor, as autograd hands them to the kernel."""
+
+    name: str
+    m: int
+    k: int
+    n: int
+    count: float
+    a_t: bool = False
+    b_t: bool = False
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.k * self.n
+
+
+def model_gemms(config: ModelConfig, rows: int, train: bool) -> list[Gemm]:
+    """The GEMMs of one forward (train=False: logits of every row) or training step (forward, the gradient
+    of the input and of the weight) over `rows` tokens, at timed sizes with counts scaled to the real ones."""
+    c, d = config.hidden_size, config.head_dim
+    linears = {
+        "qkv": ((config.num_attention_heads + 2 * config.num_key_value_heads) * d, c),
+        "o": (c, config.num_attention_heads * d),
+        "gate_up": (2 * config.intermediate_size, c),
+        "down": (c, config.intermediate_size),
+    }
+    timed = min(rows, TIMED_ROWS)
+    scale = rows / timed
+    layers = config.num_hidden_layers
+    out: list[Gemm] = []
+    for name, (n_out, n_in) in linears.items():
+        out.append(Gemm(f"{name} x@W.T", timed, n_in, n_out, layers * scale, b_t=True))
+        if train:
+            out.append(Gemm(f"{name} dy@W", timed, n_out, n_in, layers * scale))
+            out.append(Gemm(f"{name} dy.T@x", n_out, timed, n_in, layers * scale, a_t=True))
+    # lm_head: training runs it a loss chunk at a time; the forward's logits on every row at once.
+    v = config.vocab_size
+    head_rows = min(rows, LOSS_CHUNK_ROWS) if train else timed
+    cols = min(v, LM_HEAD_COLUMNS)
+    head_scale = (rows / head_rows) * (v / cols)
+    out.append(Gemm("lm_head x@W.T", head_rows, c, cols, head_scale, b_t=True))
+    if train:
+        out.append(Gemm("lm_head dlogits@W", head_rows, cols, c, head_scale))
+        out.append(Gemm("lm_head dlogits.T@x", cols, head_rows, c, head_scale, a_t=True))
+    return out
+
+
+def _operand(rows: int, cols: int, transposed: bool, dtype, device) -> torch.Tensor:
+    g = torch.Generator(device).manual_seed(0)
+    if transposed:
+        return torch.randn(cols, rows, generator=g, device=device).to(dtype).t()
+    return torch.randn(rows, cols, generator=g, device=device).to(dtype)
+
+
+def _best_seconds(fn, device, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_ceiling(config: ModelConfig, rows: int, dtype: torch.dtype, device, train: bool, repeats: int = 2) -> dict:
+    """FLOP/s of the step's GEMMs: sum(count x FLOPs) / sum(count x best time), with each GEMM's own rate."""
+    device = torch.device(device)
+    parts, flops, seconds = [], 0.0, 0.0
+    for g in model_gemms(config, rows, train):
+        a = _operand(g.m, g.k, g.a_t, dtype, device)
+        b = _operand(g.k, g.n, g.b_t, dtype, device)
+        t = _best_seconds(lambda a=a, b=b: torch.mm(a, b), device, repeats)
+        parts.append({"gemm": g.name, "mnk": [g.m, g.n, g.k], "gflops": round(g.flops / t / 1e9, 1)})
+        flops += g.count * g.flops
+        seconds += g.count * t
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "rows": rows,
+        "train": train,
+        "flops_per_s": flops / seconds,
+        "gemm_seconds_per_step": seconds,
+        "parts": parts,
+    }
+
+
+def bandwidth_ceiling(model, dtype: torch.dtype, repeats: int = 5) -> dict:
+    """Read bandwidth for the decode's weights in `dtype`: a plain streaming read of as many bytes, and a
+    batch-1 matrix-vector pass over every matrix in the layouts `choose_layouts` picks; the ceiling is the
+    larger. `model`'s matmul weights must fit in memory twice (they are packed once for the pass)."""
+    device = model.lm_head.weight.device
+    with torch.no_grad():
+        packed = pack_weights(model, dtype)
+        layouts = choose_layouts(packed, 1)
+        weight_bytes, gemv = _gemv_pass(relayout(packed, layouts), repeats)
+        del packed
+        buffer = torch.ones(max(weight_bytes, 256 * 2**20) // 4, dtype=torch.float32, device=device)
+        read = buffer.numel() * 4 / _best_seconds(buffer.sum, device, repeats)
+        del buffer
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "weight_bytes_per_step": weight_bytes,
+        "stream_read_bytes_per_s": read,
+        "gemv_pass_bytes_per_s": gemv,
+        "layouts": layouts,
+        "bytes_per_s": max(read, gemv),
+    }
+
+
+def _gemv_pass(packed, repeats: int) -> tuple[int, float]:
+    """(bytes, bytes/s) of one row through every matmul weight of `packed`, the lm_head first."""
+    matrices = [packed.lm_head] + [w for p in packed.layers for w in (p.qkv, p.o, p.gate_up, p.down)]
+    weight_bytes = sum(w.shape[0] * w.shape[1] for w in matrices) * packed.dtype.itemsize
+    xs = {w.shape[1]: torch.ones(1, w.shape[1], dtype=packed.dtype, device=packed.lm_head.device) for w in matrices}
+
+    def gemv_pass():
+        for w in matrices:
+            _linear(xs[w.shape[1]], w)
+
+    return weight_bytes, weight_bytes / _best_seconds(gemv_pass, packed.lm_head.device, repeats)
+
+
+def decode_share(tokens_per_s: float, batch: int, ceiling: dict) -> float:
+    """Share of the bandwidth ceiling a decode rate reaches: each step reads the weights once for `batch` tokens."""
+    return tokens_per_s * ceiling["weight_bytes_per_step"] / batch / ceiling["bytes_per_s"]
+
+
+def flops_share(tokens_per_s: float, config: ModelConfig, seq_len: int, ceiling: dict) -> float:
+    """Share of the GEMM ceiling a train (6N + attention FLOPs per token) or forward (a third of it) rate reaches."""
+    per_token = metrics.flops_per_token(config, seq_len) / (1 if ceiling["train"] else 3)
+    return tokens_per_s * per_token / ceiling["flops_per_s"]
+
+
+class Ceilings:
+    """The ceilings one bench run reports against, each measured the first time a figure needs it."""
+
+    def __init__(self, config: ModelConfig, rows: int, seq_len: int, model, progress=lambda text: None):
+        self.config, self.rows, self.seq_len, self.model = config, rows, seq_len, model
+        self.device = model.lm_head.weight.device
+        self.measured: dict[str, dict] = {}  # "gemm train bfloat16" / "bandwidth float32" -> what was measured
+        self.progress = progress
+
+    def gemm(self, dtype: torch.dtype, train: bool) -> dict:
+        key = f"gemm {'train' if train else 'forward'} {str(dtype).removeprefix('torch.')}"
+        if key not in self.measured:
+            self.progress(f"ceiling: {key}")
+            self.measured[key] = gemm_ceiling(self.config, self.rows, dtype, self.device, train)
+        return self.measured[key]
+
+    def bandwidth(self, dtype: torch.dtype) -> dict:
+        key = f"bandwidth {str(dtype).removeprefix('torch.')}"
+        if key not in self.measured:
+            self.progress(f"ceiling: {key}")
+            self.measured[key] = bandwidth_ceiling(self.model, dtype)
+        return self.measured[key]
+
+    def share(self, task: str, dtype: torch.dtype, tokens_per_s: float, batch: int = 1) -> float:
+        """The share of its ceiling that a figure of `task` (forward, train, decode) reaches."""
+        if task == "decode":
+            return decode_share(tokens_per_s, batch, self.bandwidth(dtype))
+        return flops_share(tokens_per_s, self.config, self.seq_len, self.gemm(dtype, train=task == "train"))

@@ -5,7 +5,7 @@
   of each). Train and forward figures are then a share of it: model FLOPs per token x tokens/s / ceiling,
   MFU measured against what this machine's kernels reach rather than a datasheet.
 - Bandwidth: how fast weights can be read from memory. The larger of a plain streaming read (a sum over a
-  buffer the size of the decode's weights) and the fastest matrix-vector pass over every weight matrix at
+  512 MB buffer, far larger than any cache) and the fastest matrix-vector pass over every weight matrix at
   batch 1 (each kind in its fastest layout, `smollm_ref.fast.packing`). Decode figures are a share of it:
   bytes of weights per token (the matmul weights in the compute dtype / batch size) x tokens/s / ceiling.
 
@@ -157,26 +157,28 @@ def gemm_ceiling(config: ModelConfig, rows: int, dtype: torch.dtype, device, tra
     }
 
 
-def bandwidth_ceiling(model, dtype: torch.dtype, repeats: int = 5) -> dict:
-    """Read bandwidth for the decode's weights in `dtype`: a plain streaming read of as many bytes, and a
-    batch-1 matrix-vector pass over every matrix in the layouts `choose_layouts` picks; the ceiling is the
-    larger. `model`'s matmul weights must fit in memory twice (they are packed once for the pass)."""
-    device = model.lm_head.weight.device
+def stream_read(device, repeats: int = 7, size_bytes: int = 512 * 2**20) -> float:
+    """Bytes/s of the machine's plainest streaming read: a sum over a buffer far larger than any cache."""
+    with torch.no_grad():
+        buffer = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
+        return size_bytes / _best_seconds(buffer.sum, torch.device(device), repeats)
+
+
+def bandwidth_ceiling(model, dtype: torch.dtype, read_bytes_per_s: float, repeats: int = 5) -> dict:
+    """Read bandwidth for the decode's weights in `dtype`: the larger of `read_bytes_per_s` (`stream_read`)
+    and a batch-1 matrix-vector pass over every matrix in the layouts `choose_layouts` picks. `model`'s
+    matmul weights must fit in memory twice (they are packed once for the pass)."""
     with torch.no_grad():
         packed = pack_weights(model, dtype)
         layouts = choose_layouts(packed, 1)
         weight_bytes, gemv = _gemv_pass(relayout(packed, layouts), repeats)
-        del packed
-        buffer = torch.ones(max(weight_bytes, 256 * 2**20) // 4, dtype=torch.float32, device=device)
-        read = buffer.numel() * 4 / _best_seconds(buffer.sum, device, repeats)
-        del buffer
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "weight_bytes_per_step": weight_bytes,
-        "stream_read_bytes_per_s": read,
+        "stream_read_bytes_per_s": read_bytes_per_s,
         "gemv_pass_bytes_per_s": gemv,
         "layouts": layouts,
-        "bytes_per_s": max(read, gemv),
+        "bytes_per_s": max(read_bytes_per_s, gemv),
     }
 
 
@@ -211,6 +213,7 @@ class Ceilings:
         self.config, self.rows, self.seq_len, self.model = config, rows, seq_len, model
         self.device = model.lm_head.weight.device
         self.measured: dict[str, dict] = {}  # "gemm train bfloat16" / "bandwidth float32" -> what was measured
+        self.read_bytes_per_s: float | None = None
         self.progress = progress
 
     def gemm(self, dtype: torch.dtype, train: bool) -> dict:
@@ -224,8 +227,21 @@ class Ceilings:
         key = f"bandwidth {str(dtype).removeprefix('torch.')}"
         if key not in self.measured:
             self.progress(f"ceiling: {key}")
-            self.measured[key] = bandwidth_ceiling(self.model, dtype)
+            if self.read_bytes_per_s is None:  # the machine's, whatever the dtype: measured once
+                self.read_bytes_per_s = stream_read(self.device)
+            self.measured[key] = bandwidth_ceiling(self.model, dtype, self.read_bytes_per_s)
         return self.measured[key]
+
+    def bf16_speedup(self) -> float:
+        """How much faster a bf16 GEMM of the MLP's shape runs than a float32 one here: under 1 where bf16 is
+        emulated (no AVX512-BF16 or AMX). A quick probe (~0.2 s), for choosing the default plan."""
+        n_in, n_out = self.config.hidden_size, self.config.intermediate_size
+        rows = min(self.rows, TIMED_ROWS)
+        rate = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = _operand(rows, n_in, False, dtype, self.device), _operand(n_in, n_out, True, dtype, self.device)
+            rate[dtype] = 1 / _best_seconds(lambda a=a, b=b: torch.mm(a, b), self.device, 3)
+        return rate[torch.bfloat16] / rate[torch.float32]
 
     def share(self, task: str, dtype: torch.dtype, tokens_per_s: float, batch: int = 1) -> float:
         """The share of its ceiling that a figure of `task` (forward, train, decode) reaches."""

@@ -16,6 +16,7 @@ from bench import ceilings
 from bench import throughput as bench
 from smollm_ref import metrics
 from smollm_ref.config import ModelConfig
+from smollm_ref.model import LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,14 +29,13 @@ def test_default_plan_writes_every_figure_with_ratios(tmp_path, capsys):
     assert bench.main([*TINY, "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     runs = {(r["task"], r["mode"]): r for r in results["runs"]}
-    # Without --modes: forward float32, decode float32 at 1 and 8 and bf16 at 1; train and memory in bf16
-    # where this machine's bf16 GEMMs are at least as fast as its float32 ones, else in float32.
+    # Without --modes: forward float32, decode float32 and bf16 at batch 1; train and memory in bf16 where this
+    # machine's bf16 GEMMs are at least as fast as its float32 ones, else in float32.
     limits = results["ceilings"]
-    bf16_fast = limits["gemm train bfloat16"]["flops_per_s"] >= limits["gemm train float32"]["flops_per_s"]
-    train = "bf16" if bf16_fast else "float32"
+    train = "bf16" if results["plan"] == "train and memory in bf16" else "float32"
     assert results["plan"].startswith(f"train and memory in {train}")
-    assert set(runs) == {("forward", "float32"), ("train", train), ("decode b1", "float32"), ("decode b8", "float32"),
-                         ("decode b1", "bf16"), ("memory", train)}  # fmt: skip
+    assert set(runs) == {("forward", "float32"), ("train", train), ("decode b1", "float32"), ("decode b1", "bf16"),
+                         ("memory", train)}  # fmt: skip
     for key, run in runs.items():
         assert "error" not in run, (key, run)
         ours = run["sides"]["smollm_ref"]
@@ -45,12 +45,14 @@ def test_default_plan_writes_every_figure_with_ratios(tmp_path, capsys):
             assert ours["ratio_vs_transformers"]["median"] > 0 and run["sides"]["transformers"]["tokens_per_s"]["median"] > 0
             for side in run["sides"].values():  # every figure also as a share of this machine's ceiling
                 assert 0 < side["ceiling_share"] < 10
-    assert {"gemm forward float32", "bandwidth float32", "bandwidth bfloat16"} <= set(limits)
+    assert {"gemm forward float32", f"gemm train {'bfloat16' if train == 'bf16' else 'float32'}"} <= set(limits)
+    assert {"bandwidth float32", "bandwidth bfloat16"} <= set(limits)
+    assert limits["bandwidth float32"]["stream_read_bytes_per_s"] == limits["bandwidth bfloat16"]["stream_read_bytes_per_s"]
     assert results["env"]["cpu"]["model"] and isinstance(results["env"]["cpu"]["flags"], list)
     assert runs[("decode b1", "float32")]["sides"]["smollm_ref"]["same_tokens_as_transformers"] is True
     assert results["env"]["torch"] and results["env"]["transformers"] and results["env"]["cpu_count"]
     table = capsys.readouterr().out
-    assert "| decode b8 | float32 | smollm_ref |" in table and "peak memory" in table
+    assert "| decode b1 | float32 | smollm_ref |" in table and "peak memory" in table
     assert "share of ceiling" in table and "ceiling bandwidth float32" in table and results["env"]["cpu"]["model"] in table
 
 
@@ -109,3 +111,20 @@ def test_runs_as_a_script_from_the_repository_root(pythonpath):
     proc = subprocess.run([sys.executable, "bench/throughput.py", "--help"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python bench/throughput.py")
+
+
+@pytest.mark.parametrize("speedup, train", [(0.25, "float32"), (1.0, "bf16"), (2.5, "bf16")])
+def test_default_plan_trains_in_bf16_only_where_bf16_is_not_slower(speedup, train, monkeypatch):
+    monkeypatch.setattr(ceilings.Ceilings, "bf16_speedup", lambda self: speedup)
+    config = ModelConfig.from_name("smollm2-tiny")
+    limits = ceilings.Ceilings(config, 32, 16, LlamaForCausalLM(config))
+    plan, note = bench.default_plan(["forward", "train", "decode", "memory"], limits)
+    assert sorted((t, m.name) for m, t in plan) == sorted(
+        [("forward", "float32"), ("decode", "float32"), ("decode", "bf16"), ("train", train), ("memory", train)]
+    )
+    assert note.startswith(f"train and memory in {train}")
+
+
+def test_bf16_speedup_probe_is_a_positive_ratio():
+    config = ModelConfig.from_name("smollm2-tiny")
+    assert 0 < ceilings.Ceilings(config, 32, 16, LlamaForCausalLM(config)).bf16_speedup() < 100

@@ -188,7 +188,7 @@ def forward_fns(models: dict, mode: Mode, ids, device):
 
 def train_fns(models: dict, mode: Mode, ids, device):
     """A training step per side: loss, backward, AdamW step, zero_grad. Optimizer state is built at the
-    warm-up call. smollm_ref uses its fast paths (packed weights, chunked loss) and the trainer's AdamW (fused
+    warm-up call (eager: a one-row batch). smollm_ref uses its fast paths (packed weights, chunked loss) and the trainer's AdamW (fused
     where the device has it); the peers
     their standard recipe (autocast, default AdamW)."""
     fns = {}
@@ -198,7 +198,7 @@ def train_fns(models: dict, mode: Mode, ids, device):
             fast = FastForward(model, mode.dtype, compile=mode.compiled)
             opt = adamw(model.parameters(), lr=1e-5)
 
-            def fn(fast=fast, opt=opt):
+            def fn(fast=fast, opt=opt, ids=ids):
                 fast.loss(ids, ids).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -206,7 +206,7 @@ def train_fns(models: dict, mode: Mode, ids, device):
             run = torch.compile(model) if mode.compiled else model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-            def fn(run=run, opt=opt, is_lit=name == "litgpt"):
+            def fn(run=run, opt=opt, is_lit=name == "litgpt", ids=ids):
                 with precision.autocast(device.type, mode.dtype):
                     if is_lit:
                         logits = run(ids)
@@ -217,7 +217,9 @@ def train_fns(models: dict, mode: Mode, ids, device):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-        fns[name] = (fn, ids.numel())
+        # Eager modes warm up on one row (the same kernels, the optimizer state built; a full step is 10-40 s
+        # on 2 CPU cores); compiled modes on the full batch, the shape their graph is built for.
+        fns[name] = (fn, ids.numel()) if mode.compiled else (fn, ids.numel(), lambda fn=fn: fn(ids=ids[:1]))
     return fns
 
 
@@ -282,7 +284,7 @@ def memory_worker(args) -> dict:
     if side != "smollm_ref":
         del models["smollm_ref"]
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
-    fn, _ = train_fns(models, mode, ids, device)[side]
+    fn = train_fns(models, mode, ids, device)[side][0]
     gc.collect()
     if device.type == "cpu":
         try:
@@ -383,7 +385,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="forward,train,decode,memory", help=f"comma list of {', '.join(TASKS)} (default all)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, after one warm-up (default 3)")
     p.add_argument("--decode-batch-sizes", default=None, help="comma list (default 1,8; without --modes, 1)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run (default 64)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before decoding (default 32)")
     p.add_argument(
         "--peers", default="transformers,litgpt", help="comma list of transformers, litgpt (litgpt only where installed)"

@@ -128,3 +128,17 @@ def test_default_plan_trains_in_bf16_only_where_bf16_is_not_slower(speedup, trai
 def test_bf16_speedup_probe_is_a_positive_ratio():
     config = ModelConfig.from_name("smollm2-tiny")
     assert 0 < ceilings.Ceilings(config, 32, 16, LlamaForCausalLM(config)).bf16_speedup() < 100
+
+
+@pytest.mark.parametrize("task", ["forward", "train", "decode"])
+def test_profile_splits_a_call_by_kind_of_op(task, tmp_path):
+    from bench import op_profile as profile
+
+    out = tmp_path / "p.json"
+    args = ["--task", task, "--config", "smollm2-tiny", "--batch-size", "2", "--seq-len", "16", "--new-tokens", "3"]
+    assert profile.main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    kinds = result["by_kind_s"]
+    assert kinds["matmul"] > 0 and result["op_calls"] > 0 and set(kinds) <= {"matmul", "attention", "optimizer", "other"}
+    assert ("optimizer" in kinds) == (task == "train")
+    assert profile.kind_of("aten::mm") == "matmul" and profile.kind_of("aten::add") == "other"

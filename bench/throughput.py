@@ -269,8 +269,9 @@ def _rss_kib(field: str) -> int:
 
 
 def memory_worker(args) -> dict:
-    """In a fresh process: build one side, then peak memory over `--memory-steps` training steps.
-    CPU: the process's peak RSS (VmHWM, reset after set-up through /proc/self/clear_refs); CUDA: max
+    """In a fresh process: build one side, then peak memory over its warm-up step (eager: one row; it builds
+    the optimizer state) and `--memory-steps` training steps: the peak is a step with the optimizer state in
+    place. CPU: the process's peak RSS (VmHWM, reset after set-up through /proc/self/clear_refs); CUDA: max
     allocated. Both workers import transformers, so library memory is the same on both sides."""
     import ctypes
 
@@ -284,7 +285,7 @@ def memory_worker(args) -> dict:
     if side != "smollm_ref":
         del models["smollm_ref"]
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
-    fn = train_fns(models, mode, ids, device)[side][0]
+    fn, _, *warm = train_fns(models, mode, ids, device)[side]
     gc.collect()
     if device.type == "cpu":
         try:
@@ -297,6 +298,7 @@ def memory_worker(args) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+    (warm[0] if warm else fn)()
     for _ in range(args.memory_steps):
         fn()
     sync(device)

@@ -252,8 +252,41 @@ class Ceilings:
             rate[dtype] = 1 / _best_seconds(lambda a=a, b=b: torch.mm(a, b), self.device, 3)
         return rate[torch.bfloat16] / rate[torch.float32]
 
-    def share(self, task: str, dtype: torch.dtype, tokens_per_s: float, batch: int = 1) -> float:
-        """The share of its ceiling that a figure of `task` (forward, train, decode) reaches."""
+    def probe(self, task: str, dtype: torch.dtype):
+        """A quick re-measurement of the ceiling a figure of `task` (forward, train, decode) is against, to run
+        between the rounds of its repetitions (a shared machine's speed drifts over minutes: each round is then
+        compared with the ceiling measured beside it). Returns (start, measure, stop): measure() -> FLOP/s or
+        bytes/s; start and stop hold and free what it needs (decode: a 512 MB buffer)."""
         if task == "decode":
-            return decode_share(tokens_per_s, batch, self.bandwidth(dtype))
-        return flops_share(tokens_per_s, self.config, self.seq_len, self.gemm(dtype, train=task == "train"))
+            gemv = self.bandwidth(dtype)["gemv_pass_bytes_per_s"]  # measured once: it was never the larger
+            held: list[torch.Tensor] = []
+            size = 512 * 2**20
+
+            def start():
+                held.append(torch.ones(size // 4, dtype=torch.float32, device=self.device))
+
+            def measure():
+                with torch.no_grad():
+                    return max(gemv, size / _best_seconds(held[0].sum, self.device, 3))
+
+            return start, measure, held.clear
+        ceiling = self.gemm(dtype, train=task == "train")
+        gemms = model_gemms(self.config, self.rows, train=task == "train")
+        ops = [(_operand(g.m, g.k, g.a_t, dtype, self.device), _operand(g.k, g.n, g.b_t, dtype, self.device)) for g in gemms]
+
+        def measure():
+            seconds = sum(
+                g.count * _best_seconds(lambda a=a, b=b: torch.mm(a, b), self.device, 1) for g, (a, b) in zip(gemms, ops)
+            )
+            return ceiling["flops_per_s"] * ceiling["gemm_seconds_per_step"] / seconds
+
+        return (lambda: None), measure, ops.clear
+
+    def share(self, task: str, dtype: torch.dtype, tokens_per_s: float, batch: int = 1, ceiling: float | None = None) -> float:
+        """The share of its ceiling (the one measured at the start, or `ceiling`: FLOP/s or bytes/s) that a
+        figure of `task` (forward, train, decode) reaches."""
+        if task == "decode":
+            c = self.bandwidth(dtype)
+            return decode_share(tokens_per_s, batch, c if ceiling is None else {**c, "bytes_per_s": ceiling})
+        c = self.gemm(dtype, train=task == "train")
+        return flops_share(tokens_per_s, self.config, self.seq_len, c if ceiling is None else {**c, "flops_per_s": ceiling})

@@ -106,24 +106,41 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def interleave(sides: dict, repeats: int, device, progress) -> dict[str, dict]:
+def interleave(sides: dict, repeats: int, device, progress, probe=None) -> dict[str, dict]:
     """sides: name -> (fn, units per call[, warm-up fn]). One untimed warm-up call each (its time is
     reported as warmup_s: it holds compilation; the warm-up fn, where given, is a shorter call that warms
-    the same code), then `repeats` rounds of one call per side in turn."""
+    the same code), then `repeats` rounds of one call per side in turn. probe: (start, measure, stop) of a
+    ceiling (`Ceilings.probe`), measured before the first round and after each; round i is held against the
+    larger of the two measurements beside it ("_ceilings", one per round)."""
     out: dict[str, dict] = {}
     for name, (fn, _, *warm) in sides.items():
         out[name] = {"warmup_s": timed(warm[0] if warm else fn, device), "times": []}
         progress()
+    start, measure, stop = probe or ((lambda: None), (lambda: None), (lambda: None))
+    start()
+    probes = [measure()]
     for _ in range(repeats):
         for name, (fn, _, *_warm) in sides.items():
             out[name]["times"].append(timed(fn, device))
             progress()
+        probes.append(measure())
+    stop()
     for name, (_, units, *_warm) in sides.items():
         times = out[name].pop("times")
         out[name]["seconds"] = summary(times)
         out[name]["tokens_per_s"] = summary([units / t for t in times])
         out[name]["_raw"] = times
+        if probe:
+            out[name]["_ceilings"] = [max(a, b) for a, b in zip(probes, probes[1:])]
     return out
+
+
+def add_shares(res: dict, limits: ceilings.Ceilings, task: str, mode: Mode, units: int, batch: int = 1) -> None:
+    """Each side's share of its ceiling: the median over rounds of (that round's rate / that round's ceiling)."""
+    for r in res.values():
+        shares = [limits.share(task, mode.dtype, units / t, batch, c) for t, c in zip(r["_raw"], r.pop("_ceilings"))]
+        r["ceiling_share"] = summary(shares)["median"]
+        r["ceiling_shares"] = shares
 
 
 def add_ratios(results: dict, ours: str = "smollm_ref", base: str = "transformers") -> None:
@@ -533,12 +550,12 @@ def run_task(task: str, mode: Mode, run: Run) -> None:
     if task in ("forward", "train"):
         bar.set_postfix_str(f"{task} {mode.name}")
         fns = (forward_fns if task == "forward" else train_fns)(models, mode, run.ids, device)
-        res = interleave(fns, args.repeats, device, lambda: bar.update(1))
+        res = interleave(fns, args.repeats, device, lambda: bar.update(1), run.limits.probe(task, mode.dtype))
         add_ratios(res)
+        add_shares(res, run.limits, task, mode, run.ids.numel())
         for r in res.values():
             per_token = run.flops_per_token if task == "train" else run.flops_per_token / 3
             r["mfu"] = r["tokens_per_s"]["median"] * per_token / run.peak if run.peak else None
-            r["ceiling_share"] = run.limits.share(task, mode.dtype, r["tokens_per_s"]["median"])
             r.pop("_raw")
         results["runs"].append({"task": task, "mode": mode.name, "batch": [args.batch_size, args.seq_len], "sides": res})
         del fns
@@ -553,12 +570,11 @@ def run_task(task: str, mode: Mode, run: Run) -> None:
             decode_models = {k: copy.deepcopy(v).to(mode.dtype) for k, v in decode_models.items()}
         prompt = torch.randint(0, run.config.vocab_size, (b, args.prompt_len), device=device)
         outputs: dict = {}
-        res = interleave(
-            decode_fns(decode_models, mode, prompt, args.new_tokens, outputs), args.repeats, device, lambda: bar.update(1)
-        )
+        fns = decode_fns(decode_models, mode, prompt, args.new_tokens, outputs)
+        res = interleave(fns, args.repeats, device, lambda: bar.update(1), run.limits.probe("decode", mode.dtype))
         add_ratios(res)
+        add_shares(res, run.limits, "decode", mode, b * args.new_tokens, b)
         for r in res.values():
-            r["ceiling_share"] = run.limits.share("decode", mode.dtype, r["tokens_per_s"]["median"], b)
             r.pop("_raw")
         if len(outputs) == 2:
             same = torch.equal(outputs["smollm_ref"].cpu(), outputs["transformers"].cpu())

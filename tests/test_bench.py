@@ -142,3 +142,21 @@ def test_profile_splits_a_call_by_kind_of_op(task, tmp_path):
     assert kinds["matmul"] > 0 and result["op_calls"] > 0 and set(kinds) <= {"matmul", "attention", "optimizer", "other"}
     assert ("optimizer" in kinds) == (task == "train")
     assert profile.kind_of("aten::mm") == "matmul" and profile.kind_of("aten::add") == "other"
+
+
+def test_each_round_is_held_against_the_ceiling_measured_beside_it():
+    """A machine that slows down mid-run slows the ceiling's probes too: round i gets the larger of the probes
+    before and after it, and a side's share is the median of its per-round shares."""
+    probes = iter([100.0, 50.0, 80.0, 60.0])  # before round 1, after rounds 1, 2, 3
+    started, stopped = [], []
+    probe = (lambda: started.append(1), lambda: next(probes), lambda: stopped.append(1))
+    res = bench.interleave({"a": (lambda: None, 10)}, 3, torch.device("cpu"), lambda: None, probe)
+    assert res["a"]["_ceilings"] == [100.0, 80.0, 80.0] and started == stopped == [1]
+
+    class Limits:
+        def share(self, task, dtype, tokens_per_s, batch, ceiling):
+            return tokens_per_s / ceiling
+
+    res["a"]["_raw"] = [0.5, 0.25, 0.125]  # 20, 40, 80 tokens/s for 10 tokens a call
+    bench.add_shares(res, Limits(), "forward", bench.Mode("float32"), 10)
+    assert res["a"]["ceiling_shares"] == [0.2, 0.5, 1.0] and res["a"]["ceiling_share"] == 0.5

@@ -45,7 +45,7 @@ def parity(session):
 @nox.session(python=PYTHON)
 def bench(session):
     """Throughput of smollm_ref's fast paths beside transformers (same weights, interleaved repetitions);
-    under 5 minutes on a 2-core CPU. Options pass through: `nox -s bench -- --modes bf16 --json out.json`."""
+    about 5 minutes on a 2-core CPU. Options pass through: `nox -s bench -- --modes bf16 --json out.json`."""
     install(session)
     session.run("python", "bench/throughput.py", *session.posargs)
 

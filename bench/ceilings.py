@@ -16,7 +16,6 @@ rate has converged well before the full size), so that measuring costs seconds, 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,38 +121,25 @@ def _operand(rows: int, cols: int, transposed: bool, dtype, device) -> torch.Ten
     return torch.randn(rows, cols, generator=g, device=device).to(dtype)
 
 
-def _best_seconds(fn, device, repeats: int, warm: bool = True) -> float:
-    if warm:
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+def _best_seconds(fn, device, repeats: int) -> float:
+    """Best of `repeats` timed calls after one untimed call (`tuning.time_candidates` with one candidate)."""
+    return _best_each([fn], device, repeats)[0]
+
+
+def _best_each(fns: list, device, repeats: int) -> list[float]:
+    """Best seconds of each of `fns`, timed in `repeats` interleaved passes after one untimed call each."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    best = tuning.time_candidates(dict(enumerate(fns)), repeats, sync)
+    return [best[i] for i in range(len(fns))]
 
 
 def gemm_ceiling(config: ModelConfig, rows: int, dtype: torch.dtype, device, train: bool, repeats: int = 5) -> dict:
     """FLOP/s of the step's GEMMs: sum(count x FLOPs) / sum(count x best time), with each GEMM's own rate. The
     GEMMs are timed in `repeats` passes over all of them, each keeping its best: a moment of contention on a
     shared machine then costs one pass, not the ceiling (which must not fall below what a figure reaches)."""
-    device = torch.device(device)
     gemms = model_gemms(config, rows, train)
-    calls = []
-    for g in gemms:
-        a = _operand(g.m, g.k, g.a_t, dtype, device)
-        b = _operand(g.k, g.n, g.b_t, dtype, device)
-        calls.append(lambda a=a, b=b: torch.mm(a, b))
-    best = [float("inf")] * len(gemms)
-    for call in calls:  # warm-up
-        call()
-    for _ in range(repeats):
-        for i, call in enumerate(calls):
-            best[i] = min(best[i], _best_seconds(call, device, 1, warm=False))
+    best = _best_each([_gemm_call(g, dtype, device) for g in gemms], device, repeats)
     flops = sum(g.count * g.flops for g in gemms)
     seconds = sum(g.count * t for g, t in zip(gemms, best))
     return {
@@ -164,6 +150,11 @@ def gemm_ceiling(config: ModelConfig, rows: int, dtype: torch.dtype, device, tra
         "gemm_seconds_per_step": seconds,
         "parts": [{"gemm": g.name, "mnk": [g.m, g.n, g.k], "gflops": round(g.flops / t / 1e9, 1)} for g, t in zip(gemms, best)],
     }
+
+
+def _gemm_call(g: Gemm, dtype, device):
+    a, b = _operand(g.m, g.k, g.a_t, dtype, device), _operand(g.k, g.n, g.b_t, dtype, device)
+    return lambda: torch.mm(a, b)
 
 
 def stream_read(device, repeats: int = 7, size_bytes: int = 512 * 2**20) -> float:
@@ -248,8 +239,9 @@ class Ceilings:
         rows = min(self.rows, TIMED_ROWS)
         rate = {}
         for dtype in (torch.float32, torch.bfloat16):
-            a, b = _operand(rows, n_in, False, dtype, self.device), _operand(n_in, n_out, True, dtype, self.device)
-            rate[dtype] = 1 / _best_seconds(lambda a=a, b=b: torch.mm(a, b), self.device, 3)
+            rate[dtype] = 1 / _best_seconds(
+                _gemm_call(Gemm("mlp", rows, n_in, n_out, 1, b_t=True), dtype, self.device), self.device, 3
+            )
         return rate[torch.bfloat16] / rate[torch.float32]
 
     def probe(self, task: str, dtype: torch.dtype):
@@ -272,15 +264,13 @@ class Ceilings:
             return start, measure, held.clear
         ceiling = self.gemm(dtype, train=task == "train")
         gemms = model_gemms(self.config, self.rows, train=task == "train")
-        ops = [(_operand(g.m, g.k, g.a_t, dtype, self.device), _operand(g.k, g.n, g.b_t, dtype, self.device)) for g in gemms]
+        calls = [_gemm_call(g, dtype, self.device) for g in gemms]
 
         def measure():
-            seconds = sum(
-                g.count * _best_seconds(lambda a=a, b=b: torch.mm(a, b), self.device, 1) for g, (a, b) in zip(gemms, ops)
-            )
+            seconds = sum(g.count * t for g, t in zip(gemms, _best_each(calls, self.device, 1)))
             return ceiling["flops_per_s"] * ceiling["gemm_seconds_per_step"] / seconds
 
-        return (lambda: None), measure, ops.clear
+        return (lambda: None), measure, calls.clear
 
     def share(self, task: str, dtype: torch.dtype, tokens_per_s: float, batch: int = 1, ceiling: float | None = None) -> float:
         """The share of its ceiling (the one measured at the start, or `ceiling`: FLOP/s or bytes/s) that a

@@ -90,8 +90,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    for name in ("batch_size", "seq_len", "new_tokens"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    try:
+        config = ModelConfig.from_name(args.config)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(f"--config: {e}")
     device = torch.device(args.device)
-    config = ModelConfig.from_name(args.config)
     mode = Mode(args.dtype)
     models = build_models(config, device, 0, [])
     if args.task == "decode":

@@ -144,6 +144,15 @@ def test_profile_splits_a_call_by_kind_of_op(task, tmp_path):
     assert profile.kind_of("aten::mm") == "matmul" and profile.kind_of("aten::add") == "other"
 
 
+@pytest.mark.parametrize("args, message", [(["--seq-len", "0"], "--seq-len"), (["--config", "nope"], "--config")])
+def test_profile_refuses_bad_options_in_one_line(args, message, capsys):
+    from bench import op_profile
+
+    with pytest.raises(SystemExit) as e:
+        op_profile.main(["--task", "forward", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_each_round_is_held_against_the_ceiling_measured_beside_it():
     """A machine that slows down mid-run slows the ceiling's probes too: round i gets the larger of the probes
     before and after it, and a side's share is the median of its per-round shares."""

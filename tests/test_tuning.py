@@ -115,6 +115,15 @@ def test_a_choice_read_from_disk_must_be_a_candidate(monkeypatch):
     assert ref.calls == 2  # timed afresh
 
 
+def test_a_candidate_that_fails_is_left_out_and_a_failing_reference_is_an_error():
+    def broken():
+        raise RuntimeError("oneDNN cannot reorder this dtype")
+
+    assert tuning.fastest("op u", {"ref": Counted(0.002), "broken": broken, "other": Counted(0.0)}, "ref", repeats=1) == "other"
+    with pytest.raises(RuntimeError, match="reorder"):
+        tuning.fastest("op t", {"ref": broken, "other": Counted(0.0)}, "ref", repeats=1)
+
+
 def test_tuning_off_means_the_reference_without_timing(monkeypatch):
     monkeypatch.setenv("SMOLLM_REF_TUNING", "off")
     other = Counted(0.0)

@@ -83,12 +83,15 @@ def _write_disk(machine: str, key: str, record: dict) -> None:
         pass
 
 
-def time_candidates(candidates: dict[str, Callable[[], object]], repeats: int = 5, sync=None) -> dict[str, float]:
-    """Best-of-`repeats` seconds per candidate, after one untimed call each, calls interleaved (A B A B ...)
-    so that a machine that slows down mid-way slows every candidate alike."""
+def time_candidates(
+    candidates: dict[str, Callable[[], object]], repeats: int = 5, sync=None, warm: bool = True
+) -> dict[str, float]:
+    """Best-of-`repeats` seconds per candidate, after one untimed call each (unless already `warm`ed by the
+    caller), calls interleaved (A B A B ...) so that a machine that slows down mid-way slows every candidate
+    alike."""
     sync = sync or (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for fn in candidates.values():
+    for fn in candidates.values() if warm else ():
         fn()
     for _ in range(repeats):
         for name, fn in candidates.items():
@@ -98,6 +101,22 @@ def time_candidates(candidates: dict[str, Callable[[], object]], repeats: int = 
             sync()
             times[name].append(time.perf_counter() - start)
     return {name: min(ts) for name, ts in times.items()}
+
+
+def _working(candidates: dict[str, Callable[[], object]], reference: str) -> dict[str, Callable[[], object]]:
+    """The candidates whose first (untimed, warming) call succeeds (e.g. oneDNN cannot reorder every dtype on
+    every torch); the reference is not guarded: if it fails, the work itself does."""
+    working = {}
+    for name, fn in candidates.items():
+        if name == reference:
+            fn()
+        else:
+            try:
+                fn()
+            except (RuntimeError, NotImplementedError, ValueError):
+                continue
+        working[name] = fn
+    return working
 
 
 def pick(seconds: dict[str, float], reference: str, margin: float = MARGIN) -> str:
@@ -131,7 +150,7 @@ def fastest(
     device = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     start = time.perf_counter()
-    seconds = time_candidates(candidates, repeats, sync)
+    seconds = time_candidates(_working(candidates, reference), repeats, sync, warm=False)
     choice = pick(seconds, reference)
     _CHOICES[full] = choice
     cost = time.perf_counter() - start

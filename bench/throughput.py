@@ -205,9 +205,9 @@ def forward_fns(models: dict, mode: Mode, ids, device):
 
 def train_fns(models: dict, mode: Mode, ids, device):
     """A training step per side: loss, backward, AdamW step, zero_grad. Optimizer state is built at the
-    warm-up call (eager: a one-row batch). smollm_ref uses its fast paths (packed weights, chunked loss) and the trainer's AdamW (fused
-    where the device has it); the peers
-    their standard recipe (autocast, default AdamW)."""
+    warm-up call (eager: a one-row batch). smollm_ref uses its fast paths (packed weights, chunked loss) and
+    the trainer's AdamW (fused where the device has it); the peers their standard recipe (autocast, default
+    AdamW)."""
     fns = {}
     for name, model in models.items():
         model.train()
@@ -412,8 +412,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--memory-steps",
         type=int,
-        default=2,
-        help="training steps in each memory subprocess (default 2: the optimizer state exists from the second)",
+        default=1,
+        help="full training steps in each memory subprocess after its warm-up step, which builds the optimizer state (default 1)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here as JSON")

@@ -1,12 +1,15 @@
 """Writing files that must survive a full disk or a killed process: recognising "no space left" however it
-is wrapped, saying it in one sentence, and sweeping the temporaries of writers that are gone."""
+is wrapped, saying it in one sentence, and sweeping the temporaries of writers that are gone; reading the
+small files the code trusts (configs, recipes, indexes, caches) with a size limit, regular files only."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 
@@ -118,3 +121,54 @@ class DirectoryLock:
 
 class LockedError(RuntimeError):
     """Another live process holds the directory's lock."""
+
+
+SMALL_FILE_LIMIT = 16 * 2**20  # configs, recipes, manifests, indexes, progress and tuning files are kilobytes
+
+
+class BadFile(ValueError):
+    """A small file the code reads (config, recipe, index, manifest, cache) that is not what it must be:
+    not a regular file, too large, not UTF-8 or not JSON. The message is one line naming the file."""
+
+
+def read_small_text(path: Path | str, what: str = "file", limit: int = SMALL_FILE_LIMIT) -> str:
+    """The text of a small regular file, read at most `limit` bytes. A FIFO, device or directory is refused
+    without reading (opening a FIFO for reading would block until a writer comes; `/dev/zero` never ends).
+
+    Raises `FileNotFoundError` when absent, `BadFile` for anything else wrong."""
+    path = Path(path)
+    # O_NONBLOCK: opening a FIFO with no writer returns at once instead of hanging; it is refused just below.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadFile(f"{what} {path} is not a regular file; give the path of a regular file")
+        if info.st_size > limit:
+            raise BadFile(f"{what} {path} is {info.st_size:,} bytes, more than the {limit:,} such a file can be")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise BadFile(f"{what} {path} is more than the {limit:,} bytes such a file can be")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadFile(f"{what} {path} is not UTF-8 text (byte {e.start}); give a UTF-8 file") from None
+
+
+def loads_json(text: str, where: str):
+    """`json.loads` whose every failure is one `BadFile` line naming `where` (a path, or path:line): syntax
+    errors, and nesting deeper than Python's recursion limit (a RecursionError otherwise)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadFile(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise BadFile(f"{where} nests JSON too deeply to read") from None
+
+
+def read_small_json(path: Path | str, what: str = "file", limit: int = SMALL_FILE_LIMIT):
+    """`read_small_text` + `loads_json`: the parsed JSON value of a small regular file (any type; callers
+    check the type they need)."""
+    return loads_json(read_small_text(path, what, limit), f"{what} {path}")

@@ -144,7 +144,7 @@ def read_small_text(path: Path | str, what: str = "file", limit: int = SMALL_FIL
         if not stat.S_ISREG(info.st_mode):
             raise BadFile(f"{what} {path} is not a regular file; give the path of a regular file")
         if info.st_size > limit:
-            raise BadFile(f"{what} {path} is {info.st_size:,} bytes, more than the {limit:,} such a file can be")
+            raise BadFile(f"{what} {path} is {info.st_size:,} bytes, more than the {limit:,} bytes such a file can be")
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read(limit + 1)
     finally:

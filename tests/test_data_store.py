@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -105,42 +104,48 @@ def test_a_budget_larger_than_the_data_warns_and_keeps_what_there_is(tok, tmp_pa
 # ---- an interrupted prepare ---------------------------------------------------------------------------------
 
 
+# Run as `python -c KILLED_AFTER_TWO_SHARDS prepare ...`: the real command, which SIGKILLs itself at a known
+# point instead of being killed at a moment that races its own progress (or its finish): two shards renamed
+# into place and recorded, and the third half-written in its temporary.
+KILLED_AFTER_TWO_SHARDS = """
+import os, runpy, signal, sys
+from smollm_ref.data import store
+write = store._ShardWriter.write_document
+def write_then_die(self, *args, **kwargs):
+    write(self, *args, **kwargs)
+    if len(self.progress["shards"]) == 2 and self.file is not None and self.count > 0:
+        self.file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+store._ShardWriter.write_document = write_then_die
+sys.argv[0] = "smollm_ref.data"
+runpy.run_module("smollm_ref.data", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_a_killed_prepare_continues_to_the_store_an_uninterrupted_one_makes(tmp_path):
-    docs = [f"line {i} " * 40 + "\n" for i in range(4000)]
+    docs = [f"line {i} " * 40 + "\n" for i in range(400)]
     spec = str(jsonl(tmp_path / "c.jsonl", docs))
     tokenizer = str(FORMAT1 / "step_000002")
-    command = [
-        sys.executable,
-        "-m",
-        "smollm_ref.data",
-        "prepare",
-        spec,
-        "--tokenizer",
-        tokenizer,
-        "--workers",
-        "1",
-        "--shard-tokens",
-        "20000",
-    ]
+    args = ["prepare", spec, "--tokenizer", tokenizer, "--workers", "1", "--shard-tokens", "5000", "--no-progress"]
+    command = [sys.executable, "-m", "smollm_ref.data", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*command, "--out", str(killed), "--no-progress"], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(killed.glob("shard_*.bin"))) < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (killed / "progress.json").is_file() and not (killed / "index.json").exists()
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_TWO_SHARDS, *args, "--out", str(killed)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(p.name for p in killed.glob("shard_*.bin")) == ["shard_000000.bin", "shard_000001.bin"]
+    assert len(list(killed.glob("shard_000002.bin.tmp*"))) == 1  # the third, half-written
+    assert len(json.loads((killed / "progress.json").read_text())["shards"]) == 2 and not (killed / "index.json").exists()
     with pytest.raises(data.DataError, match="unfinished token store"):
         data.Store(killed)  # never mistaken for a finished store
-    resumed = subprocess.run([*command, "--out", str(killed), "--no-progress"], env=env, capture_output=True, text=True)
+    resumed = subprocess.run([*command, "--out", str(killed)], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    straight = subprocess.run(
-        [*command, "--out", str(tmp_path / "straight"), "--no-progress"], env=env, capture_output=True, text=True
-    )
+    straight = subprocess.run([*command, "--out", str(tmp_path / "straight")], env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
     a, b = data.Store(killed), data.Store(tmp_path / "straight")
-    assert [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards] and a.num_tokens == b.num_tokens
+    assert len(a.shards) > 3 and [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
+    assert a.num_tokens == b.num_tokens
     assert not list(killed.glob("*.tmp*")) and not (killed / "progress.json").exists()
 
 

@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from trainer_runs import argv
+from waiting import logged_steps, wait_until
 
 from smollm_ref import checkpoint, train
 from smollm_ref.configs import preset_path
@@ -336,9 +336,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(losses(out) if (out / "metrics.jsonl").exists() else {}) < 2:
-        time.sleep(0.2)
+    wait_until(lambda: len(logged_steps(out)) >= 2, "two logged steps", proc)  # in the loop, not still starting
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]

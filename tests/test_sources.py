@@ -149,3 +149,19 @@ def test_closing_lines_name_a_generate_command_that_runs(run, capsys):
     assert argv[:3] == ["python", "-m", "smollm_ref.generate"] and argv[argv.index("--model") + 1] == str(run)
     assert generate_main(argv[3:] + ["--max-new-tokens", "2"]) == 0
     assert "2 tokens" in capsys.readouterr().err
+
+
+def test_a_fifo_or_device_is_refused_as_a_source_or_tokenizer_file_without_reading(tmp_path, run):
+    import os
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(SourceError, match="not a regular file or a directory"):
+        resolve(fifo)
+    with pytest.raises(SourceError, match="not a regular file or a directory"):
+        load_tokenizer("/dev/zero")
+    export = save_pretrained(LlamaForCausalLM(tiny_config()), tmp_path / "export", load_tokenizer(run))
+    (export / "tokenizer_config.json").unlink()
+    os.mkfifo(export / "tokenizer_config.json")  # AutoTokenizer would block on it forever
+    with pytest.raises(SourceError, match="tokenizer_config.json is not a regular file"):
+        load_tokenizer(export)

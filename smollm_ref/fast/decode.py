@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..model import LlamaForCausalLM
-from ..sampling import check_args, sample_next
+from ..sampling import check_args, eos_ids, left_align, sample_next
 from .forward import _causal_attention, _elementwise_rope, _layer, _rms_norm, rope_table
 from .packing import PackCache, PackedWeights, _linear
 
@@ -126,7 +126,8 @@ class FastGenerator:
     Greedy output equals `generate.generate` (float32: token for token on the tested configs).
     compile: `torch.compile` the decode step (on CUDA with CUDA graphs, mode "reduce-overhead").
     Weights are packed once and repacked only when a parameter changed (its version counter moved).
-    No padding: prompts of one batch must have the same length (use `generate.generate` otherwise).
+    No padding: prompts of one batch must have the same length; a padded batch (either side) is refused
+    with a ValueError (`generate.generate` takes those).
     """
 
     def __init__(self, model: LlamaForCausalLM, compile: bool = False):
@@ -185,16 +186,17 @@ class FastGenerator:
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n)."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("FastGenerator does not take padded batches; use smollm_ref.generate.generate for those")
+        """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n); ValueError for an
+        argument no decode can run with, checked the same way (`sampling.check_args`), and for padding."""
         check_args(self.model, input_ids, max_new_tokens, temperature, top_k, top_p)
+        eos = eos_ids(eos_token_id, self.config.eos_token_id)
+        if attention_mask is not None and left_align(input_ids, attention_mask)[1] is not None:
+            raise ValueError("FastGenerator does not take padded batches; use smollm_ref.generate.generate for those")
         if max_new_tokens == 0:
             return input_ids
         packed = self.packed(input_ids.shape[0])
         device = input_ids.device
-        eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
-        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=device, dtype=torch.long)
+        stop_ids = torch.tensor(eos, device=device, dtype=torch.long)
         b, t = input_ids.shape
         max_len = t + max_new_tokens
         # The residual stream runs in the embedding's dtype; cos/sin follow it, as in the reference.
@@ -206,11 +208,11 @@ class FastGenerator:
         pos = torch.tensor(t, device=device) if self.compiled else t
         for i in range(max_new_tokens):
             next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_ids.numel():
-                next_tokens = torch.where(unfinished, next_tokens, eos_ids[0])
-                unfinished &= ~torch.isin(next_tokens, eos_ids)
+            if stop_ids.numel():
+                next_tokens = torch.where(unfinished, next_tokens, stop_ids[0])
+                unfinished &= ~torch.isin(next_tokens, stop_ids)
             steps.append(next_tokens)
-            if i == max_new_tokens - 1 or (eos_ids.numel() and not unfinished.any()):
+            if i == max_new_tokens - 1 or (stop_ids.numel() and not unfinished.any()):
                 break
             if self.compiled:
                 logits = self._step(packed, self.config, cache, next_tokens[:, None], pos, tables[0], tables[1])

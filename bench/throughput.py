@@ -1,16 +1,22 @@
 """Throughput of smollm_ref's fast paths beside transformers (and litgpt where installed), in one process.
 
-Same config, same weights, same batch, same dtype on every side; repetitions interleaved (A B A B ...)
-so that a noisy machine slows both alike; warm-up and compilation excluded from the timings (compile
-time reported apart); CUDA synchronised around every timed region. Each figure is reported as median
-and spread (min..max) over the repetitions, and smollm_ref/transformers as the median and range of the
-per-repetition ratios.
+Same config, same weights, same batch, same dtype and the same work on every side: training runs the
+trainer's own step (`train.step.train_step`: loss, backward, clipping at the trainer's default, the
+trainer's AdamW, fused where the device has it, for every side) with the loss the trainer uses in that
+mode (the fast step in mixed precision, the reference model in float32); bf16 forward and decode run every
+side on a bf16 copy of the weights, cast once outside the timing. Repetitions interleaved, the side order
+rotated each round (A B C, B C A, C A B, ...) so that neither a noisy machine nor going first favours a
+side; warm-up and compilation excluded from the timings (compile time reported apart); CUDA synchronised
+around every timed region. Each figure is the median and spread (min..max) over the repetitions, and
+smollm_ref/transformers the median and range of the per-repetition ratios; `--runs N` repeats the whole
+plan N times, keeps every run's JSON and reports the median over runs.
 
     PYTHONPATH=. python bench/throughput.py                       # CPU defaults, under 5 minutes on 2 cores
+    PYTHONPATH=. python bench/throughput.py --runs 3 --json bench/results/cpu.json   # cpu.run1.json ... + medians
     PYTHONPATH=. python bench/throughput.py --device cuda --seq-len 2048 --batch-size 8 --modes bf16,bf16-compiled
 
 Figures: forward tokens/s (logits of every position, no grad); training step tokens/s and batch time
-(forward, backward, AdamW; no gradient clipping on either side); decode tokens/s at batch 1 and 8
+(forward, backward, gradient clipping, AdamW); decode tokens/s at batch 1 and 8
 (greedy, --new-tokens with KV cache, against transformers' `generate`); peak memory of a training step,
 measured in a fresh subprocess per side (process peak RSS on CPU, max allocated on CUDA); MFU on CUDA
 (6N + 12*L*H*D*T FLOPs per trained token, N counting lm_head even when tied), from `smollm_ref.metrics`.
@@ -19,6 +25,7 @@ measured in a fresh subprocess per side (process peak RSS on CPU, max allocated 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -27,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,11 +47,13 @@ if not __package__ and str(ROOT) not in sys.path:  # run as a script without smo
     sys.path.insert(0, str(ROOT))
 
 from bench import ceilings  # noqa: E402
-from smollm_ref import metrics, precision  # noqa: E402
+from smollm_ref import metrics  # noqa: E402
 from smollm_ref.config import ModelConfig  # noqa: E402
 from smollm_ref.fast import FastForward, FastGenerator, tuning  # noqa: E402
 from smollm_ref.model import LlamaForCausalLM  # noqa: E402
-from smollm_ref.train.step import adamw  # noqa: E402
+from smollm_ref.precision import autocast_context  # noqa: E402
+from smollm_ref.train.options import TrainConfig  # noqa: E402
+from smollm_ref.train.step import adamw, fast_forward, lm_loss, train_step  # noqa: E402
 
 MODES = ("float32", "bf16", "float32-compiled", "bf16-compiled")
 TASKS = ("forward", "train", "decode", "memory")
@@ -51,6 +61,11 @@ TASKS = ("forward", "train", "decode", "memory")
 # alone would take two more minutes; ask for it with --modes float32). Training and memory run in bf16 where
 # the machine's bf16 GEMMs are at least as fast as its float32 ones (bf16 in hardware: AVX512-BF16, AMX, any
 # CUDA GPU), in float32 where bf16 is emulated (4-5x slower: a bf16 step alone would take the 5 minutes).
+# How each task treats the weights in a lower dtype, the same on every side (recorded in the JSON).
+WEIGHTS = {
+    "forward": "every side on a copy cast once to the dtype, outside the timing, no autocast",
+    "train": "float32 weights, cast to the dtype inside every step on every side (autocast; smollm_ref's fast step packs them)",
+}
 DEFAULT_PLAN = {"forward": ("float32",), "train": ("bf16",), "decode": ("float32", "bf16"), "memory": ("bf16",)}
 
 
@@ -65,6 +80,23 @@ class Mode:
     @property
     def compiled(self) -> bool:
         return self.name.endswith("-compiled")
+
+    @property
+    def precision(self) -> str:
+        """The trainer's --precision for this mode."""
+        return "bf16-mixed" if self.dtype == torch.bfloat16 else "fp32"
+
+
+@dataclass
+class Side:
+    """One side of a figure: `fn()` is one timed call of `units` tokens; `warm()` a shorter call warming the
+    same code (default: fn itself); training sides also name their optimizer and the step they run."""
+
+    fn: Callable[[], object]
+    units: int
+    warm: Callable[[], object] | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    step: str | None = None  # training: "fast" or "reference", the trainer's step for the mode
 
 
 def peak_flops(device: torch.device) -> tuple[str | None, float | None]:
@@ -106,29 +138,35 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def interleave(sides: dict, repeats: int, device, progress, probe=None) -> dict[str, dict]:
-    """sides: name -> (fn, units per call[, warm-up fn]). One untimed warm-up call each (its time is
-    reported as warmup_s: it holds compilation; the warm-up fn, where given, is a shorter call that warms
-    the same code), then `repeats` rounds of one call per side in turn. probe: (start, measure, stop) of a
-    ceiling (`Ceilings.probe`), measured before the first round and after each; round i is held against the
-    larger of the two measurements beside it ("_ceilings", one per round)."""
+def round_order(names: list[str], i: int) -> list[str]:
+    """The side order of round i (0-based): `names` rotated by i, so that each side goes first, second, ...
+    equally often (a side that always ran first would always meet the machine as the previous round left it)."""
+    k = i % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def interleave(sides: dict[str, Side], repeats: int, device, progress, probe=None) -> dict[str, dict]:
+    """One untimed warm-up call per side (its time is reported as warmup_s: it holds compilation), then
+    `repeats` rounds of one call per side, in the order `round_order` gives. probe: (start, measure, stop)
+    of a ceiling (`Ceilings.probe`), measured before the first round and after each; round i is held
+    against the larger of the two measurements beside it ("_ceilings", one per round)."""
     out: dict[str, dict] = {}
-    for name, (fn, _, *warm) in sides.items():
-        out[name] = {"warmup_s": timed(warm[0] if warm else fn, device), "times": []}
+    for name, side in sides.items():
+        out[name] = {"warmup_s": timed(side.warm or side.fn, device), "times": []}
         progress()
     start, measure, stop = probe or ((lambda: None), (lambda: None), (lambda: None))
     start()
     probes = [measure()]
-    for _ in range(repeats):
-        for name, (fn, _, *_warm) in sides.items():
-            out[name]["times"].append(timed(fn, device))
+    for i in range(repeats):
+        for name in round_order(list(sides), i):
+            out[name]["times"].append(timed(sides[name].fn, device))
             progress()
         probes.append(measure())
     stop()
-    for name, (_, units, *_warm) in sides.items():
+    for name, side in sides.items():
         times = out[name].pop("times")
         out[name]["seconds"] = summary(times)
-        out[name]["tokens_per_s"] = summary([units / t for t in times])
+        out[name]["tokens_per_s"] = summary([side.units / t for t in times])
         out[name]["_raw"] = times
         if probe:
             out[name]["_ceilings"] = [max(a, b) for a, b in zip(probes, probes[1:])]
@@ -136,11 +174,14 @@ def interleave(sides: dict, repeats: int, device, progress, probe=None) -> dict[
 
 
 def add_shares(res: dict, limits: ceilings.Ceilings, task: str, mode: Mode, units: int, batch: int = 1) -> None:
-    """Each side's share of its ceiling: the median over rounds of (that round's rate / that round's ceiling)."""
+    """Each side's share of its ceiling: the median over rounds of (that round's rate / that round's ceiling).
+    A share above 1 means the ceiling missed a faster kernel (or the machine sped up between probes): it is
+    kept as measured and flagged (`above_ceiling`), never passed off as a percentage."""
     for r in res.values():
         shares = [limits.share(task, mode.dtype, units / t, batch, c) for t, c in zip(r["_raw"], r.pop("_ceilings"))]
         r["ceiling_share"] = summary(shares)["median"]
         r["ceiling_shares"] = shares
+        r["above_ceiling"] = r["ceiling_share"] > 1
 
 
 def add_ratios(results: dict, ours: str = "smollm_ref", base: str = "transformers") -> None:
@@ -182,7 +223,19 @@ def litgpt_model(config: ModelConfig, device, seed: int):
     return model
 
 
-def forward_fns(models: dict, mode: Mode, ids, device):
+def cast_copies(models: dict, dtype: torch.dtype) -> dict:
+    """The models as they are in float32; in a lower dtype, a copy of each cast to it (once, untimed): the
+    same treatment for every side, as a model served in bf16 is cast once, not at every call."""
+    import copy
+
+    if dtype == torch.float32:
+        return models
+    return {name: copy.deepcopy(model).to(dtype) for name, model in models.items()}
+
+
+def forward_fns(models: dict, mode: Mode, ids, device) -> dict[str, Side]:
+    """Logits of every position, no grad, each side on `models` as given (`cast_copies`: in bf16 every side
+    runs on weights cast once outside the timing, none under autocast)."""
     fns = {}
     for name, model in models.items():
         model.eval()
@@ -196,47 +249,69 @@ def forward_fns(models: dict, mode: Mode, ids, device):
             run = torch.compile(model) if mode.compiled else model
 
             def fn(run=run, is_lit=name == "litgpt"):
-                with torch.inference_mode(), precision.autocast(device.type, mode.dtype):
+                with torch.inference_mode():
                     run(ids) if is_lit else run(ids).logits
 
-        fns[name] = (fn, ids.numel())
+        fns[name] = Side(fn, ids.numel())
     return fns
 
 
-def train_fns(models: dict, mode: Mode, ids, device):
-    """A training step per side: loss, backward, AdamW step, zero_grad. Optimizer state is built at the
-    warm-up call (eager: a one-row batch). smollm_ref uses its fast paths (packed weights, chunked loss) and
-    the trainer's AdamW (fused where the device has it); the peers their standard recipe (autocast, default
-    AdamW)."""
+def trainer_config(mode: Mode) -> TrainConfig:
+    """The trainer's options for `mode` (its defaults otherwise: fast step on, grad_clip 1.0)."""
+    return TrainConfig(precision=mode.precision, compile=mode.compiled)
+
+
+def bench_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    """Every side's optimizer: the trainer's AdamW (`train.step.adamw`: fused where the device has it, else
+    foreach), one group, so that no side's step is faster for its optimizer alone (fused AdamW is 5x the
+    unfused default on 135M on CPU)."""
+    return adamw(model.parameters(), lr=1e-5)
+
+
+def _peer_loss(model, is_lit: bool):
+    """A peer's `train.step.lm_loss`: mean next-token cross-entropy over float32 logits, as the trainer's."""
+    if not is_lit:
+        return functools.partial(lm_loss, model)
+
+    def loss(inputs, targets):
+        logits = model(inputs)
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    return loss
+
+
+def train_fns(models: dict, mode: Mode, ids, device) -> dict[str, Side]:
+    """A training step per side, each through the trainer's own `train_step` (loss, backward, clipping at the
+    trainer's default grad_clip, optimizer step, zero_grad) with `bench_optimizer`, so every side does the
+    same work around its loss. smollm_ref's loss is what the trainer runs in this mode (`train.step.
+    fast_forward`: the fast step where the trainer uses it, mixed precision; else the reference model
+    under the trainer's autocast, compiled in compiled modes, as the trainer compiles it); the peers' is
+    their model under the same autocast. Targets: `ids` shifted by one (the last position wraps round).
+    Optimizer state is built at the warm-up call (eager: a one-row batch)."""
+    cfg = trainer_config(mode)
+    targets = torch.roll(ids, -1, dims=1)
     fns = {}
     for name, model in models.items():
         model.train()
+        autocast = autocast_context(device, mode.precision)
+        step = None
         if name == "smollm_ref":
-            fast = FastForward(model, mode.dtype, compile=mode.compiled)
-            opt = adamw(model.parameters(), lr=1e-5)
-
-            def fn(fast=fast, opt=opt, ids=ids):
-                fast.loss(ids, ids).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            fast = fast_forward(model, cfg, 1, mode.precision)
+            if fast is not None:
+                loss_fn, autocast, step = fast.lm_loss, None, "fast"  # the fast step does its own mixed precision
+            else:
+                loss_fn, step = functools.partial(lm_loss, torch.compile(model) if mode.compiled else model), "reference"
         else:
-            run = torch.compile(model) if mode.compiled else model
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            loss_fn = _peer_loss(torch.compile(model) if mode.compiled else model, name == "litgpt")
+        opt = bench_optimizer(model)
 
-            def fn(run=run, opt=opt, is_lit=name == "litgpt", ids=ids):
-                with precision.autocast(device.type, mode.dtype):
-                    if is_lit:
-                        logits = run(ids)
-                        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-                    else:
-                        loss = run(ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        def fn(model=model, loss_fn=loss_fn, opt=opt, autocast=autocast, batch=(ids, targets)):
+            train_step(model, [batch], opt, grad_clip=cfg.grad_clip, autocast=autocast, loss_fn=loss_fn)
 
         # Eager modes warm up on one row (the same kernels, the optimizer state built; a full step is 10-40 s
         # on 2 CPU cores); compiled modes on the full batch, the shape their graph is built for.
-        fns[name] = (fn, ids.numel()) if mode.compiled else (fn, ids.numel(), lambda fn=fn: fn(ids=ids[:1]))
+        warm = None if mode.compiled else (lambda fn=fn: fn(batch=(ids[:1], targets[:1])))
+        fns[name] = Side(fn, ids.numel(), warm, opt, step)
     return fns
 
 
@@ -271,7 +346,7 @@ def decode_fns(models: dict, mode: Mode, prompt, new_tokens: int, outputs: dict)
                         pad_token_id=0,
                     )
 
-        fns[name] = (fn, prompt.shape[0] * new_tokens, lambda fn=fn: fn(n=warm_tokens))
+        fns[name] = Side(fn, prompt.shape[0] * new_tokens, lambda fn=fn: fn(n=warm_tokens))
     return fns
 
 
@@ -302,7 +377,7 @@ def memory_worker(args) -> dict:
     if side != "smollm_ref":
         del models["smollm_ref"]
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
-    fn, _, *warm = train_fns(models, mode, ids, device)[side]
+    step = train_fns(models, mode, ids, device)[side]
     gc.collect()
     if device.type == "cpu":
         try:
@@ -315,9 +390,9 @@ def memory_worker(args) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    (warm[0] if warm else fn)()
+    (step.warm or step.fn)()
     for _ in range(args.memory_steps):
-        fn()
+        step.fn()
     sync(device)
     peak = _rss_kib("VmHWM") * 1024 if device.type == "cpu" else torch.cuda.max_memory_allocated(device)
     return {"peak_bytes": peak, "before_bytes": before, "delta_bytes": peak - before}
@@ -383,6 +458,8 @@ def fmt_row(task, mode, side, r, unit="tok/s") -> str:
     if mode.endswith("-compiled"):  # the warm-up call holds the compilation
         batch += f" (first call, compiling: {r['warmup_s']:.0f} s)"
     share = f"{100 * r['ceiling_share']:.0f}%" if r.get("ceiling_share") is not None else ""
+    if r.get("above_ceiling"):
+        share = f"**ABOVE the measured ceiling ({r['ceiling_share']:.2f}x): the ceiling is wrong, not a share**"
     return f"| {task} | {mode} | {side} | {tps['median']:,.0f} {unit} (±{tps['spread_pct'] / 2:.0f}%){extra} | {batch} | {ratio_s} | {share} |"
 
 
@@ -415,6 +492,13 @@ def parse_args(argv=None):
         default=1,
         help="full training steps in each memory subprocess after its warm-up step, which builds the optimizer state (default 1)",
     )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="run the whole plan N times; with --json PATH each run's JSON is kept as PATH's NAME.runK.json and PATH "
+        "holds the medians over runs (default 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -427,7 +511,7 @@ def parse_args(argv=None):
         p.error(f"--tasks: unknown {bad}; choose from {', '.join(TASKS)}")
     if args.decode_batch_sizes and not all(b.strip().isdigit() and int(b) > 0 for b in args.decode_batch_sizes.split(",")):
         p.error(f"--decode-batch-sizes: {args.decode_batch_sizes!r} is not a comma list of positive integers, e.g. 1,8")
-    for name in ("batch_size", "seq_len", "repeats", "new_tokens", "prompt_len", "memory_steps"):
+    for name in ("batch_size", "seq_len", "repeats", "new_tokens", "prompt_len", "memory_steps", "runs"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -446,6 +530,60 @@ def main(argv=None) -> int:
     if args.memory_worker:
         print(json.dumps(memory_worker(args)))
         return 0
+    every = []
+    for i in range(args.runs):
+        if args.runs > 1:
+            say(f"run {i + 1} of {args.runs}")
+        path = run_json_path(args.json, i, args.runs) if args.json else None
+        every.append(bench_once(args, path))
+    if args.runs > 1:
+        over = over_runs(every)
+        print_over_runs(over, args.runs)
+        if args.json:
+            files = [run_json_path(args.json, i, args.runs).name for i in range(args.runs)]
+            out = {"runs_files": files, "over_runs": over, "args": vars(args), "env": every[-1]["env"]}
+            print(f"wrote {write_json(out, args.json)} (medians over the runs in {', '.join(files)})")
+    return 0
+
+
+def run_json_path(path: str, i: int, runs: int) -> Path:
+    """Where run i (0-based) of `runs` writes its JSON: `path` itself for a single run, else NAME.runK.json
+    beside it (K from 1), `path` then holding the medians over runs."""
+    path = Path(path)
+    return path if runs == 1 else path.with_name(f"{path.stem}.run{i + 1}{path.suffix}")
+
+
+def over_runs(every: list[dict]) -> dict:
+    """Per figure ("task mode side"), the median and range over runs of each run's median tokens/s and of its
+    median ratio to transformers: one run's figure is never the verdict."""
+    figures: dict[str, dict[str, list[float]]] = {}
+    for results in every:
+        for run in results["runs"]:
+            for side, r in run.get("sides", {}).items():
+                if "tokens_per_s" not in r:
+                    continue
+                f = figures.setdefault(
+                    f"{run['task']} | {run['mode']} | {side}", {"tokens_per_s": [], "ratio_vs_transformers": []}
+                )
+                f["tokens_per_s"].append(r["tokens_per_s"]["median"])
+                if "ratio_vs_transformers" in r:
+                    f["ratio_vs_transformers"].append(r["ratio_vs_transformers"]["median"])
+    return {key: {k: summary(v) for k, v in f.items() if v} for key, f in figures.items()}
+
+
+def print_over_runs(over: dict, runs: int) -> None:
+    print(f"\nOver {runs} runs (median of each run's median; range over runs):\n")
+    print("| task | mode | side | throughput | smollm_ref / transformers |")
+    print("|---|---|---|---|---|")
+    for key, f in over.items():
+        tps = f["tokens_per_s"]
+        ratio = f.get("ratio_vs_transformers")
+        ratio_s = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else ""
+        print(f"| {key} | {tps['median']:,.0f} tok/s ({tps['min']:,.0f}-{tps['max']:,.0f}) | {ratio_s} |")
+
+
+def bench_once(args, json_path: Path | None) -> dict:
+    """One run of the whole plan; its results, also written to `json_path` as each task ends."""
     from tqdm import tqdm
 
     device = torch.device(args.device)
@@ -487,13 +625,13 @@ def main(argv=None) -> int:
             results["runs"].append({"task": task, "mode": mode.name, "error": f"{type(e).__name__}: {e}"[:500]})
             print(f"\n{task} {mode.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         results["tuning"] = tuning.choices()
-        if args.json:
-            write_json(results, args.json)
+        if json_path:
+            write_json(results, json_path)
     bar.close()
     print_table(results)
-    if args.json:
-        print(f"wrote {write_json(results, args.json)}")
-    return 0
+    if json_path:
+        print(f"wrote {write_json(results, json_path)}")
+    return results
 
 
 def default_plan(tasks: list[str], limits: ceilings.Ceilings) -> tuple[list, str]:
@@ -504,8 +642,8 @@ def default_plan(tasks: list[str], limits: ceilings.Ceilings) -> tuple[list, str
         speedup = limits.bf16_speedup()
         if speedup < 1:
             train = {t: ("float32",) for t in train}
-            note = (f"train and memory in float32: a bf16 GEMM runs at {speedup:.2f}x float32's speed here (no bf16 in "
-                    "hardware); ask for bf16 with --modes bf16 --tasks train")  # fmt: skip
+            note = (f"train and memory in float32: a bf16 GEMM runs at {speedup:.2f}x float32's speed here (each at "
+                    "its fastest implementation); ask for bf16 with --modes bf16 --tasks train")  # fmt: skip
     modes = {**DEFAULT_PLAN, **train}
     return [(Mode(m), t) for m in ("float32", "bf16") for t in tasks if m in modes[t]], note
 
@@ -549,15 +687,25 @@ def run_task(task: str, mode: Mode, run: Run) -> None:
         return
     if task in ("forward", "train"):
         bar.set_postfix_str(f"{task} {mode.name}")
-        fns = (forward_fns if task == "forward" else train_fns)(models, mode, run.ids, device)
+        if task == "forward":
+            fns = forward_fns(cast_copies(models, mode.dtype), mode, run.ids, device)
+        else:  # float32 master weights, as the trainer keeps them, in every mode
+            fns = train_fns(models, mode, run.ids, device)
         res = interleave(fns, args.repeats, device, lambda: bar.update(1), run.limits.probe(task, mode.dtype))
         add_ratios(res)
         add_shares(res, run.limits, task, mode, run.ids.numel())
-        for r in res.values():
+        for name, r in res.items():
             per_token = run.flops_per_token if task == "train" else run.flops_per_token / 3
             r["mfu"] = r["tokens_per_s"]["median"] * per_token / run.peak if run.peak else None
             r.pop("_raw")
-        results["runs"].append({"task": task, "mode": mode.name, "batch": [args.batch_size, args.seq_len], "sides": res})
+            if fns[name].optimizer is not None:
+                opt = fns[name].optimizer
+                r["optimizer"] = {"class": type(opt).__name__, "fused": bool(opt.defaults.get("fused")),
+                                  "foreach": bool(opt.defaults.get("foreach"))}  # fmt: skip
+            if fns[name].step is not None:
+                r["step"] = fns[name].step
+        results["runs"].append({"task": task, "mode": mode.name, "batch": [args.batch_size, args.seq_len], "sides": res,
+                                "weights": WEIGHTS[task] if mode.dtype != torch.float32 else "float32"})  # fmt: skip
         del fns
         gc.collect()
         return
@@ -600,10 +748,18 @@ def print_table(results: dict) -> None:
     if results.get("plan"):
         print(f"default plan: {results['plan']}")
     for key, c in results.get("ceilings", {}).items():
-        if key.startswith("gemm"):
-            print(
-                f"ceiling {key}: {c['flops_per_s'] / 1e9:,.0f} GFLOP/s at the step's shapes ({c['gemm_seconds_per_step']:.2f} s of GEMMs per step)"
-            )
+        if key == "peak fma":
+            print(f"CPU peak: {c['derivation']}" + ("" if c.get("float32") is None else
+                  f" = {c['float32'] / 1e9:,.0f} GFLOP/s float32, {c['bfloat16'] / 1e9:,.0f} bfloat16"))  # fmt: skip
+        elif key.startswith("gemm"):
+            fastest = sorted({p["fastest"] for p in c["parts"]})
+            line = (f"ceiling {key}: {c['flops_per_s'] / 1e9:,.0f} GFLOP/s at the step's shapes, each at its fastest "
+                    f"implementation ({', '.join(fastest)}; {c['gemm_seconds_per_step']:.2f} s of GEMMs per step)")  # fmt: skip
+            if c.get("share_of_theoretical_peak") is not None:
+                line += f", {100 * c['share_of_theoretical_peak']:.0f}% of the CPU's theoretical peak"
+                if c["share_of_theoretical_peak"] > 1:
+                    line += f" (so the cores ran at {c['clock_implied_hz'] / 1e9:.2f} GHz or more, above /proc/cpuinfo's clock)"
+            print(line)
         else:
             print(f"ceiling {key}: {c['bytes_per_s'] / 1e9:.1f} GB/s (streaming read {c['stream_read_bytes_per_s'] / 1e9:.1f}, "
                   f"batch-1 matmul pass {c['gemv_pass_bytes_per_s'] / 1e9:.1f}; {c['weight_bytes_per_step'] / 1e6:,.0f} MB of weights per step)")  # fmt: skip
@@ -611,6 +767,7 @@ def print_table(results: dict) -> None:
         "\n| task | mode | side | throughput (median, ±half-range) | time per call | smollm_ref / transformers | share of ceiling |"
     )
     print("|---|---|---|---|---|---|---|")
+    above: list[str] = []
     for run in results["runs"]:
         if "error" in run:
             print(f"| {run['task']} | {run['mode']} | all | error: {run['error'].splitlines()[0][:160]} | | | |")
@@ -631,6 +788,13 @@ def print_table(results: dict) -> None:
             if r.get("same_tokens_as_transformers") is not None:
                 row += " same tokens" if r["same_tokens_as_transformers"] else " tokens differ"
             print(row)
+            if r.get("above_ceiling"):
+                above.append(f"{run['task']} {run['mode']} {side}: {r['ceiling_share']:.2f}x its ceiling")
+    for line in above:
+        say(
+            f"WARNING: a figure above its measured ceiling, {line}: a kernel faster than every implementation the "
+            "ceiling timed (bench/ceilings.py gemm_candidates), or the machine sped up between the probes"
+        )
 
 
 if __name__ == "__main__":

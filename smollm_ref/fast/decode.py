@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..model import LlamaForCausalLM
 from ..sampling import check_args, sample_next
-from .forward import _causal_attention, _elementwise_rope, _layer, _rms_norm, rope_table
+from .forward import _causal_attention, _elementwise_rope, _layer, _rms_norm, refuse_unsupported, rope_table
 from .packing import PackCache, PackedWeights, _linear
 
 
@@ -185,7 +185,10 @@ class FastGenerator:
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n)."""
+        """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n). ValueError where the
+        model in its present mode computes something the fast decoder does not (attention dropout in
+        training mode, `forward.unsupported`)."""
+        refuse_unsupported(self.model, "FastGenerator")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("FastGenerator does not take padded batches; use smollm_ref.generate.generate for those")
         check_args(self.model, input_ids, max_new_tokens, temperature, top_k, top_p)

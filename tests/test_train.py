@@ -275,8 +275,8 @@ def test_adamw_policy_fused_step_matches_default_adamw():
             m(x).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    for pa, pb in zip(a.parameters(), b.parameters()):  # the kernels round apart: measured 1.5e-8 (weights up to 0.31)
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-7)
     assert len(train.adamw(a.parameters(), lr=1e-3).param_groups[0]["params"]) == 2  # a generator is read once
 
 
@@ -298,7 +298,8 @@ def test_train_step_uses_the_given_loss_fn():
     expected = float(train.lm_loss(model, x[:, :-1], x[:, 1:]))
     stats = train.train_step(model, [(x[:, :-1], x[:, 1:])], torch.optim.SGD(model.parameters(), lr=0.0), loss_fn=loss_fn)
     assert calls == [torch.Size([2, 16])]
-    assert float(stats.loss) == pytest.approx(expected, rel=1e-6)
+    # the fast loss against the reference's in float32: measured 1 ulp (9.5e-7 at 10.8)
+    assert float(stats.loss) == pytest.approx(expected, rel=2e-7, abs=0)
 
 
 def test_checkpoint_loads_in_transformers_as_the_same_model(finished_run):

@@ -436,18 +436,19 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(corpus,
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert list(a) == list(b) == [1, 2, 3]
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+    for step in a:  # the ranks' gradients are summed in another order: measured 9e-8 relative (1 ulp)
+        assert b[step] == pytest.approx(a[step], rel=5e-7, abs=0)
     state = checkpoint.load_state(tmp_path / "two" / "checkpoints" / "step_000003")
     assert state["world_size"] == 2 and state["data_position"] == 12
     wa = load_file(tmp_path / "one" / "checkpoints" / "step_000003" / "model.safetensors")
     wb = load_file(tmp_path / "two" / "checkpoints" / "step_000003" / "model.safetensors")
     # Adam divides by sqrt(v) + 1e-8, so elements whose gradient is ~1e-9 move by a step-sized amount that
-    # depends on float32 summation order: allow 1% of one step's lr for those, and require near-equality elsewhere.
+    # depends on float32 summation order: allow 1% of one step's lr for those (measured 0.55%), and require
+    # near-equality elsewhere (measured: 8 and 13 of 3.2M elements differ by more than 1e-6, ddp and fsdp).
     lr = common["lr"]
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 0.01 * lr
     differing = sum(int(((wa[k] - wb[k]).abs() > 1e-6).sum()) for k in wa)
-    assert differing < 1e-4 * sum(v.numel() for v in wa.values())
+    assert differing < 2e-5 * sum(v.numel() for v in wa.values())
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ is safe:
   than row-major at batch 1 on an AMD EPYC and 30% slower on an Intel Xeon), so `tuning.fastest` times them
   on the real shapes once and remembers (per process; on disk when timing took over a second).
 
+Where a model computes something these paths do not (attention dropout in training mode), they refuse with
+a ValueError; `unsupported(model)` says why, and the trainer's `fast_step_unsupported` asks it.
+
 Mixed precision here means what `torch.autocast` means for this model: matmuls and attention in the
 low-precision dtype, norms, RoPE and the residual stream in float32, loss in float32.
 """
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 from .decode import FastGenerator, StaticKVCache, decode_step, fast_generate, rope_matrices
 from .decode import _forward_cached as _forward_cached  # for the tests
-from .forward import FastForward, rope_table
+from .forward import FastForward, rope_table, unsupported
 from .forward import _SwiGLUDown as _SwiGLUDown  # for the tests
 from .loss import IGNORE_INDEX, Workspace, chunked_cross_entropy, linear_cross_entropy
 from .packing import LAYOUTS, PackCache, PackedLayer, PackedWeights, choose_layouts, pack_weights, relayout, to_layout
@@ -60,4 +63,5 @@ __all__ = [
     "rope_matrices",
     "rope_table",
     "to_layout",
+    "unsupported",
 ]

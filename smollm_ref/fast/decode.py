@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..model import LlamaForCausalLM
 from ..sampling import check_args, eos_ids, left_align, sample_next
-from .forward import _causal_attention, _elementwise_rope, _layer, _rms_norm, rope_table
+from .forward import _causal_attention, _elementwise_rope, _layer, _rms_norm, refuse_unsupported, rope_table
 from .packing import PackCache, PackedWeights, _linear
 
 
@@ -187,7 +187,10 @@ class FastGenerator:
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n); ValueError for an
-        argument no decode can run with, checked the same way (`sampling.check_args`), and for padding."""
+        argument no decode can run with, checked the same way (`sampling.check_args`), for padding, and where
+        the model in its present mode computes something the fast decoder does not (attention dropout in
+        training mode, `forward.unsupported`)."""
+        refuse_unsupported(self.model, "FastGenerator")
         check_args(self.model, input_ids, max_new_tokens, temperature, top_k, top_p)
         eos = eos_ids(eos_token_id, self.config.eos_token_id)
         if attention_mask is not None and left_align(input_ids, attention_mask)[1] is not None:

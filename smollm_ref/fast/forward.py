@@ -14,6 +14,32 @@ from .loss import Workspace, chunked_cross_entropy, linear_cross_entropy
 from .packing import PackCache, PackedLayer, PackedWeights, _linear, pack_weights
 
 
+def unsupported(model: LlamaForCausalLM, training: bool | None = None) -> str | None:
+    """Why the fast paths (`FastForward`'s logits and losses, its compiled block, `FastGenerator`) would not
+    compute what `model` computes, as a phrase; None when they compute the same function.
+
+    training: the mode to judge (default: `model.training`, the mode the reference reads). The one thing the
+    fast paths leave out is attention dropout, which the reference applies in training mode only; every other
+    field the reference reads (biases, untied head, RMSNorm eps, RoPE theta, head_dim, the padding row of
+    the embedding, -100 labels) the fast paths read too, and the tests check each against the reference."""
+    training = model.training if training is None else training
+    # What each attention module applies, as the reference reads it (the config's value, unless changed since).
+    dropout = max((layer.self_attn.attention_dropout for layer in model.model.layers), default=0.0)
+    if training and dropout > 0:
+        return f"attention_dropout {dropout:g} is applied in training mode and the fast paths have no attention dropout"
+    return None
+
+
+def refuse_unsupported(model: LlamaForCausalLM, who: str) -> None:
+    """A ValueError naming what `who` (a fast path) would compute differently from `model`, if anything."""
+    reason = unsupported(model)
+    if reason is not None:
+        raise ValueError(
+            f"{who} would not compute what this model computes: {reason}; call model.eval() for inference, "
+            "or train with the reference model (the trainer's --no-fast)"
+        )
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # torch's fused RMSNorm: one kernel forward and one backward where the reference's seven element-wise
     # ops make fourteen (4x faster on CPU at 4x512x576). Float32 inputs (the mixed-precision residual)
@@ -110,11 +136,14 @@ class FastForward:
     than the parameters' dtype this is autocast-style mixed precision (float32 residual and norms).
     compile: `torch.compile` one decoder block (the same compiled code serves every layer).
     chunk_size: rows of logits the loss holds at once (default 512 on CPU, 4096 on CUDA).
+    ValueError, here and at every call, where the model in its present mode computes something the fast
+    forward does not (`unsupported`: attention dropout in training mode).
     """
 
     def __init__(
         self, model: LlamaForCausalLM, dtype: torch.dtype | None = None, compile: bool = False, chunk_size: int | None = None
     ):
+        refuse_unsupported(model, "FastForward")
         self.model = model
         self.config = model.config
         self.dtype = dtype or model.lm_head.weight.dtype
@@ -141,9 +170,12 @@ class FastForward:
         return self._rope[key]
 
     def hidden(self, input_ids: torch.Tensor, packed: PackedWeights | None = None) -> torch.Tensor:
-        """(B, T) -> final-norm hidden states (B, T, C) in the compute dtype. No padding, no cache."""
+        """(B, T) -> final-norm hidden states (B, T, C) in the compute dtype. No padding, no cache.
+        ValueError where the model, in its present mode, computes something else (`unsupported`): the mode
+        can change after this FastForward was built."""
+        refuse_unsupported(self.model, "FastForward")
         packed = packed or self.packed()
-        x = F.embedding(input_ids, packed.embed)  # (B, T, C), the residual dtype
+        x = F.embedding(input_ids, packed.embed, packed.padding_idx)  # (B, T, C), the residual dtype
         cos, sin = self._rope_for(input_ids.shape[1], input_ids.device, x.dtype)
         for p in packed.layers:
             x = self.block(x, p, cos, sin, self.config, self.dtype)

@@ -33,6 +33,8 @@ class PackedWeights:
     norm: torch.Tensor  # (C,)
     lm_head: torch.Tensor  # (V, C), the compute dtype
     dtype: torch.dtype  # compute dtype of matmuls and attention
+    # The embedding's padding row, which its lookup sends no gradient (nn.Embedding's padding_idx), or None.
+    padding_idx: int | None = None
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +76,14 @@ def pack_weights(model: LlamaForCausalLM, dtype: torch.dtype | None = None) -> P
         )
     embed = model.model.embed_tokens.weight
     lm_head = model.lm_head.weight.to(dtype)
-    return PackedWeights(embed=embed, layers=layers, norm=model.model.norm.weight, lm_head=lm_head, dtype=dtype)
+    return PackedWeights(
+        embed=embed,
+        layers=layers,
+        norm=model.model.norm.weight,
+        lm_head=lm_head,
+        dtype=dtype,
+        padding_idx=model.model.embed_tokens.padding_idx,
+    )
 
 
 # The ways a weight matrix can be laid out for inference. The same values and shape (out, in) in each; what
@@ -129,7 +138,10 @@ def relayout(packed: PackedWeights, layouts: dict[str, str]) -> PackedWeights:
         PackedLayer(**{**vars(p), **{kind: converted[kind][i] for kind in KINDS if kind != "lm_head"}})
         for i, p in enumerate(packed.layers)
     ]
-    return PackedWeights(embed=packed.embed, layers=layers, norm=packed.norm, lm_head=converted["lm_head"][0], dtype=packed.dtype)
+    head = converted["lm_head"][0]
+    return PackedWeights(
+        embed=packed.embed, layers=layers, norm=packed.norm, lm_head=head, dtype=packed.dtype, padding_idx=packed.padding_idx
+    )
 
 
 class _Trial:

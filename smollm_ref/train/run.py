@@ -87,6 +87,7 @@ class Run:
     resumed_from: Path | None = None
     created_dir: bool = False  # this run made its directory (an interruption before the first step removes it)
     lock: DirectoryLock | None = None  # the run directory's lock, held by the main rank
+    why_not_fast: str | None = None  # why the step is the reference's (`step.fast_step_unsupported`), for the log
     chat: bool = False  # chat data: loss on assistant replies only, rows of (input_ids, labels, position_ids)
     bad_steps: int = 0
     last_loss: float | None = None
@@ -148,7 +149,7 @@ class Run:
                 f"the checkpoint is at step {state.step}, already at --max-steps {max_steps}; pass --additional-steps N or a larger --max-steps"
             )
         chat = isinstance(token_data, ChatData)
-        fast = None if chat else fast_forward(raw_model, cfg, d.world_size, precision)
+        fast, why_not_fast = fast_forward(raw_model, cfg, d.world_size, precision, chat)
         if cfg.compile and fast is None:
             model = torch.compile(model)
         logger = RunLogger(run_dir, cfg, state.step, state.wandb_run_id) if d.is_main else NullLogger()
@@ -165,7 +166,7 @@ class Run:
             cfg=cfg, d=d, device=device, run_dir=run_dir, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
             loss_fn=fast.lm_loss if fast is not None else None, autocast=autocast_context(device, precision), tokenizer=tokenizer,
             data=token_data, order=data.Order(len(token_data.train), cfg.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg, d),
-            state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, chat=chat,
+            state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, chat=chat, why_not_fast=why_not_fast,
         )  # fmt: skip
 
     def _describe(self, precision: str, model_config) -> None:
@@ -182,12 +183,10 @@ class Run:
             data_line = (
                 f"train {self.data.train_tokens:,} tokens ({len(self.data.train):,} sequences), val {self.data.val_tokens:,}"
             )
-        step_kind = "fast" if self.loss_fn is not None else "reference"
-        if self.chat and self.cfg.fast and precision != "fp32":
-            step_kind += " (the fast step does not take chat rows yet)"
+        step_kind = "fast step" if self.loss_fn is not None else f"reference step ({self.why_not_fast})"
         self.logger.say(
             f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(self.device)} x{d.world_size} | {precision}, "
-            f"{step_kind} step | {self.per_step} x {cfg.seq_len} tokens per step | {data_line} | MFU peak {peak} | run dir {self.run_dir}"
+            f"{step_kind} | {self.per_step} x {cfg.seq_len} tokens per step | {data_line} | MFU peak {peak} | run dir {self.run_dir}"
         )
         warning = self.checkpointer.space_warning() if d.is_main else None
         if warning:

@@ -28,6 +28,7 @@ __all__ = [
     "evaluate",
     "evaluate_chat",
     "fast_forward",
+    "fast_step_unsupported",
     "lm_loss",
     "lr_at",
     "make_optimizer",
@@ -69,19 +70,38 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def fast_forward(model, cfg: TrainConfig, world_size: int, precision: str):
-    """The fast training forward (`smollm_ref.fast.FastForward`) where it applies, else None.
+def fast_step_unsupported(model, cfg: TrainConfig, world_size: int, precision: str, chat: bool = False) -> str | None:
+    """Why this run's step does not use the fast training forward (`smollm_ref.fast.FastForward`), as a phrase
+    for the log, or None where it does. The one place that choice is made.
 
-    It reads the model's Parameters directly, so it cannot go through a DDP or FSDP wrapper (their
-    gradient hooks would not fire): multi-process runs keep the reference model. Compute dtype follows
-    --precision (autocast-style: bf16/fp16 matmuls, float32 norms, residual and loss). Mixed precision
-    only: there packing replaces autocast's per-op weight casts; in float32 it has no casts to save and
-    its per-step weight concatenation made a 4x128 CPU step ~9% slower than the reference's."""
-    if not cfg.fast or world_size > 1 or cfg.fsdp or precision == "fp32":
-        return None
+    It reads the model's Parameters directly, so it cannot go through a DDP or FSDP wrapper (their gradient
+    hooks would not fire): multi-process runs keep the reference model. Mixed precision only: there packing
+    replaces autocast's per-op weight casts; in float32 it has no casts to save and its per-step weight
+    concatenation made a 4x128 CPU step ~9% slower than the reference's. And only where it computes the
+    reference's training function for this model (`smollm_ref.fast.unsupported`: no attention dropout)."""
+    if not cfg.fast:
+        return "--no-fast"
+    if precision == "fp32":
+        return "fp32: the fast step only pays in mixed precision"
+    if world_size > 1 or cfg.fsdp:
+        return "several processes or FSDP: the fast step reads the Parameters past the wrapper's gradient hooks"
+    if chat:
+        return "the fast step does not take chat rows yet"
+    from ..fast import unsupported
+
+    return unsupported(model, training=True)
+
+
+def fast_forward(model, cfg: TrainConfig, world_size: int, precision: str, chat: bool = False):
+    """(the fast training forward, None) where `fast_step_unsupported` finds nothing against it, else (None,
+    its reason). Compute dtype follows --precision (autocast-style: bf16/fp16 matmuls, float32 norms,
+    residual and loss)."""
+    reason = fast_step_unsupported(model, cfg, world_size, precision, chat)
+    if reason is not None:
+        return None, reason
     from ..fast import FastForward
 
-    return FastForward(model, torch.bfloat16 if precision == "bf16-mixed" else torch.float16, compile=cfg.compile)
+    return FastForward(model, torch.bfloat16 if precision == "bf16-mixed" else torch.float16, compile=cfg.compile), None
 
 
 def adamw(param_groups, *, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, sharded: bool = False) -> torch.optim.AdamW:

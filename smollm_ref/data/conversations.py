@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import chat
-from .sources import DataError, iter_records, source_key
+from .sources import DataError, located_records, source_key
 from .store import separator_id, tokenizer_fingerprint
 
 
@@ -65,16 +65,17 @@ class ChatData:
 
 def encode_records(spec: str, tokenizer) -> tuple[list[tuple[list[int], list[int]]], int]:
     """Every conversation of `spec` encoded, and how many were skipped for having no assistant reply. A
-    malformed record is an error naming it; so is a set where no conversation has a reply."""
+    malformed record is an error naming it (file and line for .jsonl); so is a set where no conversation has
+    a reply."""
     encoded, skipped, seen = [], 0, 0
-    for number, record in enumerate(iter_records(spec), 1):
-        seen = number
+    for where, record in located_records(spec):
+        seen += 1
         try:
             encoded.append(chat.encode(tokenizer, chat.messages_of(record)))
         except chat.NoAssistantTurn:
             skipped += 1
         except chat.ChatError as e:
-            raise DataError(f"{spec} record {number}: {e}") from None
+            raise DataError(f"{where}: {e}") from None
     if not encoded:
         raise DataError(
             f"{spec} holds no conversation with an assistant reply ({seen} records, {skipped} without one); nothing to fine-tune on"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
-import json
 import os
 import random
 import sys
@@ -29,6 +28,8 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from .. import storage
 
 FORMAT_VERSION = 1  # bump when the document layout changes, so old caches are not reused
 DEFAULT_DATA = "stdlib"
@@ -83,22 +84,42 @@ def _file_document(path: Path, root: Path | None) -> str | None:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON) of every non-blank line; a line that is not JSON is an error naming it."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(line number, parsed JSON) of every non-blank line. A line that is not UTF-8 or not JSON (nesting
+    too deep included) is an error naming the file and the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path} line {lineno} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "convert the file to UTF-8 or remove the line"
+                ) from None
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno} is not JSON ({e.msg}); fix the line") from None
+                yield lineno, storage.loads_json(line, f"{path} line {lineno}")
+            except storage.BadFile as e:
+                raise DataError(f"{e}; fix the line") from None
+
+
+def _text_of(record, field: str, where: str) -> str:
+    """`record[field]` when it is a string. A null, a number, a list or an object there is refused rather
+    than trained as its Python repr ("None", "[...]"): such a value is a mistake in the data or the field."""
+    value = record[field]
+    if not isinstance(value, str):
+        shown = "null" if value is None else type(value).__name__
+        raise DataError(
+            f"{where}: field {field!r} is {shown}, not a string; fix the record or set --text-field to the field holding the text"
+        )
+    return value
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
     for lineno, record in _jsonl_records(path):
         if not isinstance(record, dict) or field not in record:
             raise DataError(f"{path} line {lineno} has no {field!r} field; set --text-field to the field holding the text")
-        yield str(record[field])
+        yield _text_of(record, field, f"{path} line {lineno}")
 
 
 @dataclass(frozen=True)
@@ -178,7 +199,7 @@ def _hf_documents(spec: HFSpec, field: str) -> Iterator[str]:
             if field not in record:
                 raise DataError(f"dataset {spec} has no {field!r} field (it has {', '.join(sorted(record))}); set --text-field")
             count += 1
-            yield str(record[field])
+            yield _text_of(record, field, f"dataset {spec} record {count}")
     except DataError:
         raise
     except Exception as e:
@@ -197,6 +218,8 @@ def _local_files(spec: str) -> tuple[list[Path], Path | None]:
         return files, path
     if path.is_file():
         return [path], None
+    if path.exists():  # a FIFO or a device (/dev/zero): no end, or nothing to read
+        raise DataError(f"data path {spec} is not a regular file or a directory; pass a file, a directory, a glob or hf:NAME")
     if any(c in spec for c in "*?["):
         files = sorted(Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
         if not files:
@@ -257,18 +280,27 @@ def source_key(spec: str, text_field: str = "text") -> str:
 # ---- chat records -------------------------------------------------------------------------------------------
 
 
-def iter_records(spec: str) -> Iterator[dict]:
-    """The raw records of a chat spec: `stdlib-chat`, a .jsonl file, or hf:... (each a dict holding `messages`)."""
+def iter_records(spec: str) -> Iterator[object]:
+    """The raw records of a chat spec: `stdlib-chat`, a .jsonl file, or hf:... (each should be an object
+    holding `messages`; one that is not is passed on as it is, for `chat.messages_of` to refuse)."""
+    for _, record in located_records(spec):
+        yield record
+
+
+def located_records(spec: str) -> Iterator[tuple[str, object]]:
+    """`iter_records` with where each record is, for messages: `PATH line N` for a .jsonl file,
+    `dataset SPEC record N` for hf:..., `stdlib-chat record N`."""
     if spec == CHAT_DATA:
         from .stdlib_chat import records
 
-        yield from records()
+        for number, record in enumerate(records(), 1):
+            yield f"{CHAT_DATA} record {number}", record
         return
     if spec.startswith("hf:"):
         hf = HFSpec.parse(spec)
         try:
-            for record in _hf_records(hf):
-                yield dict(record)
+            for number, record in enumerate(_hf_records(hf), 1):
+                yield f"dataset {hf} record {number}", dict(record)
         except DataError:
             raise
         except Exception as e:
@@ -279,8 +311,8 @@ def iter_records(spec: str) -> Iterator[dict]:
         raise DataError(
             f'chat data {spec} must be a .jsonl file of {{"messages": [...]}} records, hf:PATH with a messages column, or {CHAT_DATA}'
         )
-    for _, record in _jsonl_records(path):
-        yield record if isinstance(record, dict) else {"_not_an_object": record}
+    for lineno, record in _jsonl_records(path):
+        yield f"{path} line {lineno}", record
 
 
 def looks_like_chat(spec: str) -> bool:

@@ -63,15 +63,15 @@ class ChatData:
         return said + f"; {layout} {len(self.train):,} rows, {self.train.trained_tokens():,} trained tokens (assistant replies)"
 
 
-def encode_records(spec: str, tokenizer) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """Every conversation of `spec` encoded, and how many were skipped for having no assistant reply. A
-    malformed record is an error naming it (file and line for .jsonl); so is a set where no conversation has
-    a reply."""
+def encode_records(spec: str, tokenizer, max_tokens: int | None = None) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Every conversation of `spec` encoded (cut to `max_tokens`, see `chat.encode`), and how many were
+    skipped for having no assistant reply. A malformed record is an error naming it (file and line for
+    .jsonl); so is a set where no conversation has a reply."""
     encoded, skipped, seen = [], 0, 0
     for where, record in located_records(spec):
         seen += 1
         try:
-            encoded.append(chat.encode(tokenizer, chat.messages_of(record)))
+            encoded.append(chat.encode(tokenizer, chat.messages_of(record), max_tokens=max_tokens))
         except chat.NoAssistantTurn:
             skipped += 1
         except chat.ChatError as e:
@@ -84,7 +84,8 @@ def encode_records(spec: str, tokenizer) -> tuple[list[tuple[list[int], list[int
 
 
 def chat_data(spec: str, tokenizer, seq_len: int, val_fraction: float, pack: bool = True, too_long: str = "truncate") -> ChatData:
-    encoded, skipped = encode_records(spec, tokenizer)
+    # one token more than a row holds: enough to tell a conversation that does not fit (cut or dropped below)
+    encoded, skipped = encode_records(spec, tokenizer, max_tokens=seq_len + 1)
     n_val = max(1, round(len(encoded) * val_fraction)) if val_fraction > 0 and len(encoded) >= 2 else 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else separator_id(tokenizer)
     counts = {"conversations": len(encoded) + skipped, "skipped": skipped, "truncated": 0, "dropped": 0}

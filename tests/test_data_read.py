@@ -37,7 +37,10 @@ def smollm_tok():
 # ---- text fields: a string or a refusal, never a repr ------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "shown"), [(None, "null"), (3, "int"), (2.5, "float"), (["a"], "list"), ({"a": 1}, "dict")])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(None, "null"), (3, "a number"), (2.5, "a number"), (True, "a boolean"), (["a"], "an array"), ({"a": 1}, "an object")],
+)
 def test_a_jsonl_text_field_that_is_not_a_string_is_refused_naming_the_line(tmp_path, value, shown):
     corpus = lines(tmp_path / "c.jsonl", {"text": "fine"}, {"text": value})
     with pytest.raises(data.DataError) as e:
@@ -57,7 +60,7 @@ def test_a_parquet_text_field_that_is_not_a_string_is_refused_naming_the_record(
     pq.write_table(pa.table({"text": [1, 2], "body": ["one", "two"]}), tmp_path / "numbers" / "train.parquet")
     with pytest.raises(data.DataError, match=r"^dataset hf:.*nulls@train record 2: field 'text' is null, not a string"):
         data.read_documents(f"hf:{tmp_path / 'nulls'}")
-    with pytest.raises(data.DataError, match=r"record 1: field 'text' is int, not a string; .* set --text-field"):
+    with pytest.raises(data.DataError, match=r"record 1: field 'text' is a number, not a string; .* set --text-field"):
         data.read_documents(f"hf:{tmp_path / 'numbers'}")
     assert data.read_documents(f"hf:{tmp_path / 'numbers'}", text_field="body") == ["one", "two"]
 
@@ -138,3 +141,153 @@ def test_the_trainer_refuses_a_deep_line_in_one_line(tmp_path, capsys, kind):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {corpus} line 2 nests JSON too deeply to read; fix the line"
     assert not (tmp_path / "run").exists()
+
+
+# ---- token stores: the index and the progress file, read bounded and checked value by value -----------------
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    from smollm_ref.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(FORMAT1 / "step_000002"))
+
+
+@pytest.fixture
+def store(tmp_path, tiny_tok) -> Path:
+    corpus = lines(tmp_path / "c.jsonl", *({"text": f"document {i} of a few words"} for i in range(8)))
+    return data.prepare(str(corpus), tmp_path / "s", tiny_tok, shard_tokens=32, workers=1, progress=False).dir
+
+
+def spoil_index(store: Path, change) -> dict:
+    index = json.loads((store / "index.json").read_text())
+    change(index)
+    (store / "index.json").write_text(json.dumps(index))
+    return index
+
+
+def verify_command(store: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smollm_ref.data", "verify", str(store)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+
+
+SPOILED_INDEXES = {
+    "float dtype": (lambda i: i.update(dtype="float64"), "'dtype' is 'float64', not a token dtype (uint16 or uint32)"),
+    "signed dtype": (lambda i: i.update(dtype="int8"), "'dtype' is 'int8', not a token dtype"),
+    "object dtype": (lambda i: i.update(dtype=["uint16"]), "'dtype' is ['uint16'], not a token dtype"),
+    "shard a number": (lambda i: i["shards"].insert(0, 7), "shards[0] is a number, not an object"),
+    "shard a string": (lambda i: i["shards"].append("shard_000009.bin"), "is a string, not an object"),
+    "shards an object": (lambda i: i.update(shards={"file": "x"}), "'shards' is an object, not a list"),
+    "shard outside": (lambda i: i["shards"][0].update(file="../c.jsonl"), "shards[0] names no file inside the store"),
+    "shard file a number": (lambda i: i["shards"][0].update(file=3), "shards[0] names no file inside the store (3)"),
+    "shard tokens text": (lambda i: i["shards"][1].update(tokens="32"), "shards[1] 'tokens' is '32', not a whole number"),
+    "shard tokens negative": (lambda i: i["shards"][1].update(tokens=-1), "shards[1] 'tokens' is -1, not a whole number"),
+    "shard checksum": (lambda i: i["shards"][0].update(sha256=None), "shards[0] 'sha256' is None, not a SHA-256"),
+    "total a float": (lambda i: i.update(shards=[], tokens=1e20), "'tokens' is 1e+20, not a whole number"),
+    "total of no shards": (
+        lambda i: i.update(shards=[], tokens=10**20),
+        "says 100,000,000,000,000,000,000 tokens but its 0 shard(s) hold 0",
+    ),
+    "total off by one": (lambda i: i.update(tokens=185), "says 185 tokens but its 6 shard(s) hold 184"),
+    "no tokens": (lambda i: i.update(shards=[], tokens=0), "the store holds no tokens"),
+    "documents null": (lambda i: i.update(documents=None), "'documents' is None, not a whole number"),
+    "tokenizer a string": (lambda i: i.update(tokenizer="tiny"), "'tokenizer' is 'tiny', not a tokenizer's fingerprint"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPOILED_INDEXES))
+def test_an_index_value_of_the_wrong_kind_is_refused_naming_it(store, case):
+    change, words = SPOILED_INDEXES[case]
+    spoil_index(store, change)
+    with pytest.raises(data.DataError) as e:
+        data.Store(store)
+    message = str(e.value)
+    assert message.startswith(f"token store index {store / 'index.json'}") and words in message, message
+    assert message.endswith(("; prepare the store again", "; prepare it from data that contains text"))
+
+
+def test_verify_refuses_a_store_whose_index_claims_tokens_its_shards_do_not_hold(store):
+    assert verify_command(store).returncode == 0
+    spoil_index(store, lambda i: i.update(shards=[], tokens=10**20))
+    done = verify_command(store)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: token store index {store / 'index.json'} says 100,000,000,000,000,000,000 tokens")
+
+
+@pytest.mark.parametrize(
+    ("write", "words"),
+    [
+        (lambda p: p.write_text(DEEP), "nests JSON too deeply to read; prepare the store again"),
+        (lambda p: p.write_text("[1, 2]"), "is an array, not an object; prepare the store again"),
+        (lambda p: p.write_bytes(b'{"format": "\xff"}'), "is not UTF-8 text"),
+        (lambda p: os.mkfifo(p), "is not a regular file"),
+        (lambda p: p.symlink_to("/dev/zero"), "is not a regular file"),
+    ],
+)
+def test_an_index_that_is_not_a_small_json_object_is_one_line(store, write, words):
+    (store / "index.json").unlink()
+    write(store / "index.json")
+    assert data.is_store(store)  # a store whose index is broken: refused as one, not read as a corpus
+    with pytest.raises(data.DataError) as e:
+        data.Store(store)
+    assert str(e.value).startswith(f"token store index {store / 'index.json'} ") and words in str(e.value), str(e.value)
+
+
+def test_a_shard_linked_to_a_device_is_not_called_missing(store):
+    index = json.loads((store / "index.json").read_text())
+    shard = store / index["shards"][1]["file"]
+    shard.unlink()
+    shard.symlink_to("/dev/zero")
+    with pytest.raises(data.DataError) as e:
+        data.Store(store)
+    assert str(e.value) == (
+        f"token store shard {shard} is not a regular file (a link to /dev/zero), its index says "
+        f"{index['shards'][1]['tokens'] * 2} bytes; prepare the store again"
+    )
+    shard.unlink()
+    with pytest.raises(data.DataError, match=f"token store shard {shard} is missing, its index says"):
+        data.Store(store)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda p: p.write_text(DEEP), "nests JSON too deeply to read; remove"),
+        (lambda p: p.write_text("null"), "is null, not an object; remove"),
+        (
+            lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "shards": [1]})),
+            "shards[0] is a number, not an object",
+        ),
+        (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "offset": "0"})), "'offset' is '0', not a whole number"),
+    ],
+)
+def test_a_bad_progress_file_is_one_line(tmp_path, tiny_tok, change, words):
+    corpus = lines(tmp_path / "c.jsonl", *({"text": f"document {i} of a few words"} for i in range(8)))
+    out = tmp_path / "s"
+    data.prepare(str(corpus), out, tiny_tok, shard_tokens=32, workers=1, progress=False)
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").unlink()  # as if killed before the index: the progress file of a finished run
+    progress = {k: v for k, v in index.items() if k not in ("exhausted", "seconds")}
+    (out / "progress.json").write_text(json.dumps({**progress, "offset": 0}))
+    change(out / "progress.json")
+    with pytest.raises(data.DataError) as e:
+        data.prepare(str(corpus), out, tiny_tok, shard_tokens=32, workers=1, progress=False)
+    assert words in str(e.value) and f"remove {out} and prepare again" in str(e.value), str(e.value)
+
+
+def test_a_corpus_of_empty_documents_is_refused_not_stored_as_separators(tmp_path):
+    corpus = lines(tmp_path / "c.jsonl", {"text": ""}, {"text": ""}, {"text": ""})
+    out = tmp_path / "s"
+    command = [sys.executable, "-m", "smollm_ref.data", "prepare", str(corpus), "--out", str(out), "--no-progress"]
+    command += ["--tokenizer", str(FORMAT1 / "step_000002"), "--workers", "1"]
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert done.returncode == 2 and not (out / "index.json").exists()
+    assert done.stderr.strip() == (
+        f"error: {corpus} holds no text to train on (no tokens after tokenising, or only the separators of empty "
+        "documents); pass data that contains text"
+    )

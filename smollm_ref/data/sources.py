@@ -103,14 +103,21 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
                 raise DataError(f"{e}; fix the line") from None
 
 
+def json_kind(value) -> str:
+    """What a parsed JSON (or dataset) value is, in the words of JSON: "null", "a number", "an array", ..."""
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array"), (dict, "an object"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), f"a {type(value).__name__}")
+
+
 def _text_of(record, field: str, where: str) -> str:
     """`record[field]` when it is a string. A null, a number, a list or an object there is refused rather
     than trained as its Python repr ("None", "[...]"): such a value is a mistake in the data or the field."""
     value = record[field]
     if not isinstance(value, str):
-        shown = "null" if value is None else type(value).__name__
         raise DataError(
-            f"{where}: field {field!r} is {shown}, not a string; fix the record or set --text-field to the field holding the text"
+            f"{where}: field {field!r} is {json_kind(value)}, not a string; fix the record or set --text-field to the field holding the text"
         )
     return value
 

@@ -195,6 +195,7 @@ SPOILED_INDEXES = {
     "total off by one": (lambda i: i.update(tokens=185), "says 185 tokens but its 6 shard(s) hold 184"),
     "no tokens": (lambda i: i.update(shards=[], tokens=0), "the store holds no tokens"),
     "documents null": (lambda i: i.update(documents=None), "'documents' is None, not a whole number"),
+    "dtype a long text": (lambda i: i.update(dtype="u" * 100_000), "'dtype' is 'uuuu"),
     "tokenizer a string": (lambda i: i.update(tokenizer="tiny"), "'tokenizer' is 'tiny', not a tokenizer's fingerprint"),
 }
 
@@ -207,7 +208,7 @@ def test_an_index_value_of_the_wrong_kind_is_refused_naming_it(store, case):
         data.Store(store)
     message = str(e.value)
     assert message.startswith(f"token store index {store / 'index.json'}") and words in message, message
-    assert message.endswith(("; prepare the store again", "; prepare it from data that contains text"))
+    assert message.endswith(("; prepare the store again", "; prepare it from data that contains text")) and len(message) < 400
 
 
 def test_verify_refuses_a_store_whose_index_claims_tokens_its_shards_do_not_hold(store):
@@ -291,3 +292,39 @@ def test_a_corpus_of_empty_documents_is_refused_not_stored_as_separators(tmp_pat
         f"error: {corpus} holds no text to train on (no tokens after tokenising, or only the separators of empty "
         "documents); pass data that contains text"
     )
+
+
+# ---- the same kinds, elsewhere: a number too long to convert, a line that is not an object, long values quoted ---
+
+
+def test_a_number_too_long_to_read_names_the_file_and_the_line(tmp_path, smollm_tok):
+    corpus = lines(tmp_path / "c.jsonl", {"text": "fine"}, b'{"text": "x", "id": ' + b"7" * 5000 + b"}")
+    with pytest.raises(data.DataError, match=rf"^{corpus} line 2 holds a number too long to read; fix the line$"):
+        data.read_documents(str(corpus))
+    chats = lines(tmp_path / "chat.jsonl", CHAT, b"[" + b"7" * 5000 + b"]")
+    with pytest.raises(data.DataError, match=rf"^{chats} line 2 holds a number too long to read"):
+        encode_records(str(chats), smollm_tok)
+
+
+def test_a_text_line_that_is_not_an_object_names_its_kind(tmp_path):
+    corpus = lines(tmp_path / "c.jsonl", {"text": "fine"}, ["fine"])
+    with pytest.raises(data.DataError) as e:
+        data.read_documents(str(corpus))
+    assert str(e.value) == f"{corpus} line 2 is an array, not an object with a 'text' field; fix the line"
+
+
+def test_a_non_utf8_chat_line_names_the_file_and_the_line(tmp_path, smollm_tok):
+    chats = lines(tmp_path / "chat.jsonl", CHAT, b'{"messages": "\xff"}')
+    with pytest.raises(data.DataError, match=rf"^{chats} line 2 is not UTF-8 \(byte 0xff at column 15\)"):
+        encode_records(str(chats), smollm_tok)
+
+
+def test_long_values_quoted_in_errors_are_cut(tmp_path, smollm_tok):
+    chats = lines(tmp_path / "chat.jsonl", {"messages": [{"role": "u" * 100_000, "content": "hi"}]})
+    with pytest.raises(data.DataError) as e:
+        encode_records(str(chats), smollm_tok)
+    assert "unknown role 'uuuu" in str(e.value) and len(str(e.value)) < 300
+    keys = lines(tmp_path / "keys.jsonl", {f"key{i}": i for i in range(10_000)})
+    with pytest.raises(data.DataError, match="has no 'messages'") as e:
+        encode_records(str(keys), smollm_tok)
+    assert len(str(e.value)) < 300

@@ -111,6 +111,12 @@ def json_kind(value) -> str:
     return next((kind for types, kind in kinds if isinstance(value, types)), f"a {type(value).__name__}")
 
 
+def shown(value, limit: int = 60) -> str:
+    """`repr(value)` cut to about `limit` characters: a value quoted from a data file in a one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _text_of(record, field: str, where: str) -> str:
     """`record[field]` when it is a string. A null, a number, a list or an object there is refused rather
     than trained as its Python repr ("None", "[...]"): such a value is a mistake in the data or the field."""
@@ -124,7 +130,9 @@ def _text_of(record, field: str, where: str) -> str:
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
     for lineno, record in _jsonl_records(path):
-        if not isinstance(record, dict) or field not in record:
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {lineno} is {json_kind(record)}, not an object with a {field!r} field; fix the line")
+        if field not in record:
             raise DataError(f"{path} line {lineno} has no {field!r} field; set --text-field to the field holding the text")
         yield _text_of(record, field, f"{path} line {lineno}")
 

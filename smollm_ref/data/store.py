@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import storage
-from .sources import DataError, iter_documents, json_kind, source_key
+from .sources import DataError, iter_documents, json_kind, shown, source_key
 
 STORE_FORMAT = 1
 INDEX = "index.json"
@@ -179,11 +179,11 @@ def _check_shards(shards, where: str, advice: str = "prepare the store again") -
             raise DataError(f"{where}: shards[{i}] is {json_kind(shard)}, not an object; {advice}")
         name, tokens, sha = shard.get("file"), shard.get("tokens"), shard.get("sha256")
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise DataError(f"{where}: shards[{i}] names no file inside the store ({name!r}); {advice}")
+            raise DataError(f"{where}: shards[{i}] names no file inside the store ({shown(name)}); {advice}")
         if not _whole(tokens):
-            raise DataError(f"{where}: shards[{i}] 'tokens' is {tokens!r}, not a whole number; {advice}")
+            raise DataError(f"{where}: shards[{i}] 'tokens' is {shown(tokens)}, not a whole number; {advice}")
         if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
-            raise DataError(f"{where}: shards[{i}] 'sha256' is {sha!r}, not a SHA-256 in hex; {advice}")
+            raise DataError(f"{where}: shards[{i}] 'sha256' is {shown(sha)}, not a SHA-256 in hex; {advice}")
 
 
 def _check_index(index, path: Path) -> None:
@@ -193,16 +193,16 @@ def _check_index(index, path: Path) -> None:
         raise DataError(f"{where} is {json_kind(index)}, not an object; prepare the store again")
     if index.get("format") != STORE_FORMAT:
         raise DataError(
-            f"{path.parent} has store format {index.get('format')!r}, this smollm_ref reads {STORE_FORMAT}; prepare it again"
+            f"{path.parent} has store format {shown(index.get('format'))}, this smollm_ref reads {STORE_FORMAT}; prepare it again"
         )
     if index.get("dtype") not in TOKEN_DTYPES:
         raise DataError(
-            f"{where}: 'dtype' is {index.get('dtype')!r}, not a token dtype ({' or '.join(TOKEN_DTYPES)}); prepare the store again"
+            f"{where}: 'dtype' is {shown(index.get('dtype'))}, not a token dtype ({' or '.join(TOKEN_DTYPES)}); prepare the store again"
         )
     _check_shards(index.get("shards"), where)
     for key in ("tokens", "documents", "separator"):
         if not _whole(index.get(key)):
-            raise DataError(f"{where}: {key!r} is {index.get(key)!r}, not a whole number; prepare the store again")
+            raise DataError(f"{where}: {key!r} is {shown(index.get(key))}, not a whole number; prepare the store again")
     held = sum(shard["tokens"] for shard in index["shards"])
     if index["tokens"] != held:
         raise DataError(
@@ -213,10 +213,10 @@ def _check_index(index, path: Path) -> None:
     tokenizer = index.get("tokenizer")
     if not (isinstance(tokenizer, dict) and isinstance(tokenizer.get("fingerprint"), str)):
         raise DataError(
-            f"{where}: 'tokenizer' is {tokenizer!r}, not a tokenizer's fingerprint and source; prepare the store again"
+            f"{where}: 'tokenizer' is {shown(tokenizer)}, not a tokenizer's fingerprint and source; prepare the store again"
         )
     if not isinstance(tokenizer.get("source"), (str, type(None))):
-        raise DataError(f"{where}: the tokenizer's 'source' is {tokenizer['source']!r}, not a name; prepare the store again")
+        raise DataError(f"{where}: the tokenizer's 'source' is {shown(tokenizer['source'])}, not a name; prepare the store again")
 
 
 def _shard_problem(path: Path, size: int) -> str | None:
@@ -455,7 +455,7 @@ def _resume_state(out: Path, wanted: dict) -> dict:
     for key in ("documents", "offset", "tokens"):
         if not _whole(state.get(key)):
             raise DataError(
-                f"{out / PROGRESS}: {key!r} is {state.get(key)!r}, not a whole number; remove {out} and prepare again"
+                f"{out / PROGRESS}: {key!r} is {shown(state.get(key))}, not a whole number; remove {out} and prepare again"
             )
     for shard in state["shards"]:  # a shard is recorded only once renamed into place; still check
         path = out / shard["file"]

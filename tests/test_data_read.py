@@ -328,3 +328,24 @@ def test_long_values_quoted_in_errors_are_cut(tmp_path, smollm_tok):
     with pytest.raises(data.DataError, match="has no 'messages'") as e:
         encode_records(str(keys), smollm_tok)
     assert len(str(e.value)) < 300
+
+
+def test_tool_calls_are_refused_naming_the_record_and_a_table_s_null_ones_are_not(tmp_path, smollm_tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "name": "f"}]}
+    chats = lines(tmp_path / "chat.jsonl", CHAT, {"messages": [CHAT["messages"][0], call]})
+    with pytest.raises(data.DataError) as e:
+        encode_records(str(chats), smollm_tok)
+    assert str(e.value).startswith(f"{chats} line 2: messages[1] holds 'tool_calls', which the chat template does not render")
+    (tmp_path / "table").mkdir()
+    rows = [CHAT, {"messages": [CHAT["messages"][0], call]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "table" / "train.parquet")
+    assert data.iter_records(f"hf:{tmp_path / 'table'}").__next__()["messages"][1]["tool_calls"] is None  # filled in
+    with pytest.raises(data.DataError, match=r"^dataset hf:.*table@train record 2: messages\[1\] holds 'tool_calls'"):
+        encode_records(f"hf:{tmp_path / 'table'}", smollm_tok)
+    no_calls = {"messages": [CHAT["messages"][0], {**call, "content": "yo", "tool_calls": []}]}
+    pq.write_table(pa.Table.from_pylist([CHAT, no_calls]), tmp_path / "table" / "train.parquet")
+    encoded, skipped = encode_records(f"hf:{tmp_path / 'table'}", smollm_tok)  # a null and an empty list: no call
+    assert len(encoded) == 2 and skipped == 0 and encoded[0] == encoded[1]

@@ -349,3 +349,16 @@ def test_tool_calls_are_refused_naming_the_record_and_a_table_s_null_ones_are_no
     pq.write_table(pa.Table.from_pylist([CHAT, no_calls]), tmp_path / "table" / "train.parquet")
     encoded, skipped = encode_records(f"hf:{tmp_path / 'table'}", smollm_tok)  # a null and an empty list: no call
     assert len(encoded) == 2 and skipped == 0 and encoded[0] == encoded[1]
+
+
+def test_jsonl_files_in_a_directory_or_a_glob_give_their_text_fields_not_their_json(tmp_path):
+    (tmp_path / "d").mkdir()
+    lines(tmp_path / "d" / "part-0.jsonl", {"text": "one"}, {"text": "two"})
+    lines(tmp_path / "d" / "part-1.ndjson", {"text": "three"})
+    (tmp_path / "d" / "notes.txt").write_text("plain\n")
+    assert data.read_documents(str(tmp_path / "d")) == ["plain\n", "one", "two", "three"]  # sorted by name
+    assert data.read_documents(str(tmp_path / "d" / "part-*")) == ["one", "two", "three"]
+    assert data.read_documents(str(tmp_path / "d" / "part-1.ndjson")) == ["three"]
+    lines(tmp_path / "d" / "part-2.jsonl", {"text": None})
+    with pytest.raises(data.DataError, match=rf"^{tmp_path / 'd' / 'part-2.jsonl'} line 1: field 'text' is null"):
+        data.read_documents(str(tmp_path / "d"))

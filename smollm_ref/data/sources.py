@@ -5,7 +5,8 @@ A data *spec* is one of:
     Its modules are laid out as SmolLM2's code data is (`<repo_name>` + `<file_sep>` per package,
     `<filename>` for single modules) and its documentation topics (`pydoc_data.topics`) are prose
     documents, the two shuffled together so code and prose mix through the stream;
-  - a text file, a directory, or a glob of files (code files get a `<filename>` header, others are plain);
+  - a text file, a directory, or a glob of files (code files get a `<filename>` header, `.jsonl` files are
+    read as below, others are plain);
   - a `.jsonl` file with one JSON object per line, the document in its `text` field (or `text_field`);
   - `hf:PATH[:CONFIG][@SPLIT]`: a Hugging Face dataset, streamed: PATH is a Hub id or anything
     `datasets.load_dataset` reads locally (a folder of parquet / JSON / arrow files, a dataset repo
@@ -34,6 +35,7 @@ from .. import storage
 FORMAT_VERSION = 1  # bump when the document layout changes, so old caches are not reused
 DEFAULT_DATA = "stdlib"
 CHAT_DATA = "stdlib-chat"  # the embedded chat set (questions on the standard library answered from its docs)
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 CODE_SUFFIXES = frozenset(".py .pyi .c .h .cc .cpp .hpp .rs .go .java .js .ts .rb .sh .lua .jl .swift .kt .scala .sql".split())
 
 
@@ -252,7 +254,7 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
         yield from _hf_documents(HFSpec.parse(spec), text_field)
         return
     files, root = _local_files(spec)
-    if len(files) == 1 and root is None and files[0].suffix in (".jsonl", ".ndjson"):
+    if len(files) == 1 and root is None and files[0].suffix in JSONL_SUFFIXES:
         yield from _jsonl_documents(files[0], text_field)
         return
     if len(files) == 1 and root is None:
@@ -262,6 +264,9 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
         yield doc
         return
     for path in files:
+        if path.suffix in JSONL_SUFFIXES:  # shards of a corpus: their text fields, never the JSON around them
+            yield from _jsonl_documents(path, text_field)
+            continue
         doc = _file_document(path, root)
         if doc is not None:
             yield doc
@@ -285,7 +290,10 @@ def source_key(spec: str, text_field: str = "text") -> str:
         local = Path(hf.path).expanduser()
         files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
     else:
-        files, _ = _local_files(spec)
+        files, root = _local_files(spec)
+        if (len(files) > 1 or root is not None) and any(p.suffix in JSONL_SUFFIXES for p in files):
+            # their .jsonl files were once read as plain text: a store of those tokens must not be reused
+            h.update(b"jsonl-records-in-directories\0")
     for path in files:
         st = path.stat()
         h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
@@ -322,7 +330,7 @@ def located_records(spec: str) -> Iterator[tuple[str, object]]:
             raise DataError(_hf_error(hf, e)) from None
         return
     path = Path(spec).expanduser()
-    if not (path.is_file() and path.suffix in (".jsonl", ".ndjson")):
+    if not (path.is_file() and path.suffix in JSONL_SUFFIXES):
         raise DataError(
             f'chat data {spec} must be a .jsonl file of {{"messages": [...]}} records, hf:PATH with a messages column, or {CHAT_DATA}'
         )
@@ -337,7 +345,7 @@ def looks_like_chat(spec: str) -> bool:
     if spec == DEFAULT_DATA:
         return False
     path = Path(spec).expanduser()
-    if not spec.startswith("hf:") and not (path.is_file() and path.suffix in (".jsonl", ".ndjson")):
+    if not spec.startswith("hf:") and not (path.is_file() and path.suffix in JSONL_SUFFIXES):
         return False
     first = next(iter_records(spec), None)
     return isinstance(first, dict) and "messages" in first

@@ -192,6 +192,10 @@ SPOILED_INDEXES = {
         lambda i: i.update(shards=[], tokens=10**20),
         "says 100,000,000,000,000,000,000 tokens but its 0 shard(s) hold 0",
     ),
+    "total of 4,000 digits": (
+        lambda i: i.update(tokens=10**4000),
+        "says a 4,001-digit number of tokens but its 6 shard(s) hold 184",
+    ),
     "total off by one": (lambda i: i.update(tokens=185), "says 185 tokens but its 6 shard(s) hold 184"),
     "no tokens": (lambda i: i.update(shards=[], tokens=0), "the store holds no tokens"),
     "documents null": (lambda i: i.update(documents=None), "'documents' is None, not a whole number"),

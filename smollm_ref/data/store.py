@@ -170,6 +170,10 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _count(n: int) -> str:
+    return f"{n:,}" if n < 10**24 else f"a {len(str(n)):,}-digit number of"  # JSON allows 4,300 digits: keep the line short
+
+
 def _check_shards(shards, where: str, advice: str = "prepare the store again") -> None:
     """DataError unless `shards` is a list of {file: a plain name, tokens: a whole number, sha256: 64 hex}."""
     if not isinstance(shards, list):
@@ -206,7 +210,7 @@ def _check_index(index, path: Path) -> None:
     held = sum(shard["tokens"] for shard in index["shards"])
     if index["tokens"] != held:
         raise DataError(
-            f"{where} says {index['tokens']:,} tokens but its {len(index['shards'])} shard(s) hold {held:,}; prepare the store again"
+            f"{where} says {_count(index['tokens'])} tokens but its {len(index['shards'])} shard(s) hold {held:,}; prepare the store again"
         )
     if held == 0:
         raise DataError(f"{where}: the store holds no tokens; prepare it from data that contains text")

@@ -10,7 +10,9 @@ Where the assistant's text is, is found by rendering prefixes of the conversatio
 assistant message with the generation prompt ends where its content starts. This works for templates without
 `{% generation %}` markers (SmolLM2's has none, and `apply_chat_template(return_assistant_tokens_mask=True)`
 then silently returns a mask of zeros). A template whose prefix renderings are not prefixes of the whole
-rendering is refused (`ChatError`), never "solved" by training on every token.
+rendering is refused (`ChatError`), never "solved" by training on every token. Each prefix costs its length
+to render, so all of them cost the square of the conversation's; `encode(..., max_tokens=N)` renders only
+those before the N-th token, bounding the work for a conversation cut to a row of N tokens.
 
 Labels are aligned with `input_ids` (labels[t] is input_ids[t] or -100); the loss shifts them, as transformers
 does: the logits at t are scored against labels[t + 1] (`smollm_ref.model.causal_lm_loss`).
@@ -23,6 +25,7 @@ from typing import NamedTuple
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+TOOL_KEYS = ("tool_calls", "function_call")  # OpenAI's tool calls, current and older
 
 
 class ChatError(ValueError):
@@ -38,8 +41,14 @@ def messages_of(record) -> list:
     if not isinstance(record, Mapping):
         raise ChatError(f"a chat record must be an object with a 'messages' list, got {type(record).__name__}")
     if "messages" not in record:
-        raise ChatError(f"the record has no 'messages' (keys: {', '.join(map(repr, record)) or 'none'})")
+        raise ChatError(f"the record has no 'messages' (keys: {_shown(', '.join(map(repr, record)) or 'none', quote=False)})")
     return check_messages(record["messages"])
+
+
+def _shown(value, limit: int = 60, quote: bool = True) -> str:
+    """A value quoted from a record, cut to about `limit` characters so that the error stays one short line."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_messages(messages) -> list:
@@ -52,12 +61,20 @@ def check_messages(messages) -> list:
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ChatError(f"messages[{i}] must be an object with 'role' and 'content', got {type(message).__name__}")
+        # Checked first: an OpenAI tool call has a null or empty content, which the template would render, and
+        # the trainer train, as an empty reply. (A null here is a parquet column other rows fill, not a call.)
+        calls = [key for key in TOOL_KEYS if message.get(key)]
+        if calls:
+            raise ChatError(
+                f"messages[{i}] holds {calls[0]!r}, which the chat template does not render (it would be trained as an "
+                "empty reply); remove tool-calling conversations from the data"
+            )
         for key in ("role", "content"):
             if key not in message:
                 raise ChatError(f"messages[{i}] has no {key!r}")
         role = message["role"]
         if role not in ROLES:
-            raise ChatError(f"messages[{i}] has an unknown role {role!r} (allowed: {', '.join(ROLES)})")
+            raise ChatError(f"messages[{i}] has an unknown role {_shown(role)} (allowed: {', '.join(ROLES)})")
         if not isinstance(message["content"], str):
             raise ChatError(f"messages[{i}] ({role}) content must be a string, got {type(message['content']).__name__}")
     if not any(m["role"] == "assistant" for m in messages):
@@ -74,9 +91,11 @@ def _render(tokenizer, messages: list, generation_prompt: bool) -> str:
         raise ChatError(f"the chat template refused the conversation: {' '.join(str(e).split())}") from e
 
 
-def _assistant_spans(tokenizer, messages: list, whole: str) -> list[tuple[int, int]]:
+def _assistant_spans(tokenizer, messages: list, whole: str, horizon: int | None = None) -> list[tuple[int, int]]:
     """(start, end) character span of each assistant message's content in `whole`; `end` is the first character
-    of what closes the turn."""
+    of what closes the turn. With `horizon`, only the spans starting before that character: the prefixes after
+    it are not rendered (each rendering costs its length, so rendering them all grows with the square of the
+    conversation's length)."""
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -84,13 +103,13 @@ def _assistant_spans(tokenizer, messages: list, whole: str) -> list[tuple[int, i
         if i == 0:  # transformers renders no empty conversation, so this turn's header cannot be found
             raise ChatError("messages[0] is the assistant's: a conversation must open with a system or user message")
         head = _render(tokenizer, messages[:i], generation_prompt=True)  # ... <|im_start|>assistant\n
+        if not whole.startswith(head):
+            raise _not_a_prefix(f"messages[:{i}] with the generation prompt", i)
+        if horizon is not None and len(head) >= horizon:
+            break  # this reply, and every later one (their headers are longer), starts past the kept tokens
         turn = _render(tokenizer, messages[: i + 1], generation_prompt=False)  # ... content<|im_end|>\n
-        if not (whole.startswith(head) and whole.startswith(turn)):
-            which = f"messages[:{i}] with the generation prompt" if not whole.startswith(head) else f"messages[:{i + 1}]"
-            raise ChatError(
-                f"the chat template's rendering of {which} is not a prefix of the whole conversation's, so the "
-                f"assistant's tokens cannot be told apart (messages[{i}]); refusing rather than training on every token"
-            )
+        if not whole.startswith(turn):
+            raise _not_a_prefix(f"messages[:{i + 1}]", i)
         start, end = len(head), len(head) + len(message["content"])
         if whole[start:end] != message["content"]:
             raise ChatError(
@@ -106,7 +125,14 @@ def _assistant_spans(tokenizer, messages: list, whole: str) -> list[tuple[int, i
     return spans
 
 
-def encode(tokenizer, messages) -> tuple[list[int], list[int]]:
+def _not_a_prefix(which: str, i: int) -> ChatError:
+    return ChatError(
+        f"the chat template's rendering of {which} is not a prefix of the whole conversation's, so the "
+        f"assistant's tokens cannot be told apart (messages[{i}]); refusing rather than training on every token"
+    )
+
+
+def encode(tokenizer, messages, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation: the ids of the tokenizer's chat template rendered once (exactly
     `tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]`), and labels equal to them on each
     assistant message's content and the token that closes its turn, -100 elsewhere.
@@ -116,7 +142,14 @@ def encode(tokenizer, messages) -> tuple[list[int], list[int]]:
     character of an assistant's content, or the first character after it (the closing token). Byte-level BPE
     can merge the header's last newline with whitespace that starts the content ("\\n" + " x" -> "\\n ", " x"):
     that one token is trained, header newline included, so that no character of the reply goes untrained.
+
+    `max_tokens` (>= 1): return only the first `max_tokens` ids and labels, exactly those of the whole
+    encoding; the replies past them are not looked for, so the work is bounded by `max_tokens` however long
+    the conversation (a caller cutting rows to seq_len passes seq_len + 1 to learn whether it was longer).
+    Raises ChatError (NoAssistantTurn when there is no assistant message) for what cannot be encoded.
     """
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a whole number >= 1 or None, got {max_tokens!r}")
     check_messages(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise ChatError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template; chat data needs one")
@@ -127,12 +160,16 @@ def encode(tokenizer, messages) -> tuple[list[int], list[int]]:
             if token and token in message["content"]:
                 raise ChatError(f"messages[{i}] ({message['role']}) contains the control token {token!r}; refusing")
     whole = _render(tokenizer, messages, generation_prompt=False)
-    spans = _assistant_spans(tokenizer, messages, whole)
     try:
         encoding = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as e:  # slow (Python) tokenizers have no offsets
         raise ChatError(f"chat data needs a fast tokenizer (with offsets); {type(tokenizer).__name__} has none") from e
     input_ids, offsets = list(encoding["input_ids"]), encoding["offset_mapping"]
+    horizon = None
+    if max_tokens is not None and len(input_ids) > max_tokens:
+        input_ids, offsets = input_ids[:max_tokens], offsets[:max_tokens]
+        horizon = max(e for _, e in offsets)  # a reply starting at or after it labels none of the kept tokens
+    spans = _assistant_spans(tokenizer, messages, whole, horizon)
     labels = [IGNORE_INDEX] * len(input_ids)
     span = 0
     for k, (s, e) in enumerate(offsets):

@@ -159,13 +159,16 @@ def read_small_text(path: Path | str, what: str = "file", limit: int = SMALL_FIL
 
 def loads_json(text: str, where: str):
     """`json.loads` whose every failure is one `BadFile` line naming `where` (a path, or path:line): syntax
-    errors, and nesting deeper than Python's recursion limit (a RecursionError otherwise)."""
+    errors, nesting deeper than Python's recursion limit (a RecursionError otherwise) and integers of more digits
+    than Python converts (a ValueError naming neither)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise BadFile(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise BadFile(f"{where} nests JSON too deeply to read") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise BadFile(f"{where} holds a number too long to read") from None
 
 
 def read_small_json(path: Path | str, what: str = "file", limit: int = SMALL_FILE_LIMIT):

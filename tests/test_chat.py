@@ -5,6 +5,7 @@ format), and a one-line ChatError for each kind of bad input."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from hypothesis import given
@@ -235,3 +236,105 @@ def test_a_template_that_is_consistent_works_beyond_smollm2(tok):
     other = with_template(tok, template)
     input_ids, labels = encode(other, [USER, ASSISTANT, USER, {"role": "assistant", "content": "bye"}])
     assert other.decode([i for i, label in zip(input_ids, labels) if label != IGNORE_INDEX]) == "yo<|im_end|>bye<|im_end|>"
+
+
+# ---- bounded work: a conversation cut to max_tokens renders only the prefixes before the cut (issue 18 item 9) ---
+
+
+def prefix_rendering_encode(tok, messages):
+    """The encoder as it was before max_tokens: every assistant reply located by rendering two prefixes of the
+    conversation (work growing with the square of its length), kept here as the reference."""
+    whole = tok.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            head = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            spans.append((len(head), len(head) + len(m["content"])))
+    encoding = tok(whole, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    labels, span = [IGNORE_INDEX] * len(input_ids), 0
+    for k, (s, e) in enumerate(encoding["offset_mapping"]):
+        while span < len(spans) and s > spans[span][1]:
+            span += 1
+        if span == len(spans):
+            break
+        start, end = spans[span]
+        if e > start and (s < end or s <= end < e):
+            labels[k] = input_ids[k]
+    return input_ids, labels
+
+
+@given(conversations(), st.integers(1, 120))
+def test_encoding_cut_to_max_tokens_is_the_whole_encodings_head(tok, messages, max_tokens):
+    whole = prefix_rendering_encode(tok, messages)
+    assert encode(tok, messages) == whole
+    ids, labels = encode(tok, messages, max_tokens=max_tokens)
+    assert (ids, labels) == (whole[0][:max_tokens], whole[1][:max_tokens])
+
+
+class CountingRenders:
+    """A tokenizer that records how many messages each chat-template rendering holds, and fails past `limit`
+    renderings (rendering every prefix of 10,000 messages would run for minutes)."""
+
+    def __init__(self, tok, limit: int):
+        self.tok, self.limit, self.renders = tok, limit, []
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.tok(*args, **kwargs)
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.renders.append(len(messages))
+        assert len(self.renders) <= self.limit, f"rendered the chat template more than {self.limit} times"
+        return self.tok.apply_chat_template(messages, **kwargs)
+
+
+def long_conversation(n: int) -> list[dict]:
+    return [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(n)]
+
+
+def test_a_ten_thousand_message_record_renders_only_the_prefixes_before_the_cut(tok, tmp_path):
+    from smollm_ref.data.conversations import chat_data
+
+    counting = CountingRenders(tok, limit=30)
+    ids, labels = encode(counting, long_conversation(10_000), max_tokens=64)
+    assert (ids, labels) == tuple(x[:64] for x in prefix_rendering_encode(tok, long_conversation(40)))
+    whole, prefixes = counting.renders[0], counting.renders[1:]
+    assert whole == 10_000 and prefixes and max(prefixes) < 40  # the whole once, then prefixes before the cut
+    short = CountingRenders(tok, limit=30)
+    encode(short, long_conversation(100), max_tokens=64)
+    assert short.renders[1:] == prefixes  # the same work for 100 messages as for 10,000
+
+    # the trainer's path: a record of 10,000 messages in a .jsonl file, rows of 64 tokens
+    records = tmp_path / "long.jsonl"
+    records.write_text(json.dumps({"messages": long_conversation(10_000)}) + "\n")
+    chat = chat_data(str(records), CountingRenders(tok, limit=30), seq_len=64, val_fraction=0.0)
+    assert chat.counts["truncated"] == 1 and chat.train.input_ids[0] == ids
+
+
+# ---- tool calls are refused, not trained as empty replies (issue 18 item 15) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "assistant",
+    [
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+        {"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}},
+    ],
+)
+def test_an_assistant_turn_of_tool_calls_only_is_refused(tok, assistant):
+    key = "tool_calls" if "tool_calls" in assistant else "function_call"
+    with pytest.raises(ChatError) as e:
+        encode(tok, [USER, assistant])
+    assert str(e.value).startswith(f"messages[1] holds {key!r}, which the chat template does not render")
+    assert "\n" not in str(e.value) and not isinstance(e.value, NoAssistantTurn)
+
+
+def test_empty_tool_call_fields_of_a_table_are_not_tool_calls(tok):
+    """Parquet fills a struct field other rows have with null (or an empty list): no tool call there."""
+    messages = [{**USER, "tool_calls": None}, {**ASSISTANT, "tool_calls": [], "function_call": None}]
+    assert encode(tok, messages) == encode(tok, [USER, ASSISTANT])

@@ -185,12 +185,12 @@ def test_the_assistant_only_validation_loss_is_the_mean_over_reply_tokens(tok, t
 
 
 BAD_CHAT = {
-    "no messages": ({"text": "hi"}, r"record 2: .*messages"),
-    "messages not a list": ({"messages": "hi"}, r"record 2: .*list"),
-    "unknown role": ({"messages": [{"role": "bot", "content": "hi"}]}, r"record 2: .*role"),
+    "no messages": ({"text": "hi"}, r"line 2: .*messages"),
+    "messages not a list": ({"messages": "hi"}, r"line 2: .*list"),
+    "unknown role": ({"messages": [{"role": "bot", "content": "hi"}]}, r"line 2: .*role"),
     "content not a string": (
         {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},
-        r"record 2: .*content",
+        r"line 2: .*content",
     ),
 }
 

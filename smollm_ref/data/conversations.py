@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import chat
-from .sources import DataError, iter_records, source_key
+from .sources import DataError, located_records, source_key
 from .store import separator_id, tokenizer_fingerprint
 
 
@@ -63,18 +63,19 @@ class ChatData:
         return said + f"; {layout} {len(self.train):,} rows, {self.train.trained_tokens():,} trained tokens (assistant replies)"
 
 
-def encode_records(spec: str, tokenizer) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """Every conversation of `spec` encoded, and how many were skipped for having no assistant reply. A
-    malformed record is an error naming it; so is a set where no conversation has a reply."""
+def encode_records(spec: str, tokenizer, max_tokens: int | None = None) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Every conversation of `spec` encoded (cut to `max_tokens`, see `chat.encode`), and how many were
+    skipped for having no assistant reply. A malformed record is an error naming it (file and line for
+    .jsonl); so is a set where no conversation has a reply."""
     encoded, skipped, seen = [], 0, 0
-    for number, record in enumerate(iter_records(spec), 1):
-        seen = number
+    for where, record in located_records(spec):
+        seen += 1
         try:
-            encoded.append(chat.encode(tokenizer, chat.messages_of(record)))
+            encoded.append(chat.encode(tokenizer, chat.messages_of(record), max_tokens=max_tokens))
         except chat.NoAssistantTurn:
             skipped += 1
         except chat.ChatError as e:
-            raise DataError(f"{spec} record {number}: {e}") from None
+            raise DataError(f"{where}: {e}") from None
     if not encoded:
         raise DataError(
             f"{spec} holds no conversation with an assistant reply ({seen} records, {skipped} without one); nothing to fine-tune on"
@@ -83,7 +84,8 @@ def encode_records(spec: str, tokenizer) -> tuple[list[tuple[list[int], list[int
 
 
 def chat_data(spec: str, tokenizer, seq_len: int, val_fraction: float, pack: bool = True, too_long: str = "truncate") -> ChatData:
-    encoded, skipped = encode_records(spec, tokenizer)
+    # one token more than a row holds: enough to tell a conversation that does not fit (cut or dropped below)
+    encoded, skipped = encode_records(spec, tokenizer, max_tokens=seq_len + 1)
     n_val = max(1, round(len(encoded) * val_fraction)) if val_fraction > 0 and len(encoded) >= 2 else 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else separator_id(tokenizer)
     counts = {"conversations": len(encoded) + skipped, "skipped": skipped, "truncated": 0, "dropped": 0}

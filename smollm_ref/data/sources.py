@@ -5,7 +5,8 @@ A data *spec* is one of:
     Its modules are laid out as SmolLM2's code data is (`<repo_name>` + `<file_sep>` per package,
     `<filename>` for single modules) and its documentation topics (`pydoc_data.topics`) are prose
     documents, the two shuffled together so code and prose mix through the stream;
-  - a text file, a directory, or a glob of files (code files get a `<filename>` header, others are plain);
+  - a text file, a directory, or a glob of files (code files get a `<filename>` header, `.jsonl` files are
+    read as below, others are plain);
   - a `.jsonl` file with one JSON object per line, the document in its `text` field (or `text_field`);
   - `hf:PATH[:CONFIG][@SPLIT]`: a Hugging Face dataset, streamed: PATH is a Hub id or anything
     `datasets.load_dataset` reads locally (a folder of parquet / JSON / arrow files, a dataset repo
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
-import json
 import os
 import random
 import sys
@@ -30,9 +30,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import storage
+
 FORMAT_VERSION = 1  # bump when the document layout changes, so old caches are not reused
 DEFAULT_DATA = "stdlib"
 CHAT_DATA = "stdlib-chat"  # the embedded chat set (questions on the standard library answered from its docs)
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 CODE_SUFFIXES = frozenset(".py .pyi .c .h .cc .cpp .hpp .rs .go .java .js .ts .rb .sh .lua .jl .swift .kt .scala .sql".split())
 
 
@@ -83,22 +86,57 @@ def _file_document(path: Path, root: Path | None) -> str | None:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON) of every non-blank line; a line that is not JSON is an error naming it."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(line number, parsed JSON) of every non-blank line. A line that is not UTF-8 or not JSON (nesting
+    too deep included) is an error naming the file and the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path} line {lineno} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "convert the file to UTF-8 or remove the line"
+                ) from None
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno} is not JSON ({e.msg}); fix the line") from None
+                yield lineno, storage.loads_json(line, f"{path} line {lineno}")
+            except storage.BadFile as e:
+                raise DataError(f"{e}; fix the line") from None
+
+
+def json_kind(value) -> str:
+    """What a parsed JSON (or dataset) value is, in the words of JSON: "null", "a number", "an array", ..."""
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array"), (dict, "an object"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), f"a {type(value).__name__}")
+
+
+def shown(value, limit: int = 60) -> str:
+    """`repr(value)` cut to about `limit` characters: a value quoted from a data file in a one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _text_of(record, field: str, where: str) -> str:
+    """`record[field]` when it is a string. A null, a number, a list or an object there is refused rather
+    than trained as its Python repr ("None", "[...]"): such a value is a mistake in the data or the field."""
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: field {field!r} is {json_kind(value)}, not a string; fix the record or set --text-field to the field holding the text"
+        )
+    return value
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
     for lineno, record in _jsonl_records(path):
-        if not isinstance(record, dict) or field not in record:
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {lineno} is {json_kind(record)}, not an object with a {field!r} field; fix the line")
+        if field not in record:
             raise DataError(f"{path} line {lineno} has no {field!r} field; set --text-field to the field holding the text")
-        yield str(record[field])
+        yield _text_of(record, field, f"{path} line {lineno}")
 
 
 @dataclass(frozen=True)
@@ -178,7 +216,7 @@ def _hf_documents(spec: HFSpec, field: str) -> Iterator[str]:
             if field not in record:
                 raise DataError(f"dataset {spec} has no {field!r} field (it has {', '.join(sorted(record))}); set --text-field")
             count += 1
-            yield str(record[field])
+            yield _text_of(record, field, f"dataset {spec} record {count}")
     except DataError:
         raise
     except Exception as e:
@@ -197,6 +235,8 @@ def _local_files(spec: str) -> tuple[list[Path], Path | None]:
         return files, path
     if path.is_file():
         return [path], None
+    if path.exists():  # a FIFO or a device (/dev/zero): no end, or nothing to read
+        raise DataError(f"data path {spec} is not a regular file or a directory; pass a file, a directory, a glob or hf:NAME")
     if any(c in spec for c in "*?["):
         files = sorted(Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
         if not files:
@@ -214,7 +254,7 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
         yield from _hf_documents(HFSpec.parse(spec), text_field)
         return
     files, root = _local_files(spec)
-    if len(files) == 1 and root is None and files[0].suffix in (".jsonl", ".ndjson"):
+    if len(files) == 1 and root is None and files[0].suffix in JSONL_SUFFIXES:
         yield from _jsonl_documents(files[0], text_field)
         return
     if len(files) == 1 and root is None:
@@ -224,6 +264,9 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
         yield doc
         return
     for path in files:
+        if path.suffix in JSONL_SUFFIXES:  # shards of a corpus: their text fields, never the JSON around them
+            yield from _jsonl_documents(path, text_field)
+            continue
         doc = _file_document(path, root)
         if doc is not None:
             yield doc
@@ -247,7 +290,10 @@ def source_key(spec: str, text_field: str = "text") -> str:
         local = Path(hf.path).expanduser()
         files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
     else:
-        files, _ = _local_files(spec)
+        files, root = _local_files(spec)
+        if (len(files) > 1 or root is not None) and any(p.suffix in JSONL_SUFFIXES for p in files):
+            # their .jsonl files were once read as plain text: a store of those tokens must not be reused
+            h.update(b"jsonl-records-in-directories\0")
     for path in files:
         st = path.stat()
         h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
@@ -257,30 +303,39 @@ def source_key(spec: str, text_field: str = "text") -> str:
 # ---- chat records -------------------------------------------------------------------------------------------
 
 
-def iter_records(spec: str) -> Iterator[dict]:
-    """The raw records of a chat spec: `stdlib-chat`, a .jsonl file, or hf:... (each a dict holding `messages`)."""
+def iter_records(spec: str) -> Iterator[object]:
+    """The raw records of a chat spec: `stdlib-chat`, a .jsonl file, or hf:... (each should be an object
+    holding `messages`; one that is not is passed on as it is, for `chat.messages_of` to refuse)."""
+    for _, record in located_records(spec):
+        yield record
+
+
+def located_records(spec: str) -> Iterator[tuple[str, object]]:
+    """`iter_records` with where each record is, for messages: `PATH line N` for a .jsonl file,
+    `dataset SPEC record N` for hf:..., `stdlib-chat record N`."""
     if spec == CHAT_DATA:
         from .stdlib_chat import records
 
-        yield from records()
+        for number, record in enumerate(records(), 1):
+            yield f"{CHAT_DATA} record {number}", record
         return
     if spec.startswith("hf:"):
         hf = HFSpec.parse(spec)
         try:
-            for record in _hf_records(hf):
-                yield dict(record)
+            for number, record in enumerate(_hf_records(hf), 1):
+                yield f"dataset {hf} record {number}", dict(record)
         except DataError:
             raise
         except Exception as e:
             raise DataError(_hf_error(hf, e)) from None
         return
     path = Path(spec).expanduser()
-    if not (path.is_file() and path.suffix in (".jsonl", ".ndjson")):
+    if not (path.is_file() and path.suffix in JSONL_SUFFIXES):
         raise DataError(
             f'chat data {spec} must be a .jsonl file of {{"messages": [...]}} records, hf:PATH with a messages column, or {CHAT_DATA}'
         )
-    for _, record in _jsonl_records(path):
-        yield record if isinstance(record, dict) else {"_not_an_object": record}
+    for lineno, record in _jsonl_records(path):
+        yield f"{path} line {lineno}", record
 
 
 def looks_like_chat(spec: str) -> bool:
@@ -290,7 +345,7 @@ def looks_like_chat(spec: str) -> bool:
     if spec == DEFAULT_DATA:
         return False
     path = Path(spec).expanduser()
-    if not spec.startswith("hf:") and not (path.is_file() and path.suffix in (".jsonl", ".ndjson")):
+    if not spec.startswith("hf:") and not (path.is_file() and path.suffix in JSONL_SUFFIXES):
         return False
     first = next(iter_records(spec), None)
     return isinstance(first, dict) and "messages" in first

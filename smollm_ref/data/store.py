@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import os
+import stat
 import sys
 import time
 from collections import deque
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import storage
-from .sources import DataError, iter_documents, source_key
+from .sources import DataError, iter_documents, json_kind, shown, source_key
 
 STORE_FORMAT = 1
 INDEX = "index.json"
@@ -93,50 +94,51 @@ class ShardedTokens:
 
 
 class Store:
-    """A finished token store, opened without reading its tokens (the shards are memory-mapped)."""
+    """A finished token store, opened without reading its tokens (the shards are memory-mapped). Opening
+    checks the index (every field `prepare` writes, of its type, and its token total equal to its shards')
+    and each shard's size; `verify` checks each shard's checksum."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory).expanduser()
         index_path = self.dir / INDEX
-        if not index_path.is_file():
+        try:
+            text = storage.read_small_text(index_path, "token store index")
+        except (FileNotFoundError, NotADirectoryError):
             if (self.dir / PROGRESS).is_file():
                 raise DataError(
                     f"{self.dir} is an unfinished token store (its prepare was interrupted); run the same prepare command again to finish it"
-                )
+                ) from None
             raise DataError(
                 f"{self.dir} is not a token store (no {INDEX}); pass a directory written by python -m smollm_ref.data prepare"
-            )
+            ) from None
+        except storage.BadFile as e:
+            raise DataError(f"{e}; prepare the store again") from None
+        self._index_text = text
         try:
-            self.index = json.loads(index_path.read_text())
-            self.dtype = np.dtype(self.index["dtype"])
-            self.shards = self.index["shards"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{index_path} is unreadable ({e}); prepare the store again") from None
-        if self.index.get("format") != STORE_FORMAT:
-            raise DataError(
-                f"{self.dir} has store format {self.index.get('format')}, this smollm_ref reads {STORE_FORMAT}; prepare it again"
-            )
+            self.index = storage.loads_json(text, f"token store index {index_path}")
+        except storage.BadFile as e:
+            raise DataError(f"{e}; prepare the store again") from None
+        _check_index(self.index, index_path)
+        self.dtype = np.dtype(self.index["dtype"])
+        self.shards = self.index["shards"]
         for shard in self.shards:
             path = self._shard_path(shard)
-            expected = int(shard["tokens"]) * self.dtype.itemsize
-            if not path.is_file() or path.stat().st_size != expected:
-                found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
-                raise DataError(f"token store shard {path} is {found}, its index says {expected} bytes; prepare the store again")
+            expected = shard["tokens"] * self.dtype.itemsize
+            problem = _shard_problem(path, expected)
+            if problem:
+                raise DataError(f"token store shard {path} {problem}, its index says {expected} bytes; prepare the store again")
 
     def _shard_path(self, shard: dict) -> Path:
-        name = str(shard["file"])
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise DataError(f"{self.dir / INDEX} names a shard outside the store ({name!r}); prepare the store again")
-        return self.dir / name
+        return self.dir / shard["file"]
 
     @property
     def key(self) -> str:
         """Which tokens these are: a checksum of the index (it holds every shard's checksum)."""
-        return hashlib.sha256((self.dir / INDEX).read_bytes()).hexdigest()[:32]
+        return hashlib.sha256(self._index_text.encode()).hexdigest()[:32]
 
     @property
     def num_tokens(self) -> int:
-        return int(self.index["tokens"])
+        return self.index["tokens"]
 
     def verify(self) -> None:
         """Every shard's SHA-256 against the index (DataError naming the first that differs)."""
@@ -161,9 +163,85 @@ class Store:
         return ShardedTokens(arrays)
 
 
+TOKEN_DTYPES = ("uint16", "uint32")  # what `token_dtype` gives; any other would read the shards as other numbers
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _count(n: int) -> str:
+    return f"{n:,}" if n < 10**24 else f"a {len(str(n)):,}-digit number of"  # JSON allows 4,300 digits: keep the line short
+
+
+def _check_shards(shards, where: str, advice: str = "prepare the store again") -> None:
+    """DataError unless `shards` is a list of {file: a plain name, tokens: a whole number, sha256: 64 hex}."""
+    if not isinstance(shards, list):
+        raise DataError(f"{where}: 'shards' is {json_kind(shards)}, not a list; {advice}")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise DataError(f"{where}: shards[{i}] is {json_kind(shard)}, not an object; {advice}")
+        name, tokens, sha = shard.get("file"), shard.get("tokens"), shard.get("sha256")
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise DataError(f"{where}: shards[{i}] names no file inside the store ({shown(name)}); {advice}")
+        if not _whole(tokens):
+            raise DataError(f"{where}: shards[{i}] 'tokens' is {shown(tokens)}, not a whole number; {advice}")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise DataError(f"{where}: shards[{i}] 'sha256' is {shown(sha)}, not a SHA-256 in hex; {advice}")
+
+
+def _check_index(index, path: Path) -> None:
+    """DataError naming the first value of a store's index that is not what `prepare` writes there."""
+    where = f"token store index {path}"
+    if not isinstance(index, dict):
+        raise DataError(f"{where} is {json_kind(index)}, not an object; prepare the store again")
+    if index.get("format") != STORE_FORMAT:
+        raise DataError(
+            f"{path.parent} has store format {shown(index.get('format'))}, this smollm_ref reads {STORE_FORMAT}; prepare it again"
+        )
+    if index.get("dtype") not in TOKEN_DTYPES:
+        raise DataError(
+            f"{where}: 'dtype' is {shown(index.get('dtype'))}, not a token dtype ({' or '.join(TOKEN_DTYPES)}); prepare the store again"
+        )
+    _check_shards(index.get("shards"), where)
+    for key in ("tokens", "documents", "separator"):
+        if not _whole(index.get(key)):
+            raise DataError(f"{where}: {key!r} is {shown(index.get(key))}, not a whole number; prepare the store again")
+    held = sum(shard["tokens"] for shard in index["shards"])
+    if index["tokens"] != held:
+        raise DataError(
+            f"{where} says {_count(index['tokens'])} tokens but its {len(index['shards'])} shard(s) hold {held:,}; prepare the store again"
+        )
+    if held == 0:
+        raise DataError(f"{where}: the store holds no tokens; prepare it from data that contains text")
+    tokenizer = index.get("tokenizer")
+    if not (isinstance(tokenizer, dict) and isinstance(tokenizer.get("fingerprint"), str)):
+        raise DataError(
+            f"{where}: 'tokenizer' is {shown(tokenizer)}, not a tokenizer's fingerprint and source; prepare the store again"
+        )
+    if not isinstance(tokenizer.get("source"), (str, type(None))):
+        raise DataError(f"{where}: the tokenizer's 'source' is {shown(tokenizer['source'])}, not a name; prepare the store again")
+
+
+def _shard_problem(path: Path, size: int) -> str | None:
+    """What is wrong with a shard file that should hold `size` bytes (None: nothing). A link to a device
+    (/dev/zero) is said to be one, not called missing; it is never opened."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return "is missing"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file" + (f" (a link to {os.path.realpath(path)})" if path.is_symlink() else "")
+    if info.st_size != size:
+        return f"is {info.st_size} bytes"
+    return None
+
+
 def is_store(path: str | Path) -> bool:
+    """Whether `path` is a token store (finished or not): a directory holding an index or a progress file,
+    whatever they are (a FIFO or a device there is refused by `Store`, not read as a corpus)."""
     path = Path(path).expanduser()
-    return path.is_dir() and ((path / INDEX).is_file() or (path / PROGRESS).is_file())
+    return path.is_dir() and (os.path.lexists(path / INDEX) or os.path.lexists(path / PROGRESS))
 
 
 def _sha256(path: Path) -> str:
@@ -367,18 +445,27 @@ def _resume_state(out: Path, wanted: dict) -> dict:
     if not (out / PROGRESS).is_file():
         return {**wanted, "shards": [], "documents": 0, "offset": 0, "tokens": 0}
     try:
-        state = json.loads((out / PROGRESS).read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{out / PROGRESS} is unreadable; remove {out} and prepare again") from None
+        state = storage.read_small_json(out / PROGRESS, "token store progress file")
+    except storage.BadFile as e:
+        raise DataError(f"{e}; remove {out} and prepare again") from None
+    if not isinstance(state, dict):
+        raise DataError(f"{out / PROGRESS} is {json_kind(state)}, not an object; remove {out} and prepare again")
     differs = [k for k in wanted if state.get(k) != wanted[k]]
     if differs:
         raise DataError(
             f"{out} holds an unfinished store of another {', '.join(differs)} (or the source changed since); pass another --out, or remove it"
         )
+    _check_shards(state.get("shards"), f"{out / PROGRESS}", f"remove {out} and prepare again")
+    for key in ("documents", "offset", "tokens"):
+        if not _whole(state.get(key)):
+            raise DataError(
+                f"{out / PROGRESS}: {key!r} is {shown(state.get(key))}, not a whole number; remove {out} and prepare again"
+            )
     for shard in state["shards"]:  # a shard is recorded only once renamed into place; still check
         path = out / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["tokens"] * np.dtype(state["dtype"]).itemsize:
-            raise DataError(f"{path} does not match {out / PROGRESS}; remove {out} and prepare again")
+        problem = _shard_problem(path, shard["tokens"] * np.dtype(state["dtype"]).itemsize)
+        if problem:
+            raise DataError(f"{path} {problem}, which does not match {out / PROGRESS}; remove {out} and prepare again")
     return state
 
 
@@ -399,6 +486,7 @@ def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progres
         smoothing=0.1,
     )
     index, started, exhausted = skip_docs, time.perf_counter(), True
+    sep, has_text = state["separator"], False  # a token besides the separators (empty documents give only those)
     try:
         for flat, lengths in _encoded(docs, tokenizer_json, state["separator"], state["dtype"], workers):
             for tokens in np.split(flat, np.cumsum(lengths)[:-1]):
@@ -406,6 +494,7 @@ def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progres
                 if budget is not None and written + len(tokens) - already >= budget:
                     tokens = tokens[: already + budget - written]
                     exhausted = False
+                has_text = has_text or bool(np.any(tokens[already:] != sep))
                 writer.write_document(tokens, index, already)
                 bar.update(len(tokens) - already)
                 written += len(tokens) - already
@@ -424,8 +513,15 @@ def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progres
             ) from None
         raise
     bar.close()
-    if written == 0:
-        raise DataError(f"{state['spec']} holds no text to train on (no tokens after tokenising); pass data that contains text")
+    if not has_text:  # nothing new this time: what an interrupted prepare wrote before may hold some
+        has_text = any(
+            s["tokens"] and np.any(np.memmap(out / s["file"], dtype=state["dtype"], mode="r") != sep) for s in state["shards"]
+        )
+    if not has_text:
+        raise DataError(
+            f"{state['spec']} holds no text to train on (no tokens after tokenising, or only the separators of empty "
+            "documents); pass data that contains text"
+        )
     if budget is not None and exhausted and written < budget:
         _warn(f"{state['spec']} ran out at {written:,} tokens, before the budget of {budget:,}; the store holds what there was")
     index_doc = {k: v for k, v in state.items() if k not in ("offset",)}

@@ -21,6 +21,7 @@ class RunState:
     wandb_run_id: str | None = None
     data_key: str = ""  # the token store the position refers to
     data_budget: int | None = None  # the token budget a streamed spec was read to (the store's identity with the spec)
+    data_split: dict | None = None  # rows to train and hold out, and a checksum of the held-out ones (inputs.split_digest)
 
     def advance(self, sequences: int, seq_len: int) -> None:
         self.step += 1
@@ -37,6 +38,7 @@ class RunState:
             "data_position": self.data_position,
             "data_key": self.data_key,
             "data_budget": self.data_budget,
+            "data_split": self.data_split or {},
             "schedule": {**schedule, "horizon": self.horizon},
             "rng": checkpoint.rng_state(),
             "wandb_run_id": self.wandb_run_id or "",
@@ -56,4 +58,5 @@ class RunState:
             wandb_run_id=saved.get("wandb_run_id") or None,
             data_key=str(saved.get("data_key", "")),
             data_budget=saved.get("data_budget"),
+            data_split=saved.get("data_split") or None,
         )

@@ -11,8 +11,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import threading
 import typing
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -354,3 +356,29 @@ def test_a_decaying_schedule_that_never_decays_is_refused(tmp_path, capsys, chan
         lrs = [json.loads(r)["lr"] for r in (Path(opts["out_dir"]) / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]
         peak = opts.get("lr", TrainConfig.lr)
         assert (lrs[-1] < peak) == (changes["lr_schedule"] != "constant")
+
+
+def test_wandb_without_the_package_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails; find_spec says absent
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    opts = options(tmp_path, wandb=True)
+    assert train.main(argv(opts)) == 2
+    assert "--wandb needs the wandb package" in one_line_error(capsys)
+    assert not Path(opts["out_dir"]).exists()
+
+
+def test_a_chat_sample_prompt_beyond_the_positions_is_refused(tmp_path):
+    """The chat sample's prompt is the question in the chat template: it is measured as the sample will see it."""
+    from smollm_ref.config import ModelConfig
+    from smollm_ref.tokenizer import load_tokenizer
+    from smollm_ref.train.run import CHAT_SAMPLE_QUESTION, _check_sample
+
+    tok = load_tokenizer()
+    config = ModelConfig.from_name("smollm2-tiny")
+    cfg = TrainConfig(sample_tokens=4)
+    _check_sample(cfg, tok, config, chat=True)  # the built-in question fits 1024 positions
+    templated = len(train.step.chat_prompt_ids(tok, CHAT_SAMPLE_QUESTION)[0])
+    short = dataclasses.replace(config, max_position_embeddings=templated + 3)
+    with pytest.raises(train.TrainError, match=f"chat sample's prompt .* is {templated} tokens and --sample-tokens 4"):
+        _check_sample(cfg, tok, short, chat=True)
+    assert templated > len(tok(CHAT_SAMPLE_QUESTION).input_ids)  # the template's tokens count too

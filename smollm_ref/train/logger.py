@@ -113,11 +113,8 @@ class RunLogger(NullLogger):
 def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):
     """A WandB run continuing `run_id` when resuming. The mode is chosen first (offline without a key or a
     network), so init never blocks; if init still fails the job goes on without WandB."""
-    try:
-        import wandb
-    except ImportError:
-        warnings.warn("--wandb asked but the wandb package is not installed; logging to metrics.jsonl only", stacklevel=2)
-        return None, run_id
+    import wandb  # present: the run's inputs were checked for it (run._read_inputs)
+
     # WandB's own id format (8 lowercase alphanumerics), drawn from `secrets` so the training RNG is untouched
     run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     try:

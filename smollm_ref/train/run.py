@@ -5,6 +5,7 @@ save). Nothing here decides when: that is the loop's (`smollm_ref.train.loop`)."
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import shutil
 import time
@@ -58,6 +59,8 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     if saved is not None:
         check_compatible(saved, resume_dir, d.world_size, cfg.fsdp)
     check_schedule(cfg, _horizon(cfg, saved))
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise TrainError("--wandb needs the wandb package, which is not installed; pip install wandb, or pass --no-wandb")
     model_config, weights = inputs.model_and_weights(cfg, resume_dir)
     if cfg.seq_len > model_config.max_position_embeddings:
         raise TrainError(

@@ -382,3 +382,23 @@ def test_a_chat_sample_prompt_beyond_the_positions_is_refused(tmp_path):
     with pytest.raises(train.TrainError, match=f"chat sample's prompt .* is {templated} tokens and --sample-tokens 4"):
         _check_sample(cfg, tok, short, chat=True)
     assert templated > len(tok(CHAT_SAMPLE_QUESTION).input_ids)  # the template's tokens count too
+
+
+@pytest.mark.parametrize(("key", "value"), [("step", -3), ("data_position", 1.5), ("schedule", {"horizon": 0})])
+def test_a_run_state_out_of_range_is_refused_on_resume(tmp_path, capsys, key, value):
+    opts = options(tmp_path, max_steps=2)
+    train.train(TrainConfig(**opts))
+    found = checkpoint.find(opts["out_dir"])
+    state = checkpoint.load_state(found)
+    state[key] = {**state[key], **value} if isinstance(value, dict) else value
+    torch.save(state, found / checkpoint.STATE)
+    manifest = found / checkpoint.MANIFEST
+    record = json.loads(manifest.read_text())
+    record["files"][checkpoint.STATE] = checkpoint.file_entry(found / checkpoint.STATE)
+    manifest.write_text(json.dumps(record))
+    capsys.readouterr()
+    before = tree(Path(opts["out_dir"]))
+    assert train.main(["--resume", opts["out_dir"], "--additional-steps", "1", "--no-progress"]) == 2
+    name = "schedule.horizon" if key == "schedule" else key
+    assert f"checkpoint {found} holds {name} " in one_line_error(capsys)
+    assert tree(Path(opts["out_dir"])) == before

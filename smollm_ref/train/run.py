@@ -57,6 +57,7 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     checked against the others, and every option against them, before anything is built or written."""
     saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
     if saved is not None:
+        RunState.check_saved(saved, resume_dir)
         check_compatible(saved, resume_dir, d.world_size, cfg.fsdp)
     check_schedule(cfg, _horizon(cfg, saved))
     if cfg.wandb and importlib.util.find_spec("wandb") is None:

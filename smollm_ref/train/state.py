@@ -46,6 +46,26 @@ class RunState:
             "fsdp": fsdp,
         }
 
+    @staticmethod
+    def check_saved(saved: dict, where) -> None:
+        """Raise ValueError (one line naming `where`, the checkpoint) when the run state `saved` holds a count that
+        is not a whole number in range: a step, token count or position below 0, a horizon or budget below 1."""
+        schedule = saved.get("schedule")
+        values = {
+            "step": (saved.get("step"), 0),
+            "tokens": (saved.get("tokens"), 0),
+            "data_position": (saved.get("data_position"), 0),
+            "schedule.horizon": (schedule.get("horizon") if isinstance(schedule, dict) else None, 1),
+        }
+        if saved.get("data_budget") is not None:
+            values["data_budget"] = (saved["data_budget"], 1)
+        for name, (value, low) in values.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"checkpoint {where} holds {name} {value!r} in its run state, not an integer >= {low}; resume from "
+                    "another checkpoint"
+                )
+
     @classmethod
     def from_checkpoint(cls, saved: dict, horizon: int) -> RunState:
         """The state `saved` recorded. `horizon` is this invocation's; the caller decides whether the saved one

@@ -165,7 +165,7 @@ class Run:
                 if cfg.overwrite and cfg.resume is None:
                     inputs.clear_run_dir(run_dir)  # only now that every input has been checked
             distributed.barrier(d)
-            run = cls._assemble(cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, (token_data, split))
+            run = cls._assemble(cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data, split)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -177,8 +177,7 @@ class Run:
         return run
 
     @classmethod
-    def _assemble(cls, cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data) -> Run:
-        token_data, split = token_data  # the data and its split digest (inputs.split_digest)
+    def _assemble(cls, cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data, split) -> Run:
         torch.manual_seed(cfg.seed)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls; on CPU fp32 stays exact fp32

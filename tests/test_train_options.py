@@ -82,13 +82,20 @@ def test_every_numeric_option_is_covered():
 
 
 @pytest.mark.parametrize("name", NUMERIC)
-def test_non_finite_and_out_of_range_values_are_refused_naming_the_option(name):
+def test_non_finite_and_out_of_range_values_are_refused_naming_the_option(name, tmp_path):
+    """From the dataclass (flags and resumed options pass through it) and from a recipe file, which may spell
+    NaN and Infinity (Python's json reads them)."""
     flag = "--" + name.replace("_", "-")
+    recipe = tmp_path / "recipe.json"
     for value in (math.nan, math.inf, -math.inf, *_out_of_range(name)):
         with pytest.raises(ValueError) as e:
             TrainConfig(**{name: value})
         message = str(e.value)
         assert "\n" not in message and f"TrainConfig.{name} ({flag}) must be" in message, (value, message)
+        recipe.write_text(json.dumps({name: value}))
+        with pytest.raises(train.TrainError) as e:
+            train.read_recipe(recipe)
+        assert "\n" not in str(e.value) and f"recipe {recipe}: TrainConfig.{name} ({flag}) must be" in str(e.value)
 
 
 def test_infinite_lr_or_weight_decay_and_nan_grad_clip_are_refused_before_anything_is_written(tmp_path, capsys):

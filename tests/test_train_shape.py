@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -62,7 +63,13 @@ def test_a_finished_run_says_where_its_outputs_are_and_what_to_run_next(tmp_path
     result = train.train(TrainConfig(**tiny_options(tmp_path, eval_every=2)))
     err = capsys.readouterr().err
     tail = err[err.index("done: 4 steps") :]
-    assert f"final train loss {result.loss:.4f}, val loss {result.val_loss:.4f}" in tail
+    # the closing train loss is the mean the last log line printed, labelled as such, beside the last step's own
+    logged = re.findall(r"step +4 \| loss ([0-9.]+) \(mean of (\d+)\)", err)
+    assert logged == [(f"{result.logged_loss[0]:.4f}", "4")]
+    assert (
+        f"train loss {logged[0][0]} (mean of the last 4 steps, as logged), last step's {result.loss:.4f}, "
+        f"val loss {result.val_loss:.4f}"
+    ) in tail
     assert str(tmp_path / "run" / "checkpoints") in tail and "newest step_000004" in tail
     assert str(tmp_path / "run" / "metrics.jsonl") in tail
     for command in ("smollm_ref.plot", "smollm_ref.demo --checkpoint", "--resume", "--additional-steps"):

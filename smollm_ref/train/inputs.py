@@ -4,11 +4,14 @@ and starting weights, the tokenizer, and the token windows for training and vali
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .. import checkpoint, data, distributed, storage
 from ..config import ModelConfig
@@ -213,3 +216,65 @@ def eval_batches(n_windows: int, cfg: TrainConfig, d: distributed.Dist) -> list[
         list(range((b * d.world_size + d.rank) * cfg.batch_size, (b * d.world_size + d.rank + 1) * cfg.batch_size))
         for b in range(per_rank)
     ]
+
+
+def check_step_memory(cfg: TrainConfig, model_config: ModelConfig, device) -> None:
+    """Refuse a micro-batch whose activations cannot fit, before any batch is built. The bound is a floor:
+    each layer keeps at least its input hidden states for the backward pass (2 bytes a value in bf16), and
+    the batch itself is int64 inputs and targets; the step needs more than this, never less."""
+    from ..weights import available_memory
+
+    per_token = model_config.num_hidden_layers * model_config.hidden_size * 2 + 16
+    need = cfg.batch_size * cfg.seq_len * per_token
+    if device.type == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory() if device.type == "cpu" else None
+    if free is not None and need > free:
+        raise TrainError(
+            f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} needs at least {need / 1e9:,.1f} GB of activations "
+            f"per micro-batch ({per_token} bytes a token or more), but {free / 1e9:,.1f} GB of memory is available on "
+            f"{device}; pass a smaller --batch-size (and a larger --grad-accum to keep the tokens per step)"
+        )
+
+
+def check_against_data(cfg: TrainConfig, token_data, d: distributed.Dist) -> None:
+    """Options that the data must be able to honour: a micro-batch of distinct training rows, and held-out
+    rows to validate on when --eval-every asks for validation."""
+    rows = "rows" if not isinstance(token_data, TokenData) else f"windows of --seq-len + 1 = {cfg.seq_len + 1} tokens"
+    n_train = len(token_data.train)
+    if cfg.batch_size > n_train:
+        raise TrainError(
+            f"--batch-size {cfg.batch_size} is more sequences than the training split holds ({n_train:,} {rows}); "
+            f"pass --batch-size <= {n_train} or more data"
+        )
+    if cfg.eval_every and not eval_batches(len(token_data.val), cfg, d):
+        raise TrainError(
+            f"--eval-every {cfg.eval_every} asks for validation, but the held-out split holds {len(token_data.val)} {rows} "
+            f"(--val-fraction {cfg.val_fraction:g}; a corpus under two sequences keeps none back); pass --eval-every 0, "
+            "or a --val-fraction > 0 with more data"
+        )
+
+
+def split_digest(token_data) -> dict:
+    """What a run trains and validates on, by content: the number of training and held-out rows and a checksum
+    of the held-out tokens. Saved in checkpoints, so a resume on other data (or another split of it) is refused
+    whatever the store's key says (a moved or touched corpus has another key and the same tokens)."""
+    h = hashlib.sha256()
+    val = token_data.val
+    if isinstance(token_data, TokenData):
+        h.update(np.asarray(val.tokens, dtype=np.int64).tobytes())
+    else:
+        for rows in (val.input_ids, val.labels, val.position_ids or []):
+            for row in rows:
+                h.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
+    return {"train": len(token_data.train), "val": len(val), "val_sha256": h.hexdigest()[:32]}
+
+
+def describe_split_change(saved: dict, now: dict) -> str:
+    said = [f"{now.get(k, 0):,} {k} rows, the run's {saved.get(k, 0):,}" for k in ("train", "val") if saved.get(k) != now.get(k)]
+    if saved.get("val_sha256") != now.get("val_sha256"):
+        said.append("other held-out tokens")
+    return "; ".join(said)

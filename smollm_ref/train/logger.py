@@ -24,6 +24,7 @@ class NullLogger:
     """A non-main rank's logger: says and records nothing."""
 
     wandb_run_id: str | None = None
+    logged_mean: tuple[float, int] | None = None  # the last log line's (mean loss, steps it covers)
 
     def say(self, message: str) -> None:
         pass
@@ -37,7 +38,7 @@ class NullLogger:
     def validation(self, step: int, loss: float) -> None:
         pass
 
-    def sample(self, step: int, text: str) -> None:
+    def sample(self, step: int, text: str, how: str = "") -> None:
         pass
 
     def close(self) -> None:
@@ -84,6 +85,7 @@ class RunLogger(NullLogger):
         if step % self.cfg.log_every == 0 or step == self.max_steps:
             mean, count = sum(self.recent) / len(self.recent), len(self.recent)
             self.recent.clear()
+            self.logged_mean = (mean, count)
             mfu = f" | mfu {values['mfu']:.1%}" if "mfu" in values else ""
             say(
                 f"step {step:>6} | loss {mean:.4f} (mean of {count}) | lr {values['lr']:.2e} | grad norm {values['grad_norm']:.3f}"
@@ -94,8 +96,9 @@ class RunLogger(NullLogger):
         self.log.log(step, {"val_loss": loss})
         say(f"step {step:>6} | val loss {loss:.4f}")
 
-    def sample(self, step: int, text: str) -> None:
-        say(f"--- sample at step {step} ---\n{text}\n---")
+    def sample(self, step: int, text: str, how: str = "") -> None:
+        """Print and record a sample; `how` says how it was drawn (temperature, top-k, seed)."""
+        say(f"--- sample at step {step}{f' ({how})' if how else ''} ---\n{text}\n---")
         self.log.log(step, {"sample": text})
 
     def close(self) -> None:
@@ -110,11 +113,8 @@ class RunLogger(NullLogger):
 def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):
     """A WandB run continuing `run_id` when resuming. The mode is chosen first (offline without a key or a
     network), so init never blocks; if init still fails the job goes on without WandB."""
-    try:
-        import wandb
-    except ImportError:
-        warnings.warn("--wandb asked but the wandb package is not installed; logging to metrics.jsonl only", stacklevel=2)
-        return None, run_id
+    import wandb  # present: the run's inputs were checked for it (run._read_inputs)
+
     # WandB's own id format (8 lowercase alphanumerics), drawn from `secrets` so the training RNG is untouched
     run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     try:

@@ -22,6 +22,8 @@ class TrainResult:
     checkpoint: Path | None
     run_dir: Path
     stopped_by_signal: int | None = None
+    # the last log line's mean train loss and how many steps it covers (`loss` is the last finite step's alone)
+    logged_loss: tuple[float, int] | None = None
 
 
 class StopFlag:
@@ -89,6 +91,7 @@ def fit(run: Run) -> TrainResult:
     finally:
         run.close()
     result = TrainResult(state.step, run.last_loss, run.last_val, run.checkpointer.last, run.run_dir)
+    result.logged_loss = run.logger.logged_mean
     if stop.signum is not None and state.step < run.max_steps:
         result.stopped_by_signal = stop.signum
         run.logger.say(
@@ -103,7 +106,13 @@ def fit(run: Run) -> TrainResult:
 def closing_lines(result: TrainResult) -> str:
     """What a finished run says last: where its outputs are, how it ended, what to run next."""
     run_dir = result.run_dir
-    losses = f"final train loss {result.loss:.4f}" if result.loss is not None else "no finite train loss"
+    if result.loss is None:
+        losses = "no finite train loss"
+    elif result.logged_loss is not None and result.logged_loss[1] > 1:
+        mean, count = result.logged_loss
+        losses = f"train loss {mean:.4f} (mean of the last {count} steps, as logged), last step's {result.loss:.4f}"
+    else:
+        losses = f"train loss {result.loss:.4f} (last step)"
     if result.val_loss is not None:
         losses += f", val loss {result.val_loss:.4f}"
     return (

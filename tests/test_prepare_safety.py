@@ -310,6 +310,17 @@ def test_out_under_a_file_is_one_line(tmp_path):
     assert (tmp_path / "f").read_text() == "a file"
 
 
+def test_an_unwritable_cache_is_one_line_naming_where_to_move_it(tmp_path, monkeypatch):
+    from smollm_ref import train
+    from smollm_ref.train import TrainConfig
+
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("SMOLLM_REF_CACHE", str(tmp_path / "file"))
+    with pytest.raises(data.DataError, match="a part of its path is a file.*set SMOLLM_REF_CACHE") as info:
+        train.train(TrainConfig(**tiny_options(tmp_path)))
+    assert "\n" not in str(info.value) and (tmp_path / "file").read_text() == "not a directory"
+
+
 def in_namespace_with_tmpfs(tmp_path: Path, mount_options: str, command: str) -> subprocess.CompletedProcess:
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
         pytest.skip("no user namespaces to mount a tmpfs in; the patched tests above cover a full disk and an unwritable --out")

@@ -555,14 +555,20 @@ def _first_missing(out: Path) -> Path | None:
 
 def _unwritable(out: Path, e: OSError) -> DataError:
     if storage.is_disk_full(e):
-        return DataError(f"no space left on the device holding {out}; free some space or pass another --out")
+        return DataError(
+            f"no space left on the device holding {out}; free some space, or pass another --out "
+            "(the trainer's cache: set SMOLLM_REF_CACHE to another place)"
+        )
     why = {
         errno.EROFS: "it is on a read-only file system",
         errno.EACCES: "permission denied",
         errno.EPERM: "permission denied",
         errno.ENOTDIR: "a part of its path is a file, not a directory",
     }.get(e.errno, e.strerror or str(e))
-    return DataError(f"cannot write the token store at {out}: {why}; pass a writable directory as --out")
+    return DataError(
+        f"cannot write the token store at {out}: {why}; pass a writable directory as --out "
+        "(the trainer's cache: set SMOLLM_REF_CACHE to one)"
+    )
 
 
 def _lock(out: Path, wait: bool) -> storage.DirectoryLock:

@@ -98,20 +98,29 @@ class DirectoryLock:
         self.path = Path(directory) / self.NAME
         self.fd: int | None = None
 
-    def acquire(self) -> DirectoryLock:
+    def acquire(self, wait: bool = False) -> DirectoryLock:
+        """Take the lock; held by another process: `LockedError` naming its pid, or with `wait` block until
+        it is released."""
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = self.holder(fd)
             os.close(fd)
-            raise LockedError(f"{self.path.parent} is in use by another trainer (pid {holder})") from None
+            raise LockedError(f"{self.path.parent} is in use by another process (pid {holder})") from None
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         return self
+
+    @staticmethod
+    def holder(fd: int) -> str:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
 
     def release(self) -> None:
         if self.fd is not None:

@@ -106,24 +106,6 @@ def test_a_budget_larger_than_the_data_warns_and_keeps_what_there_is(tok, tmp_pa
 # ---- an interrupted prepare ---------------------------------------------------------------------------------
 
 
-# Run as `python -c KILLED_AFTER_TWO_SHARDS prepare ...`: the real command, which SIGKILLs itself at a known
-# point instead of being killed at a moment that races its own progress (or its finish): two shards renamed
-# into place and recorded, and the third half-written in its temporary.
-KILLED_AFTER_TWO_SHARDS = """
-import os, runpy, signal, sys
-from smollm_ref.data import store
-write = store._ShardWriter.write_document
-def write_then_die(self, *args, **kwargs):
-    write(self, *args, **kwargs)
-    if len(self.progress["shards"]) == 2 and self.file is not None and self.count > 0:
-        self.file.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-store._ShardWriter.write_document = write_then_die
-sys.argv[0] = "smollm_ref.data"
-runpy.run_module("smollm_ref.data", run_name="__main__", alter_sys=True)
-"""
-
-
 def test_a_killed_prepare_continues_to_the_store_an_uninterrupted_one_makes(tmp_path):
     docs = [f"line {i} " * 40 + "\n" for i in range(400)]
     spec = str(jsonl(tmp_path / "c.jsonl", docs))
@@ -132,13 +114,22 @@ def test_a_killed_prepare_continues_to_the_store_an_uninterrupted_one_makes(tmp_
     command = [sys.executable, "-m", "smollm_ref.data", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     killed = tmp_path / "killed"
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_TWO_SHARDS, *args, "--out", str(killed)], env=env, capture_output=True, text=True
+    # SIGKILLed at a fixed point, not after a wait: as the third shard is about to be renamed into place
+    # (its temporary written), so the outcome never depends on the machine's speed
+    kill_at_third_shard = (
+        "import os, signal, sys; from smollm_ref.data import store, __main__ as cli; real = store._ShardWriter.close; "
+        "n = [0]; store._ShardWriter.close = lambda self, pos: (n.__setitem__(0, n[0] + 1), "
+        "os.kill(os.getpid(), signal.SIGKILL) if n[0] == 3 else real(self, pos)); sys.exit(cli.main(sys.argv[1:]))"
     )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert sorted(p.name for p in killed.glob("shard_*.bin")) == ["shard_000000.bin", "shard_000001.bin"]
-    assert len(list(killed.glob("shard_000002.bin.tmp*"))) == 1  # the third, half-written
-    assert len(json.loads((killed / "progress.json").read_text())["shards"]) == 2 and not (killed / "index.json").exists()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", kill_at_third_shard, *command[3:], "--out", str(killed), "--no-progress"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.wait() == -signal.SIGKILL
+    left = sorted(p.name for p in killed.glob("shard_*"))
+    assert left == ["shard_000000.bin", "shard_000001.bin", f"shard_000002.bin.tmp{proc.pid}"]  # swept on continuing
+    assert (killed / "progress.json").is_file() and not (killed / "index.json").exists()
     with pytest.raises(data.DataError, match="unfinished token store"):
         data.Store(killed)  # never mistaken for a finished store
     resumed = subprocess.run([*command, "--out", str(killed)], env=env, capture_output=True, text=True)
@@ -288,7 +279,7 @@ def test_prepare_into_a_directory_that_is_not_a_store_is_refused(tok, tmp_path):
     (tmp_path / "s" / "keep.txt").write_text("mine")
     with pytest.raises(data.DataError, match="not a token store"):
         data.prepare(str(jsonl(tmp_path / "c.jsonl", ["x"])), tmp_path / "s", tok, workers=1, progress=False)
-    assert (tmp_path / "s" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "s" / "keep.txt").read_text() == "mine" and [p.name for p in (tmp_path / "s").iterdir()] == ["keep.txt"]
 
 
 # ---- the trainer on a store ---------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_a_second_trainer_on_the_same_directory_is_refused_and_the_first_is_inta
     _, err = first.communicate(timeout=120)
     for refused in (second, resumer):
         assert refused.returncode == 2
-        assert f"is in use by another trainer (pid {first.pid})" in one_line_error(refused.stderr)
+        assert f"is in use by another process (pid {first.pid})" in one_line_error(refused.stderr)
     assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]

@@ -4,12 +4,11 @@ several processes; `python -m smollm_ref.data verify DIR` checks every shard aga
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from .sources import DataError
-from .store import DEFAULT_SHARD_TOKENS, Store, prepare
+from .store import DEFAULT_SHARD_TOKENS, Store, check_workers, prepare, usable_cores
 
 
 def _positive(text: str) -> int:
@@ -42,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens", type=_positive, metavar="N", help="stop after N tokens (default: the whole source; 2e9 is accepted)"
     )
     p.add_argument(
-        "--workers", type=_positive, default=os.cpu_count() or 1, metavar="N", help="tokenising processes (default: all cores)"
+        "--workers",
+        type=_positive,
+        default=usable_cores(),
+        metavar="N",
+        help="tokenising processes, at most the cores this process may use (default: all of them)",
     )
     p.add_argument(
         "--text-field", default="text", metavar="F", help="field holding the text in .jsonl / hf records (default text)"
@@ -53,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SHARD_TOKENS,
         metavar="N",
         help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS})",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="--out holds an unfinished prepare of other inputs: discard its shards and start again (default: refuse)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     v = commands.add_parser("verify", help="check every shard of a store against its checksum")
@@ -68,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             store.verify()
             print(f"{store.dir}: {len(store.shards)} shard(s), {store.num_tokens:,} tokens, every checksum matches")
             return 0
+        check_workers(args.workers)  # before the tokenizer loads
         from ..tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             shard_tokens=args.shard_tokens,
             progress=args.progress,
+            restart=args.restart,
         )
         seconds = time.perf_counter() - started
         print(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,11 +198,12 @@ def chat_data(cfg: TrainConfig, tokenizer):
 
 
 def _workers(spec: str) -> int:
-    """All cores, except for a small local corpus, where starting worker processes costs more than it saves."""
+    """All usable cores, except for a small local corpus, where starting worker processes costs more than it
+    saves."""
     path = Path(spec).expanduser()
     if path.is_file() and path.stat().st_size < 16 << 20:
         return 1
-    return os.cpu_count() or 1
+    return data.store.usable_cores()
 
 
 def eval_batches(n_windows: int, cfg: TrainConfig, d: distributed.Dist) -> list[list[int]]:

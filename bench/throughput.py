@@ -296,7 +296,7 @@ def train_fns(models: dict, mode: Mode, ids, device) -> dict[str, Side]:
         autocast = autocast_context(device, mode.precision)
         step = None
         if name == "smollm_ref":
-            fast = fast_forward(model, cfg, 1, mode.precision)
+            fast, _ = fast_forward(model, cfg, 1, mode.precision)
             if fast is not None:
                 loss_fn, autocast, step = fast.lm_loss, None, "fast"  # the fast step does its own mixed precision
             else:

@@ -122,8 +122,8 @@ def load_tokenizer(source: str | os.PathLike = PYPI_SOURCE):
     if kind == "checkpoint":
         from .checkpoint import load_latest  # the checkpoint `from_pretrained` reads, verified the same way
 
-        return load_latest(path, _from_directory)[1]
-    return _from_directory(path)
+        return load_latest(path, from_directory)[1]
+    return from_directory(path)
 
 
 def tokenizer_for(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
@@ -154,7 +154,10 @@ _TOKENIZER_FILES = (
 )
 
 
-def _from_directory(path: Path):
+def from_directory(path: Path):
+    """The tokenizer in one directory of files (a transformers directory or one checkpoint), read as it is:
+    no manifest check (`load_tokenizer` verifies a checkpoint first). SourceError when it holds no tokenizer
+    files, TokenizerError when they are damaged or not regular files."""
     transformers = _quiet_transformers()
     for name in _TOKENIZER_FILES:
         file = path / name

@@ -106,16 +106,17 @@ def model_and_weights(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelC
 
 def load_tokenizer(cfg: TrainConfig, resume_dir: Path | None):
     """--tokenizer, else the checkpoint's or --init-from model's own, else SmolLM2's."""
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import from_directory, load_tokenizer
     from ..weights import SourceError
 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
-    for source in (resume_dir, cfg.init_from):
+    # the checkpoint to resume was verified when it was chosen: read its files, not its hashes once more
+    for source, load in ((resume_dir, from_directory), (cfg.init_from, load_tokenizer)):
         if source is None:
             continue
         try:
-            return load_tokenizer(source)
+            return load(source)
         except SourceError:
             continue  # a model without tokenizer files: fall back to SmolLM2's own
     return load_tokenizer(DEFAULT_TOKENIZER)

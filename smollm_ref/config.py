@@ -51,10 +51,15 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _show(value) -> str:
+def _brief(value) -> str:
     """A value for a one-line error: its repr, cut short (a config.json field can be any size)."""
     text = repr(value)
-    return (text if len(text) <= 60 else text[:57] + "...") + f" ({type(value).__name__})"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _show(value) -> str:
+    """A value for a one-line error: its repr, cut short (a config.json field can be any size)."""
+    return f"{_brief(value)} ({type(value).__name__})"
 
 
 def _same(value, neutral) -> bool:
@@ -101,14 +106,14 @@ def _default_rope(key: str, rope) -> float | None:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
         raise ValueError(
-            f"config {key} type {_show(kind)} is not supported; only the default RoPE is implemented (no RoPE scaling)"
+            f"config {key} type {_brief(kind)} is not supported; only the default RoPE is implemented (no RoPE scaling)"
         )
     for name in sorted(str(k) for k in rope):
         if name not in _ROPE_KEYS:
-            raise ValueError(f"config {key}.{name}={_show(rope[name])} is not supported with the default RoPE; remove it")
+            raise ValueError(f"config {key}.{name}={_brief(rope[name])} is not supported with the default RoPE; remove it")
     if "partial_rotary_factor" in rope and not _same(rope["partial_rotary_factor"], 1):
         raise ValueError(
-            f"config {key}.partial_rotary_factor={_show(rope['partial_rotary_factor'])} is not supported; "
+            f"config {key}.partial_rotary_factor={_brief(rope['partial_rotary_factor'])} is not supported; "
             "RoPE is applied to the whole head"
         )
     return rope.get("rope_theta")
@@ -251,26 +256,26 @@ class ModelConfig:
         data = dict(data)
         model_type = data.get("model_type", "llama")
         if model_type != "llama":
-            raise ValueError(f"config model_type must be 'llama' (a LLaMA-architecture model), got {_show(model_type)}")
+            raise ValueError(f"config model_type must be 'llama' (a LLaMA-architecture model), got {_brief(model_type)}")
         for key in sorted(k for k in data if k in _NEUTRAL):
             value = data.pop(key)
             full = key == "layer_types" and isinstance(value, list) and all(v == "full_attention" for v in value)
             if not full and not any(_same(value, neutral) for neutral in _NEUTRAL[key][0]):
-                raise ValueError(f"config {key}={_show(value)} is not supported: {_NEUTRAL[key][1]}; remove the key")
+                raise ValueError(f"config {key}={_brief(value)} is not supported: {_NEUTRAL[key][1]}; remove the key")
         # transformers >= 5 nests theta in rope_parameters; older files use rope_theta + rope_scaling.
         for key in ("rope_parameters", "rope_scaling"):
             theta = _default_rope(key, data.pop(key, None))
             if theta is not None:
                 if "rope_theta" in data and not _same(data["rope_theta"], theta):
                     raise ValueError(
-                        f"config {key}.rope_theta={_show(theta)} differs from rope_theta={_show(data['rope_theta'])}; keep one"
+                        f"config {key}.rope_theta={_brief(theta)} differs from rope_theta={_brief(data['rope_theta'])}; keep one"
                     )
                 data["rope_theta"] = theta
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in data if k not in fields and k not in _METADATA_KEYS)
         if unknown:
             raise ValueError(
-                f"config has unknown key(s) {_show(unknown)}, which may change what the model computes; remove them "
+                f"config has unknown key(s) {_brief(unknown)}, which may change what the model computes; remove them "
                 "or fix their spelling"
             )
         kwargs = {k: v for k, v in data.items() if k in fields}

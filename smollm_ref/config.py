@@ -317,6 +317,8 @@ class ModelConfig:
     def from_name(cls, name_or_path: str | Path) -> ModelConfig:
         """A preset shipped in `smollm_ref/configs/models/` (e.g. `smollm2-135m`), or a path to a config.json
         or to the directory holding one."""
+        if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
+            raise ValueError(f"a model config is a preset name or a path to a config.json, got {_show(name_or_path)}")
         path = Path(name_or_path)
         if path.suffix == ".json" or path.exists():
             if path.is_dir():

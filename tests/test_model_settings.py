@@ -484,3 +484,9 @@ def test_an_oversized_manifest_is_refused_without_reading_it(tmp_path):
     (found / checkpoint.MANIFEST).write_text("[]")
     with pytest.raises(checkpoint.CheckpointError, match="manifest.json is a JSON list, not an object"):
         checkpoint.verify(found)
+
+
+@pytest.mark.parametrize("name", ["", 3, None])
+def test_a_model_config_name_that_is_not_one_is_a_value_error(name):
+    with pytest.raises(ValueError, match="preset name or a path"):
+        ModelConfig.from_name(name)

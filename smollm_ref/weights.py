@@ -301,10 +301,8 @@ _GGUF_READ = frozenset(
 )
 # Namespaces that carry no architecture: names, licences, the tokenizer, how the file was quantised.
 _GGUF_HARMLESS = ("GGUF.", "general.", "tokenizer.", "quantize.")
-# Where each config field comes from, to name the key when a value is refused.
+# The key each config field is read from, to name it when its value is refused.
 _GGUF_SOURCE = {
-    "vocab_size": "token_embd.weight's rows",
-    "hidden_size": "token_embd.weight's columns",
     "intermediate_size": "llama.feed_forward_length",
     "num_hidden_layers": "llama.block_count",
     "num_attention_heads": "llama.attention.head_count",
@@ -453,7 +451,7 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
     except ValueError as e:
         field = str(e).removeprefix("ModelConfig.").split(" ", 1)[0]
         source = _GGUF_SOURCE.get(field)
-        named = f"GGUF key {source} = {_short(fields[field])}: " if source and source.startswith(("llama.", "tokenizer.")) else ""
+        named = f"GGUF key {source} = {_short(metadata[source])}: " if source in metadata else ""
         raise SourceError(f"{where}: {named}{e}") from None
 
 

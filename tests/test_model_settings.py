@@ -490,3 +490,9 @@ def test_an_oversized_manifest_is_refused_without_reading_it(tmp_path):
 def test_a_model_config_name_that_is_not_one_is_a_value_error(name):
     with pytest.raises(ValueError, match="preset name or a path"):
         ModelConfig.from_name(name)
+
+
+def test_a_gguf_value_derived_from_others_names_no_key_it_does_not_have():
+    with pytest.raises(SourceError) as info:
+        config_of({"llama.attention.head_count": 16, "llama.attention.head_count_kv": 16})  # head size 16 / 16 = 1: odd
+    assert "head_dim must be even" in str(info.value) and "key_length" not in str(info.value)

@@ -496,3 +496,18 @@ def test_a_gguf_value_derived_from_others_names_no_key_it_does_not_have():
     with pytest.raises(SourceError) as info:
         config_of({"llama.attention.head_count": 16, "llama.attention.head_count_kv": 16})  # head size 16 / 16 = 1: odd
     assert "head_dim must be even" in str(info.value) and "key_length" not in str(info.value)
+
+
+def test_the_settings_accepted_rather_than_refused_compute_what_transformers_computes():
+    """attention_bias, mlp_bias and a head size other than hidden/heads are accepted because the model
+    implements them: the same weights give transformers' logits bit for bit (float32, CPU)."""
+    from smollm_ref import to_transformers
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(attention_bias=True, mlp_bias=True, head_dim=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # biases start at zero: make them count
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, to_transformers(model).eval()(ids).logits)

@@ -29,6 +29,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from . import storage
 from .weights import _sha256
 
 MANIFEST = "manifest.json"
@@ -119,11 +120,8 @@ def verify(directory: Path) -> None:
         raise CheckpointError(f"checkpoint {directory} has no {MANIFEST} (it was not finished)")
     if manifest_path.is_symlink() or not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {directory}: {MANIFEST} is not a regular file")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {directory} has an unreadable {MANIFEST}") from None
+    manifest = read_manifest(directory)
+    files = manifest.get("files")
     if not isinstance(files, dict):
         raise CheckpointError(
             f"checkpoint {directory}: {MANIFEST} 'files' is a {type(files).__name__}, not a mapping of file names to checksums"
@@ -133,6 +131,22 @@ def verify(directory: Path) -> None:
             raise CheckpointError(f"checkpoint {directory} lacks {name}")
     for name, entry in files.items():
         _verify_file(directory, name, entry)
+
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest of checkpoint `directory` as a dict, read as a small regular file (`storage.read_small_json`:
+    a FIFO or a device is refused, not waited on or read without end). CheckpointError, one line, otherwise."""
+    try:
+        manifest = storage.read_small_json(directory / MANIFEST, "manifest")
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {directory} has no {MANIFEST} (it was not finished)") from None
+    except storage.BadFile as e:
+        raise CheckpointError(f"checkpoint {directory} has an unreadable {MANIFEST}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {directory} has an unreadable {MANIFEST} ({e.strerror or e})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint {directory}: {MANIFEST} is a JSON {type(manifest).__name__}, not an object")
+    return manifest
 
 
 def _verify_file(directory: Path, name, entry) -> None:
@@ -235,8 +249,19 @@ def load_state(directory: Path) -> dict:
 
 
 def load_train_config(directory: Path) -> dict:
+    """The run options a checkpoint recorded ({} if it has none), read as a small regular file."""
     path = directory / TRAIN_CONFIG
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        options = storage.read_small_json(path, "run options")
+    except FileNotFoundError:
+        return {}
+    except storage.BadFile as e:
+        raise CheckpointError(f"checkpoint {directory} has an unreadable {TRAIN_CONFIG}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {directory} has an unreadable {TRAIN_CONFIG} ({e.strerror or e})") from None
+    if not isinstance(options, dict):
+        raise CheckpointError(f"checkpoint {directory}: {TRAIN_CONFIG} is a JSON {type(options).__name__}, not an object")
+    return options
 
 
 def strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

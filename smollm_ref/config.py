@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .configs import preset_names, preset_path
+from .storage import BadFile, read_small_json
 
 # Keys that appear in real Llama/SmolLM2 config.json files and carry no architecture: they are
 # accepted on read and never silently change the model. Anything else unknown is an error.
@@ -41,14 +42,81 @@ _BOOL_FIELDS = frozenset({"tie_word_embeddings", "attention_bias", "mlp_bias"})
 _OPTIONAL_INT_FIELDS = frozenset({"head_dim", "bos_token_id", "eos_token_id", "pad_token_id"})
 
 
+_MAX_SIZE = 2**31 - 1  # GGUF and llama.cpp keep sizes in 32 bits; nothing real comes near it
+_FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _show(value) -> str:
+def _brief(value) -> str:
     """A value for a one-line error: its repr, cut short (a config.json field can be any size)."""
     text = repr(value)
-    return (text if len(text) <= 60 else text[:57] + "...") + f" ({type(value).__name__})"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _show(value) -> str:
+    """A value for a one-line error: its repr, cut short (a config.json field can be any size)."""
+    return f"{_brief(value)} ({type(value).__name__})"
+
+
+def _same(value, neutral) -> bool:
+    """`value == neutral` with JSON's types kept apart (true is not 1, 1 is 1.0)."""
+    if isinstance(value, bool) or isinstance(neutral, bool) or value is None or neutral is None:
+        return value is neutral
+    if isinstance(neutral, (int, float)):
+        return isinstance(value, (int, float)) and value == neutral
+    return type(value) is type(neutral) and value == neutral
+
+
+# Keys of transformers configs (of Llama and of its relatives) that change the computation unless they hold
+# their neutral value: (neutral values, what the key asks for). Neutral values are accepted and dropped.
+_NEUTRAL = {
+    "pretraining_tp": ((1,), "the model's projections are not split into pretraining_tp slices"),
+    "rope_interleaved": ((False,), "SmolLM2 uses the rotate_half RoPE layout, not the interleaved one"),
+    "partial_rotary_factor": ((1,), "RoPE is applied to the whole head (partial_rotary_factor 1)"),
+    "sliding_window": ((None, 0), "sliding-window attention is not implemented; every position sees all earlier ones"),
+    "use_sliding_window": ((False,), "sliding-window attention is not implemented"),
+    "attn_logit_softcapping": ((None,), "attention logit softcapping is not implemented"),
+    "final_logit_softcapping": ((None,), "final logit softcapping is not implemented"),
+    "num_local_experts": ((None, 0, 1), "mixture-of-experts layers are not implemented"),
+    "num_experts": ((None, 0, 1), "mixture-of-experts layers are not implemented"),
+    "num_experts_per_tok": ((None, 0, 1), "mixture-of-experts layers are not implemented"),
+    "use_qk_norm": ((False,), "query/key normalisation is not implemented"),
+    "qk_layernorm": ((False,), "query/key normalisation is not implemented"),
+    "embedding_multiplier": ((1,), "embeddings are not scaled"),
+    "logits_scaling": ((1,), "logits are not scaled"),
+    "residual_multiplier": ((1,), "residual branches are not scaled"),
+    "attention_multiplier": ((None,), "attention is scaled by 1/sqrt(head_dim) only"),
+    "layer_types": ((), "every layer is full causal attention"),  # neutral: a list of "full_attention" only
+}
+
+_ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+
+
+def _default_rope(key: str, rope) -> float | None:
+    """The rope_theta of a `rope_parameters` / `rope_scaling` value that asks for the plain RoPE the model
+    implements (None when it gives none); ValueError naming the entry for anything else."""
+    if rope is None:
+        return None
+    if not isinstance(rope, dict):
+        raise ValueError(f"config {key} must be an object or null, got {_show(rope)}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ValueError(
+            f"config {key} type {_brief(kind)} is not supported; only the default RoPE is implemented (no RoPE scaling)"
+        )
+    for name in sorted(str(k) for k in rope):
+        if name not in _ROPE_KEYS:
+            raise ValueError(f"config {key}.{name}={_brief(rope[name])} is not supported with the default RoPE; remove it")
+    if "partial_rotary_factor" in rope and not _same(rope["partial_rotary_factor"], 1):
+        raise ValueError(
+            f"config {key}.partial_rotary_factor={_brief(rope['partial_rotary_factor'])} is not supported; "
+            "RoPE is applied to the whole head"
+        )
+    return rope.get("rope_theta")
 
 
 @dataclass(frozen=True)
@@ -87,8 +155,8 @@ class ModelConfig:
             "max_position_embeddings",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_SIZE:
+                raise ValueError(f"ModelConfig.{name} must be an integer in [1, {_MAX_SIZE}], got {_show(value)}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -96,8 +164,8 @@ class ModelConfig:
                     f"hidden_size ({self.hidden_size}), or head_dim must be given"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        elif isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0:
-            raise ValueError(f"ModelConfig.head_dim must be a positive integer, got {self.head_dim!r}")
+        elif not 0 < self.head_dim <= _MAX_SIZE:
+            raise ValueError(f"ModelConfig.head_dim must be an integer in [1, {_MAX_SIZE}], got {_show(self.head_dim)}")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -105,12 +173,18 @@ class ModelConfig:
                 f"ModelConfig.num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
-        if not self.initializer_range > 0:
-            raise ValueError(f"ModelConfig.initializer_range must be > 0, got {self.initializer_range!r}")
+        # The model computes in float32 at most: a value that float32 rounds to 0 or infinity gives NaNs.
+        if not _FLOAT32_TINY <= self.rms_norm_eps <= _FLOAT32_MAX:
+            raise ValueError(
+                f"ModelConfig.rms_norm_eps must be > 0 and within float32's range (a normal float32), got {self.rms_norm_eps!r}"
+            )
+        if not 1.0 <= self.rope_theta <= _FLOAT32_MAX:
+            # theta below 1 turns RoPE's frequencies upside down, and near 0 they overflow to infinity
+            raise ValueError(f"ModelConfig.rope_theta must be >= 1 and within float32's range, got {self.rope_theta!r}")
+        if not _FLOAT32_TINY <= self.initializer_range <= _FLOAT32_MAX:
+            raise ValueError(
+                f"ModelConfig.initializer_range must be > 0 and within float32's range, got {self.initializer_range!r}"
+            )
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"ModelConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         if self.hidden_act != "silu":
@@ -174,28 +248,36 @@ class ModelConfig:
     # ---- transformers config.json --------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
+        """A config from a transformers `config.json` dict. Raises ValueError (one line naming the key and
+        its value) for a key that asks for something this model does not compute: another architecture,
+        RoPE scaling, sliding-window attention, logit softcapping, experts, ... and for any unknown key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a model config must be a JSON object of settings, got {_show(data)}")
         data = dict(data)
         model_type = data.get("model_type", "llama")
         if model_type != "llama":
-            raise ValueError(f"config model_type must be 'llama' (a LLaMA-architecture model), got {model_type!r}")
-        if data.get("pretraining_tp", 1) != 1:
-            raise ValueError(f"config pretraining_tp must be 1, got {data['pretraining_tp']!r}")
-        data.pop("pretraining_tp", None)
-        if data.pop("rope_interleaved", False):
-            raise ValueError("config rope_interleaved=true is not supported: SmolLM2 uses the rotate_half layout")
+            raise ValueError(f"config model_type must be 'llama' (a LLaMA-architecture model), got {_brief(model_type)}")
+        for key in sorted(k for k in data if k in _NEUTRAL):
+            value = data.pop(key)
+            full = key == "layer_types" and isinstance(value, list) and all(v == "full_attention" for v in value)
+            if not full and not any(_same(value, neutral) for neutral in _NEUTRAL[key][0]):
+                raise ValueError(f"config {key}={_brief(value)} is not supported: {_NEUTRAL[key][1]}; remove the key")
         # transformers >= 5 nests theta in rope_parameters; older files use rope_theta + rope_scaling.
-        rope = data.pop("rope_parameters", None) or {}
-        scaling = data.pop("rope_scaling", None) or {}
-        for extra in (rope, scaling):
-            kind = extra.get("rope_type", extra.get("type", "default"))
-            if kind != "default":
-                raise ValueError(f"config rope type {kind!r} is not supported; only the default RoPE is implemented")
-        if "rope_theta" in rope:
-            data.setdefault("rope_theta", rope["rope_theta"])
+        for key in ("rope_parameters", "rope_scaling"):
+            theta = _default_rope(key, data.pop(key, None))
+            if theta is not None:
+                if "rope_theta" in data and not _same(data["rope_theta"], theta):
+                    raise ValueError(
+                        f"config {key}.rope_theta={_brief(theta)} differs from rope_theta={_brief(data['rope_theta'])}; keep one"
+                    )
+                data["rope_theta"] = theta
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in data if k not in fields and k not in _METADATA_KEYS)
+        unknown = sorted(str(k) for k in data if k not in fields and k not in _METADATA_KEYS)
         if unknown:
-            raise ValueError(f"config has unknown key(s) {unknown}; remove them or fix their spelling")
+            raise ValueError(
+                f"config has unknown key(s) {_brief(unknown)}, which may change what the model computes; remove them "
+                "or fix their spelling"
+            )
         kwargs = {k: v for k, v in data.items() if k in fields}
         return cls(**kwargs)  # __post_init__ checks every value's type (rope_theta: 10000 becomes 10000.0)
 
@@ -209,14 +291,24 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
+        """The config in a transformers `config.json` file. Raises FileNotFoundError when there is none, and a
+        one-line ValueError (`storage.BadFile` for the file itself) for a file that is not a small regular
+        JSON file (a FIFO, a device, too large) or a config the model does not implement (`from_dict`)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = read_small_json(path, "model config")
         except FileNotFoundError:
             raise FileNotFoundError(f"model config {path} does not exist; pass a preset name or an existing JSON file") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"model config {path} is not valid JSON ({e}); fix the file") from None
-        return cls.from_dict(data)
+        except BadFile:
+            raise
+        except OSError as e:  # permission denied, a dangling link's loop, ...
+            raise BadFile(
+                f"model config {path} cannot be read ({e.strerror or e}); fix its permissions or give another"
+            ) from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"model config {path}: {e}") from None
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -225,6 +317,8 @@ class ModelConfig:
     def from_name(cls, name_or_path: str | Path) -> ModelConfig:
         """A preset shipped in `smollm_ref/configs/models/` (e.g. `smollm2-135m`), or a path to a config.json
         or to the directory holding one."""
+        if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
+            raise ValueError(f"a model config is a preset name or a path to a config.json, got {_show(name_or_path)}")
         path = Path(name_or_path)
         if path.suffix == ".json" or path.exists():
             if path.is_dir():

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import pickle
+import stat
 import subprocess
 import sys
 import time
@@ -210,14 +211,25 @@ _GGUF_NAMES = {
 }
 
 
-def _gguf_field(reader, key, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
+def _gguf_value(field, decode_arrays: bool):
+    """A metadata field's value as Python: a number, bool or string, or a list of them for an array (left as
+    `...` unless `decode_arrays`: a tokenizer's vocabulary is tens of thousands of entries nothing here reads)."""
+    kinds = [t.name for t in field.types]
+    if kinds and kinds[0] == "ARRAY":
+        if not decode_arrays:
+            return ...
+        if kinds[1:] == ["STRING"]:
+            return [bytes(field.parts[i]).decode(errors="replace") for i in field.data]
+        return [field.parts[i].item() for i in field.data]
     value = field.parts[field.data[0]]
-    if field.types and field.types[0].name == "STRING":
-        return bytes(value).decode()
-    return value.item() if value.size == 1 else value.tolist()
+    if kinds == ["STRING"]:
+        return bytes(value).decode(errors="replace")
+    return value.item()
+
+
+def gguf_metadata(reader) -> dict[str, object]:
+    """Every metadata key of a GGUF file (a `gguf.GGUFReader`) with its value; tokenizer arrays as `...`."""
+    return {key: _gguf_value(field, not key.startswith("tokenizer.")) for key, field in reader.fields.items()}
 
 
 def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -228,26 +240,28 @@ def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and float32 state dict of a llama-architecture GGUF file (any quantisation gguf can dequantise)."""
+    """Config and float32 state dict of a llama-architecture GGUF file (any quantisation gguf can dequantise).
+    Raises SourceError (one line) for metadata that asks for something the model does not compute
+    (`gguf_config`) and for tensors that do not fit it, before any tensor is dequantised."""
     try:
         from gguf import GGUFReader, dequantize
     except ImportError:
         raise SourceError("reading .gguf files needs the `gguf` package: pip install gguf") from None
+    _check_regular(path, "GGUF file")
     with _reading(path, "GGUF file"):
         reader = GGUFReader(str(path))
-    arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise SourceError(f"{path} holds a {arch!r} model; only the llama architecture (SmolLM2) is supported")
-    tensors = {t.name: t for t in reader.tensors}
-    with _reading(path, "llama GGUF file"):  # a missing tensor or key, or a value of the wrong kind
-        config, keys = _gguf_config(reader, tensors)
+        metadata = gguf_metadata(reader)
+        tensors = {t.name: t for t in reader.tensors}
+        shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
+    config, keys = gguf_config(metadata, shapes, path)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     check_fits_memory(config)
-    check_shapes(config, {keys[n]: tuple(int(d) for d in reversed(t.shape)) for n, t in tensors.items()}, path)
+    check_shapes(config, {keys[n]: shape for n, shape in shapes.items()}, path)
     state = {}
     for name, t in tensors.items():
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)]) if len(t.shape) > 1 else w.reshape(-1)
+        with _reading(path, "GGUF file"):
+            w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
+        w = w.reshape(shapes[name]) if len(shapes[name]) > 1 else w.reshape(-1)
         if ".attn_q." in name:
             w = _unpermute_rope(w, heads)
         elif ".attn_k." in name:
@@ -256,36 +270,211 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
-def _gguf_config(reader, tensors) -> tuple[ModelConfig, dict[str, str]]:
-    """The config a llama GGUF file describes, from its metadata and tensor list (no tensor data read), and
-    each tensor's transformers name."""
-    hidden, vocab = (int(d) for d in tensors["token_embd.weight"].shape)  # gguf lists dims innermost first
-    heads = int(_gguf_field(reader, "llama.attention.head_count"))
-    kv_heads = int(_gguf_field(reader, "llama.attention.head_count_kv", heads))
+# What llama.cpp's llama architecture reads from `llama.*` keys beyond the sizes: each key's values that
+# leave the computation as the model here does it (llama.cpp treats 0 as "not set" for its scales), and
+# what any other value asks for. A `llama.*` key in neither this table nor `_GGUF_READ` is refused.
+_GGUF_NEUTRAL = {
+    "rope.scaling.attn_factor": ((0.0, 1.0), "RoPE scaling's attention factor"),
+    "expert_count": ((0,), "mixture-of-experts layers"),
+    "expert_used_count": ((0,), "mixture-of-experts layers"),
+    "attention.causal": ((True,), "non-causal attention"),
+    "use_parallel_residual": ((False,), "parallel attention and MLP residuals"),
+    "attention.clamp_kqv": ((0.0,), "clamping of the q/k/v projections"),
+    "attention.max_alibi_bias": ((0.0,), "ALiBi position biases"),
+    "attention.sliding_window": ((0,), "sliding-window attention"),
+    "attn_logit_softcapping": ((0.0,), "attention logit softcapping"),
+    "final_logit_softcapping": ((0.0,), "final logit softcapping"),
+    "router_logit_softcapping": ((0.0,), "router logit softcapping"),
+    "logit_scale": ((0.0, 1.0), "scaled logits"),
+    "embedding_scale": ((0.0, 1.0), "scaled embeddings"),
+    "residual_scale": ((0.0, 1.0), "scaled residual branches"),
+    "pooling_type": ((0,), "pooled (embedding-model) outputs"),
+}
+# Keys that are read into the config, or that describe a RoPE scaling only when one is asked for.
+_GGUF_READ = frozenset(
+    {
+        "vocab_size",
+        "context_length",
+        "embedding_length",
+        "block_count",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.key_length",
+        "attention.value_length",
+        "attention.layer_norm_rms_epsilon",
+        "attention.scale",
+        "rope.freq_base",
+        "rope.dimension_count",
+        "rope.scaling.type",  # with rope.scaling.factor: checked together
+        "rope.scaling.factor",
+        "rope.scaling.original_context_length",
+        "rope.scaling.finetuned",
+        "tensor_data_layout",
+    }
+)
+# Namespaces that carry no architecture: names, licences, the tokenizer, how the file was quantised.
+_GGUF_HARMLESS = ("GGUF.", "general.", "tokenizer.", "quantize.")
+# The key each config field is read from, to name it when its value is refused.
+_GGUF_SOURCE = {
+    "intermediate_size": "llama.feed_forward_length",
+    "num_hidden_layers": "llama.block_count",
+    "num_attention_heads": "llama.attention.head_count",
+    "num_key_value_heads": "llama.attention.head_count_kv",
+    "head_dim": "llama.attention.key_length",
+    "max_position_embeddings": "llama.context_length",
+    "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon",
+    "rope_theta": "llama.rope.freq_base",
+    "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "eos_token_id": "tokenizer.ggml.eos_token_id",
+    "pad_token_id": "tokenizer.ggml.padding_token_id",
+}
+
+
+def _gguf_same(value, neutral) -> bool:
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    if isinstance(neutral, str):
+        return value == neutral
+    return isinstance(value, (int, float)) and value == neutral
+
+
+def _gguf_one(metadata: dict, key: str, where, default=None):
+    """A size that llama.cpp lets be one value per layer: every layer must have the same one here."""
+    value = metadata.get(key, default)
+    if isinstance(value, list):
+        if not value or any(not _gguf_same(v, value[0]) for v in value):
+            raise SourceError(f"{where}: GGUF key {key} = {_short(value)} varies by layer; every layer must be the same here")
+        value = value[0]
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tuple[ModelConfig, dict[str, str]]:
+    """The config a llama GGUF file describes, from its metadata (`gguf_metadata`) and its tensors' shapes
+    (transformers order, outermost first), and each tensor's transformers name. Raises SourceError, one line
+    naming the key and its value, for every key or tensor that asks for what the model does not compute:
+    RoPE scaling, sliding windows, experts, softcapping, ALiBi, partial RoPE, a LayerNorm, unknown keys."""
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise SourceError(f"{where} holds a {arch!r} model; only the llama architecture (SmolLM2) is supported")
+    if metadata.get("general.type", "model") != "model":
+        raise SourceError(f"{where} is a GGUF {metadata['general.type']!r} file, not a model; give a model's .gguf")
+    if _gguf_one(metadata, "split.count", where, 1) not in (0, 1):
+        raise SourceError(
+            f"{where} is one part of a GGUF split into {metadata['split.count']} files; merge them first "
+            "(llama-gguf-split --merge) and give the merged file"
+        )
+    # llama.cpp scales linearly by default once a factor is given, whatever the type says (or without one)
+    scaling = {k: metadata[k] for k in ("llama.rope.scaling.type", "llama.rope.scaling.factor") if k in metadata}
+    kind, factor = scaling.get("llama.rope.scaling.type", "none"), scaling.get("llama.rope.scaling.factor", 0.0)
+    if kind not in ("none", "linear") or not (_gguf_same(factor, 0.0) or _gguf_same(factor, 1.0)):
+        named = ", ".join(f"{k} = {_short(v)}" for k, v in scaling.items())
+        raise SourceError(
+            f"{where}: GGUF {named} asks for RoPE scaling, which this model does not implement (plain RoPE only); "
+            "use a model without it"
+        )
+    for key in sorted(metadata):
+        if key.startswith(_GGUF_HARMLESS) or key in ("split.count", "split.no", "split.tensors.count"):
+            continue
+        name = key.removeprefix("llama.")
+        value = metadata[key]
+        if name in _GGUF_READ and key != name:
+            continue
+        if name in _GGUF_NEUTRAL and key != name:
+            neutral, what = _GGUF_NEUTRAL[name]
+            if not any(_gguf_same(value, n) for n in neutral):
+                raise SourceError(
+                    f"{where}: GGUF key {key} = {_short(value)} asks for {what}, which this model does not implement; "
+                    "use a model without it"
+                )
+            continue
+        if name == "attention.layer_norm_epsilon":
+            raise SourceError(
+                f"{where}: GGUF key {key} = {_short(value)} describes LayerNorm; the llama architecture here uses "
+                "RMSNorm (llama.attention.layer_norm_rms_epsilon)"
+            )
+        raise SourceError(
+            f"{where}: GGUF key {key} = {_short(value)} is not one this llama model reads, and it may change what "
+            "the model computes; refused rather than ignored"
+        )
+
     keys = {}
-    for name in tensors:
-        stem, suffix = name.rsplit(".", 1)
-        if stem.startswith("blk."):
-            _, layer, part = stem.split(".", 2)
-            keys[name] = f"model.layers.{layer}.{_GGUF_NAMES[part]}.{suffix}"
-        else:
-            keys[name] = f"{_GGUF_NAMES[stem]}.{suffix}"
-    config = ModelConfig(
+    for name in shapes:
+        stem, _, suffix = name.rpartition(".")
+        part = stem.split(".", 2)[2] if stem.startswith("blk.") and stem.count(".") >= 2 else stem
+        if part not in _GGUF_NAMES or suffix not in ("weight", "bias"):
+            what = " (per-frequency RoPE factors: Llama 3.1's RoPE scaling)" if stem == "rope_freqs" else ""
+            raise SourceError(f"{where}: GGUF tensor {name}{what} has no place in this llama model; it is not implemented")
+        prefix = f"model.layers.{stem.split('.')[1]}." if stem.startswith("blk.") else ""
+        keys[name] = f"{prefix}{_GGUF_NAMES[part]}.{suffix}"
+    if len(shapes.get("token_embd.weight", ())) != 2:
+        raise SourceError(f"{where} has no two-dimensional token_embd.weight tensor; it is not a llama model")
+    vocab, hidden = shapes["token_embd.weight"]
+    for key, actual in (("llama.vocab_size", vocab), ("llama.embedding_length", hidden)):
+        if key in metadata and not _gguf_same(metadata[key], actual):
+            raise SourceError(f"{where}: GGUF key {key} = {_short(metadata[key])} but token_embd.weight is {vocab} x {hidden}")
+    for key in ("llama.block_count", "llama.feed_forward_length", "llama.attention.head_count", "llama.context_length"):
+        if key not in metadata:
+            raise SourceError(f"{where} lacks the GGUF key {key}; it is not a complete llama model file")
+    if "llama.attention.layer_norm_rms_epsilon" not in metadata:
+        raise SourceError(f"{where} lacks the GGUF key llama.attention.layer_norm_rms_epsilon (RMSNorm's epsilon)")
+    heads = _gguf_one(metadata, "llama.attention.head_count", where)
+    head_dim = metadata.get("llama.attention.key_length")
+    if head_dim is None and isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
+        head_dim = hidden // heads if hidden % heads == 0 else None
+    for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
+        if key in metadata and not _gguf_same(metadata[key], head_dim):
+            what = "partial RoPE" if key.endswith("dimension_count") else "values of another width than keys"
+            raise SourceError(
+                f"{where}: GGUF key {key} = {_short(metadata[key])} differs from the head size {head_dim}: {what} is not implemented"
+            )
+    scale = metadata.get("llama.attention.scale", 0.0)
+    if not _gguf_same(scale, 0.0) and not (
+        isinstance(head_dim, int) and isinstance(scale, float) and abs(scale * head_dim**0.5 - 1) < 1e-6
+    ):
+        raise SourceError(
+            f"{where}: GGUF key llama.attention.scale = {_short(scale)} asks for an attention scale other than 1/sqrt(head_dim), "
+            "which this model does not implement"
+        )
+    layer = "blk.0."
+    fields = dict(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
-        num_hidden_layers=int(_gguf_field(reader, "llama.block_count")),
+        intermediate_size=_gguf_one(metadata, "llama.feed_forward_length", where),
+        num_hidden_layers=metadata["llama.block_count"],
         num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=int(_gguf_field(reader, "llama.context_length")),
-        rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+        num_key_value_heads=_gguf_one(metadata, "llama.attention.head_count_kv", where, heads),
+        head_dim=head_dim,
+        max_position_embeddings=metadata["llama.context_length"],
+        rms_norm_eps=metadata["llama.attention.layer_norm_rms_epsilon"],
+        rope_theta=metadata.get("llama.rope.freq_base", 10000.0),
+        tie_word_embeddings="output.weight" not in shapes,
+        attention_bias=f"{layer}attn_q.bias" in shapes,
+        mlp_bias=f"{layer}ffn_gate.bias" in shapes,
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
     )
-    return config, keys
+    try:
+        return ModelConfig(**fields), keys
+    except ValueError as e:
+        field = str(e).removeprefix("ModelConfig.").split(" ", 1)[0]
+        source = _GGUF_SOURCE.get(field)
+        named = f"GGUF key {source} = {_short(metadata[source])}: " if source in metadata else ""
+        raise SourceError(f"{where}: {named}{e}") from None
+
+
+def _check_regular(path: Path, what: str) -> None:
+    """Weights are read from regular files only: opening a FIFO blocks until a writer comes, and a device
+    such as /dev/zero never ends. FileNotFoundError passes through (see `_reading`)."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise SourceError(f"{path} is not a regular file (a FIFO, device or directory); give a {what} that is one")
 
 
 # ---- transformers directories -----------------------------------------------------------------------------
@@ -302,6 +491,8 @@ def read_state_dict(directory: Path, config: ModelConfig | None = None) -> dict[
     if config is not None:
         check_fits_memory(config)
     files = sorted(directory.glob("*.safetensors"))
+    for f in files:
+        _check_regular(f, "safetensors file")
     if files:
         if config is not None:
             shapes = {}
@@ -318,6 +509,7 @@ def read_state_dict(directory: Path, config: ModelConfig | None = None) -> dict[
     if bins:
         state = {}
         for f in bins:
+            _check_regular(f, "PyTorch weights file")
             with _reading(f, "PyTorch weights file"):
                 state.update(torch.load(f, map_location="cpu", weights_only=True))
         if config is not None:

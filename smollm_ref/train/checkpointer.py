@@ -137,11 +137,17 @@ def drop_optimizer_state(directory: Path) -> None:
     stay, so it still loads as a model and says why it cannot resume). The manifest is rewritten to match;
     both replace their files by rename. A checkpoint already slimmed is left alone."""
     state_path = directory / checkpoint.STATE
+    try:
+        manifest = checkpoint.read_manifest(directory)
+        if not isinstance(manifest.get("files"), dict):
+            raise checkpoint.CheckpointError(f"checkpoint {directory}: {checkpoint.MANIFEST} has no 'files' mapping")
+    except checkpoint.CheckpointError as e:  # an unusable older checkpoint: training goes on, its state stays
+        say(f"warning: {e}; its optimizer state is left in place")
+        return
     saved = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
     if "optimizer" not in saved:
         return
     saved = {k: v for k, v in saved.items() if k not in ("optimizer", "scaler")}
-    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
     tmp_state = directory / f".{checkpoint.STATE}.tmp{os.getpid()}"
     torch.save(saved, tmp_state)
     manifest["files"][checkpoint.STATE] = checkpoint.file_entry(tmp_state)

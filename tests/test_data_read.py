@@ -262,8 +262,8 @@ def test_a_shard_linked_to_a_device_is_not_called_missing(store):
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        (lambda p: p.write_text(DEEP), "nests JSON too deeply to read; remove"),
-        (lambda p: p.write_text("null"), "is null, not an object; remove"),
+        (lambda p: p.write_text(DEEP), "nests JSON too deeply to read; pass another --out"),
+        (lambda p: p.write_text("null"), "is null, not an object; pass another --out"),
         (
             lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "shards": [1]})),
             "shards[0] is a number, not an object",
@@ -282,7 +282,7 @@ def test_a_bad_progress_file_is_one_line(tmp_path, tiny_tok, change, words):
     change(out / "progress.json")
     with pytest.raises(data.DataError) as e:
         data.prepare(str(corpus), out, tiny_tok, shard_tokens=32, workers=1, progress=False)
-    assert words in str(e.value) and f"remove {out} and prepare again" in str(e.value), str(e.value)
+    assert words in str(e.value) and f"remove {out}, or pass --restart" in str(e.value), str(e.value)
 
 
 def test_a_corpus_of_empty_documents_is_refused_not_stored_as_separators(tmp_path):

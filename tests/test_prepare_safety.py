@@ -130,7 +130,7 @@ def unfinished_store(tmp_path: Path, tok, docs: list[str], monkeypatch) -> tuple
     spec = tmp_path / "a.jsonl"
     spec.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) + "{not json\n")
     out = tmp_path / "store"
-    with pytest.raises(data.DataError, match="line .* is not JSON"):
+    with pytest.raises(data.DataError, match="line .* is not valid JSON"):
         data.prepare(str(spec), out, tok, workers=1, shard_tokens=64, progress=False)
     assert (out / "progress.json").is_file() and list(out.glob("shard_*.bin"))
     return out, str(spec)

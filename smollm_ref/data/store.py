@@ -181,18 +181,19 @@ def _count(n: int) -> str:
 
 def _check_shards(shards, where: str, advice: str = "prepare the store again") -> None:
     """DataError unless `shards` is a list of {file: a plain name, tokens: a whole number, sha256: 64 hex}."""
+    advice = f"; {advice}" if advice else ""
     if not isinstance(shards, list):
-        raise DataError(f"{where}: 'shards' is {json_kind(shards)}, not a list; {advice}")
+        raise DataError(f"{where}: 'shards' is {json_kind(shards)}, not a list{advice}")
     for i, shard in enumerate(shards):
         if not isinstance(shard, dict):
-            raise DataError(f"{where}: shards[{i}] is {json_kind(shard)}, not an object; {advice}")
+            raise DataError(f"{where}: shards[{i}] is {json_kind(shard)}, not an object{advice}")
         name, tokens, sha = shard.get("file"), shard.get("tokens"), shard.get("sha256")
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise DataError(f"{where}: shards[{i}] names no file inside the store ({shown(name)}); {advice}")
+            raise DataError(f"{where}: shards[{i}] names no file inside the store ({shown(name)}){advice}")
         if not _whole(tokens):
-            raise DataError(f"{where}: shards[{i}] 'tokens' is {shown(tokens)}, not a whole number; {advice}")
+            raise DataError(f"{where}: shards[{i}] 'tokens' is {shown(tokens)}, not a whole number{advice}")
         if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
-            raise DataError(f"{where}: shards[{i}] 'sha256' is {shown(sha)}, not a SHA-256 in hex; {advice}")
+            raise DataError(f"{where}: shards[{i}] 'sha256' is {shown(sha)}, not a SHA-256 in hex{advice}")
 
 
 def _check_index(index, path: Path) -> None:
@@ -700,7 +701,7 @@ def _progress_problem(out: Path, state, wanted: dict) -> str | None:
     if differs:
         return f"{out} holds an unfinished store of another {', '.join(differs)} (or the source changed since)"
     try:
-        _check_shards(state.get("shards"), str(where), "it is not a progress record")
+        _check_shards(state.get("shards"), str(where), "")
     except DataError as e:
         return str(e)
     for key in ("documents", "offset", "tokens"):

@@ -151,6 +151,14 @@ def test_closing_lines_name_a_generate_command_that_runs(run, capsys):
     assert "2 tokens" in capsys.readouterr().err
 
 
+def test_a_chat_runs_closing_lines_talk_to_it_with_chat(run):
+    """`generate --chat` renders the chat template a chat run was trained on; plain text would not."""
+    for chat in (False, True):
+        lines = closing_lines(TrainResult(3, 1.5, None, run / "checkpoints" / "step_000003", run, chat=chat))
+        (line,) = [line for line in lines.splitlines() if "smollm_ref.generate" in line]
+        assert ("--chat" in shlex.split(line)) == chat, line
+
+
 def test_a_fifo_or_device_is_refused_as_a_source_or_tokenizer_file_without_reading(tmp_path, run):
     import os
 

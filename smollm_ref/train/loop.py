@@ -24,6 +24,7 @@ class TrainResult:
     stopped_by_signal: int | None = None
     # the last log line's mean train loss and how many steps it covers (`loss` is the last finite step's alone)
     logged_loss: tuple[float, int] | None = None
+    chat: bool = False  # a chat model: `generate --chat` talks to it
 
 
 class StopFlag:
@@ -90,7 +91,7 @@ def fit(run: Run) -> TrainResult:
                     break
     finally:
         run.close()
-    result = TrainResult(state.step, run.last_loss, run.last_val, run.checkpointer.last, run.run_dir)
+    result = TrainResult(state.step, run.last_loss, run.last_val, run.checkpointer.last, run.run_dir, chat=run.chat)
     result.logged_loss = run.logger.logged_mean
     if stop.signum is not None and state.step < run.max_steps:
         result.stopped_by_signal = stop.signum
@@ -115,12 +116,13 @@ def closing_lines(result: TrainResult) -> str:
         losses = f"train loss {result.loss:.4f} (last step)"
     if result.val_loss is not None:
         losses += f", val loss {result.val_loss:.4f}"
+    ask = "--chat --prompt 'What does the Python module json do?'" if result.chat else "--prompt 'Once upon a time'"
     return (
         f"done: {result.step} steps, {losses}\n"
         f"  checkpoints  {run_dir / 'checkpoints'} (newest {result.checkpoint.name if result.checkpoint else 'none'})\n"
         f"  metrics      {run_dir / 'metrics.jsonl'}\n"
         f"  next         python -m smollm_ref.plot {run_dir}\n"
-        f"               python -m smollm_ref.generate --model {run_dir} --prompt 'Once upon a time'\n"
+        f"               python -m smollm_ref.generate --model {run_dir} {ask}\n"
         f"               python -m smollm_ref.demo --checkpoint {run_dir}\n"
         f"               python -m smollm_ref.train --resume {run_dir} --additional-steps N"
     )

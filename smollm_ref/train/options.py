@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,6 @@ NOT_INHERITED = (
     "additional_steps",
     "overwrite",
     "init_from",
-    "overfit_single_batch",
     "out_dir",
     "model_config",
     "tokenizer",
@@ -48,6 +48,7 @@ FIXED_ON_RESUME = {
     "text_field": "the text read from each record",
     "pack": "how conversations are laid into rows",
     "too_long": "which conversations are kept",
+    "overfit_single_batch": "whether every step reads the first batch only",
 }
 INT64_MAX = 2**63 - 1
 
@@ -415,7 +416,9 @@ def resolve_config(options: dict) -> tuple[TrainConfig, Path | None]:
     inherited = {k: v for k, v in saved.items() if k in names and k not in NOT_INHERITED}
     _check_unchanged(options, saved, found)
     out_dir = options.get("out_dir") or str(run_dir_of(found))
-    return TrainConfig(**{**inherited, **options, "out_dir": out_dir}), found
+    if options.get("init_from"):  # a recipe's, most often: the checkpoint's weights are the ones that continue
+        print(f"note: --init-from {options['init_from']} is not used: the run resumes from {found}", file=sys.stderr)
+    return TrainConfig(**{**inherited, **options, "out_dir": out_dir, "init_from": None}), found
 
 
 def _saved_options(found: Path) -> dict:

@@ -160,8 +160,14 @@ def lr_at(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
 def check_schedule(cfg: TrainConfig, horizon: int) -> None:
     """Raise TrainError when a decaying schedule (cosine, wsd) would never decay: its learning rate at the
     last step of the horizon is still the peak (a warm-up as long as the horizon, or a wsd decay share
-    shorter than two steps)."""
+    shorter than two steps), and any schedule whose warm-up outlasts the horizon, so that the learning rate
+    never reaches --lr."""
     if cfg.lr_schedule == "constant" or cfg.min_lr_ratio == 1:
+        if cfg.warmup_steps > horizon:  # warm-up step i runs at lr * (i + 1) / warmup_steps
+            raise TrainError(
+                f"--warmup-steps {cfg.warmup_steps} outlasts the run's {horizon} steps: the learning rate never reaches "
+                f"--lr {cfg.lr:g}; pass fewer --warmup-steps or more --max-steps"
+            )
         return
     if cfg.warmup_steps >= horizon - 1 or lr_at(horizon - 1, cfg, horizon) >= cfg.lr:
         source = "--lr-decay-steps" if cfg.lr_decay_steps else "--max-steps"

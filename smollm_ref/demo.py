@@ -11,7 +11,6 @@ holds everything the page does and needs no gradio; `build_app` is the page arou
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .arguments import ArgumentParser, whole_number
 from .checkpoint import step_of
 from .generate import TextStream, check_device
 from .model import LlamaForCausalLM
@@ -414,7 +414,7 @@ def build_app(demo: Demo):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m smollm_ref.demo",
         description="Serve a local web page to chat with a model or let it continue text, streamed token by token.",
     )
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint directory, or any other model source",
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own, else SmolLM2's)")
-    parser.add_argument("--port", type=int, default=7860, help="port on localhost (default 7860)")
+    parser.add_argument("--port", type=whole_number, default=7860, help="port on localhost (default 7860)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
     parser.add_argument(

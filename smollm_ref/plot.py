@@ -3,10 +3,10 @@ rate and tokens/sec from RUN_DIR/metrics.jsonl into RUN_DIR/metrics.png."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from .arguments import ArgumentParser
 from .metrics import read_metrics
 
 
@@ -55,7 +55,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m smollm_ref.plot", description="Plot a training run's loss, validation loss, learning rate and tokens/sec."
     )
     parser.add_argument("run_dir", help="run directory holding metrics.jsonl")

@@ -5,12 +5,12 @@ python -m smollm_ref.summary [--config PRESET_OR_PATH | --model SOURCE] [--compa
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 from torch import nn
 
+from .arguments import ArgumentParser, whole_number
 from .config import ModelConfig, preset_names
 from .model import LlamaForCausalLM
 
@@ -40,9 +40,7 @@ def summarize(model: nn.Module, depth: int = 3, seq_len: int = 8) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m smollm_ref.summary", description="torchinfo summary of a SmolLM2 model config."
-    )
+    parser = ArgumentParser(prog="python -m smollm_ref.summary", description="torchinfo summary of a SmolLM2 model config.")
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--config",
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare-hf", action="store_true", help="also summarise transformers' LlamaForCausalLM and compare per-module counts"
     )
-    parser.add_argument("--depth", type=int, default=3, help="module depth shown by torchinfo (default 3)")
+    parser.add_argument("--depth", type=whole_number, default=3, help="module depth shown by torchinfo (default 3)")
     args = parser.parse_args(argv)
     try:
         if args.model is not None:

@@ -7,22 +7,20 @@ import argparse
 import sys
 import time
 
+from ..arguments import ArgumentParser, whole_number
 from .sources import DataError
 from .store import DEFAULT_SHARD_TOKENS, Store, check_workers, prepare, usable_cores
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = whole_number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m smollm_ref.data", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m smollm_ref.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenise SPEC into a token store at --out (resumable)")
     p.add_argument(

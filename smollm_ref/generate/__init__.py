@@ -10,13 +10,13 @@ while the others go on.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Iterator
 
 import torch
 
+from ..arguments import ArgumentParser, whole_number
 from ..model import LlamaForCausalLM
 from ..sampling import check_args, check_sampling, eos_ids, left_align, sample_next
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..tokenizer import tokenizer_for
     from ..weights import PYPI_SOURCE, from_pretrained
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m smollm_ref.generate", description="Generate text from a SmolLM2 model, streamed to stdout."
     )
     parser.add_argument(
@@ -199,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own, else SmolLM2's)")
     parser.add_argument("--prompt", required=True, help="text to continue, or the user message with --chat")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    parser.add_argument("--max-new-tokens", type=whole_number, default=128, help="most tokens to generate (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), > 0 to sample")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    parser.add_argument("--top-k", type=whole_number, default=None, help="sample only among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with probability >= p")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    parser.add_argument("--seed", type=whole_number, default=0, help="random seed for sampling (default 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)"
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # every option is checked before anything is loaded or printed
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        if not 0 <= args.seed < 2**32:  # the trainer's --seed range
+            raise ValueError(f"--seed must be an integer from 0 to {2**32 - 1}, got {args.seed}")
         check_device(args.device)
         model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
         tokenizer, note = tokenizer_for(args.model, args.tokenizer)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoint, data, storage
+from ..arguments import ArgumentParser, whole_number
 from ..configs import preset_names
 from ..precision import PRECISIONS
 from ..sampling import MIN_TEMPERATURE
@@ -322,7 +323,7 @@ def _range_rule(kind: type, meta) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m smollm_ref.train",
         description="Train or fine-tune SmolLM2. Options come from --recipe (a recipe name such as quickstart, or a "
         "JSON file whose keys are the option names) and the command line, which overrides the recipe. With --resume, "
@@ -343,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             choices = f.metadata["choices"]
             metavar = None if choices else f.metadata["metavar"] or {int: "N", float: "X"}.get(kind, "VALUE")
+            kind = whole_number if kind is int else kind  # 2e9 is a whole number, as in recipes
             parser.add_argument(flag, type=kind, choices=choices, metavar=metavar, **kwargs)
     return parser
 

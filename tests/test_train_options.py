@@ -316,6 +316,9 @@ def test_samples_are_seeded_by_step_say_how_they_are_drawn_and_resume_exactly(tm
         assert f"--- sample at step {step} (temperature 0.8, top-k 50, seed {seed}) ---" in err
     got = samples(Path(straight["out_dir"]))
     assert got[2] != got[4]
+    rows = [json.loads(line) for line in (Path(straight["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    drawn = [{k: r[k] for k in ("sample_temperature", "sample_top_k", "sample_seed")} for r in rows if "sample" in r]
+    assert drawn == [{"sample_temperature": 0.8, "sample_top_k": 50, "sample_seed": seed} for seed in seeds]
     # a resumed run draws at step 4 what the straight one drew
     split = options(tmp_path / "b", **{**common, "max_steps": 2})
     train.train(TrainConfig(**split))

@@ -38,7 +38,7 @@ class NullLogger:
     def validation(self, step: int, loss: float) -> None:
         pass
 
-    def sample(self, step: int, text: str, how: str = "") -> None:
+    def sample(self, step: int, text: str, sampling=None) -> None:
         pass
 
     def close(self) -> None:
@@ -96,10 +96,11 @@ class RunLogger(NullLogger):
         self.log.log(step, {"val_loss": loss})
         say(f"step {step:>6} | val loss {loss:.4f}")
 
-    def sample(self, step: int, text: str, how: str = "") -> None:
-        """Print and record a sample; `how` says how it was drawn (temperature, top-k, seed)."""
-        say(f"--- sample at step {step}{f' ({how})' if how else ''} ---\n{text}\n---")
-        self.log.log(step, {"sample": text})
+    def sample(self, step: int, text: str, sampling=None) -> None:
+        """Print and record a sample, and how it was drawn (`step.Sampling`: temperature, top-k, seed)."""
+        how = f" ({sampling.describe()})" if sampling is not None else ""
+        say(f"--- sample at step {step}{how} ---\n{text}\n---")
+        self.log.log(step, {"sample": text, **(sampling.record() if sampling is not None else {})})
 
     def close(self) -> None:
         if self.bar is not None:

@@ -340,13 +340,13 @@ class Run:
         prompt = _sample_prompt(cfg, self.chat)
         if self.chat:
             reply = sample_chat(self.raw_model, self.tokenizer, prompt, cfg.sample_tokens, self.device, self.autocast, sampling)
-            self.logger.sample(step, f"user: {prompt}\nassistant: {reply}", sampling.describe())
+            self.logger.sample(step, f"user: {prompt}\nassistant: {reply}", sampling)
             return
         stop_id = data.separator_id(self.tokenizer)
         text = sample_text(
             self.raw_model, self.tokenizer, prompt, cfg.sample_tokens, self.device, self.autocast, sampling, stop_id
         )
-        self.logger.sample(step, prompt + text, sampling.describe())
+        self.logger.sample(step, prompt + text, sampling)
 
     def save(self) -> Path | None:
         path = self.checkpointer.save(self.state)

@@ -311,6 +311,10 @@ class Sampling:
             return "greedy"
         return f"temperature {self.temperature:g}, top-k {self.top_k or 'off'}, seed {self.seed}"
 
+    def record(self) -> dict:
+        """The fields metrics.jsonl keeps beside a sample, named as the options that set them."""
+        return {"sample_temperature": self.temperature, "sample_top_k": self.top_k or 0, "sample_seed": self.seed}
+
 
 def sample_seed(seed: int, step: int) -> int:
     """The seed of the sample at `step` of a run seeded with `seed`: the same for the same (seed, step), in a

@@ -248,6 +248,22 @@ class Demo:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def _turns_that_fit(self, messages: list[dict], max_new: int) -> tuple[int, list[int]]:
+        """(how many of the oldest messages to drop, the ids of the rest): the fewest whole turns (pairs) whose
+        dropping leaves the conversation and `max_new` tokens within the model's positions, down to the last
+        message. Found by bisection (fewer messages never render longer), so a history of n messages costs
+        log2(n) renders of it, not n/2 (a page's 5,000-message history took minutes)."""
+        last = max(0, (len(messages) - 1) // 2 * 2)  # dropping more would lose the user's message
+        low, high, found = 0, last // 2, None  # in pairs: the answer lies in [low, high]
+        while low <= high:
+            mid = (low + high) // 2
+            ids = self._chat_ids(messages[2 * mid :])
+            if len(ids) + max_new <= self.limit:
+                found, high = (2 * mid, ids), mid - 1
+            else:
+                low = mid + 1
+        return found if found is not None else (last, self._chat_ids(messages[last:]))
+
     def chat(self, message: str, history: list[dict], settings: Settings) -> Iterator[tuple[list[dict], str]]:
         """Answer `message` after `history` ([{"role", "content"}], alternating user/assistant);
         yields (history with the message and the answer so far, status). A message, history or settings
@@ -266,9 +282,7 @@ class Demo:
             return
         messages = [*history, {"role": "user", "content": message}]
         max_new = min(settings.max_new_tokens, self.limit - 1)
-        dropped = 0  # whole turns go first when the conversation outgrows the model's positions
-        while len(ids := self._chat_ids(messages[dropped:])) + max_new > self.limit and len(messages) - dropped > 2:
-            dropped += 2
+        dropped, ids = self._turns_that_fit(messages, max_new)
         ids, max_new, notes = self._fit(ids, settings.max_new_tokens)
         if dropped:
             notes.insert(

@@ -178,6 +178,30 @@ def test_chat_drops_oldest_turns_when_the_conversation_outgrows_the_model(tokeni
     assert messages[:-1] == [*history, {"role": "user", "content": "Last question?"}]  # the page still shows them
 
 
+@pytest.mark.parametrize("turns", [1, 2, 3, 7, 2000])
+def test_the_turns_kept_are_the_most_that_fit_found_in_few_renders(tokenizer, monkeypatch, turns):
+    """The oldest turns are dropped two messages at a time until the rest fits: the same answer as dropping
+    them one pair after another, in log2(n) renders of the history instead of n/2 (2,000 turns took minutes)."""
+    demo = Demo(tiny_model(max_position_embeddings=64), tokenizer, "tiny")
+    history = [{"role": r, "content": f"turn {i} " + "word " * (i % 5)} for i in range(turns) for r in ("user", "assistant")]
+    messages = [*history, {"role": "user", "content": "Last question?"}]
+    expected = 0
+    while len(demo._chat_ids(messages[expected:])) + 8 > 64 and len(messages) - expected > 2:
+        expected += 2  # the old loop, one pair at a time (run on small histories only)
+        if expected > 40:
+            expected = None
+            break
+    renders = []
+    real = demo._chat_ids
+    monkeypatch.setattr(demo, "_chat_ids", lambda m: renders.append(len(m)) or real(m))
+    dropped, ids = demo._turns_that_fit(messages, 8)
+    assert ids == real(messages[dropped:]) and len(ids) + 8 <= 64
+    assert dropped == 0 or len(real(messages[dropped - 2 :])) + 8 > 64  # the fewest pairs dropped
+    if expected is not None:
+        assert dropped == expected
+    assert len(renders) <= len(messages).bit_length() + 1, renders
+
+
 def test_sampling_controls_reach_the_sampler(tokenizer):
     demo = Demo(tiny_model(), tokenizer, "tiny")
     # top_k=1 is greedy whatever the temperature: the same continuation as temperature 0.

@@ -267,6 +267,15 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_it_is_built(tmp_pat
     assert not Path(opts["out_dir"]).exists()
 
 
+def test_micro_batches_that_cannot_fit_together_are_refused_before_they_are_built(tmp_path, capsys):
+    """A step builds all its micro-batches before it runs: --grad-accum 1e11 filled the memory, then crashed."""
+    opts = options(tmp_path, grad_accum=100_000_000_000)
+    assert train.main(argv(opts)) == 2
+    line = one_line_error(capsys)
+    assert "--grad-accum 100000000000 x --batch-size 2 x --seq-len 32 tokens are held at once" in line, line
+    assert "pass a smaller --grad-accum" in line and not Path(opts["out_dir"]).exists()
+
+
 def test_a_batch_larger_than_the_training_split_is_refused(tmp_path, capsys):
     opts = options(tmp_path, batch_size=1000)  # the corpus holds about 200 windows of 33 tokens
     assert train.main(argv(opts)) == 2

@@ -220,13 +220,16 @@ def eval_batches(n_windows: int, cfg: TrainConfig, d: distributed.Dist) -> list[
 
 
 def check_step_memory(cfg: TrainConfig, model_config: ModelConfig, device) -> None:
-    """Refuse a micro-batch whose activations cannot fit, before any batch is built. The bound is a floor:
+    """Refuse a micro-batch whose activations cannot fit, or a step whose micro-batches cannot (they are built
+    before it runs), before any batch is built. The bound is a floor:
     each layer keeps at least its input hidden states for the backward pass (2 bytes a value in bf16), and
     the batch itself is int64 inputs and targets; the step needs more than this, never less."""
     from ..weights import available_memory
 
     per_token = model_config.num_hidden_layers * model_config.hidden_size * 2 + 16
     need = cfg.batch_size * cfg.seq_len * per_token
+    # a step's micro-batches are all built before it runs (`Run.next_batches`): int64 inputs and targets each
+    step_batches = cfg.grad_accum * cfg.batch_size * (cfg.seq_len + 1) * 16
     if device.type == "cuda":
         import torch
 
@@ -238,6 +241,12 @@ def check_step_memory(cfg: TrainConfig, model_config: ModelConfig, device) -> No
             f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} needs at least {need / 1e9:,.1f} GB of activations "
             f"per micro-batch ({per_token} bytes a token or more), but {free / 1e9:,.1f} GB of memory is available on "
             f"{device}; pass a smaller --batch-size (and a larger --grad-accum to keep the tokens per step)"
+        )
+    if free is not None and step_batches > free:
+        raise TrainError(
+            f"--grad-accum {cfg.grad_accum} x --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} tokens are held "
+            f"at once by a step's micro-batches, {step_batches / 1e9:,.1f} GB, but {free / 1e9:,.1f} GB of memory is "
+            f"available; pass a smaller --grad-accum"
         )
 
 

@@ -10,6 +10,7 @@ vendors' data sheets; an unknown device gets no MFU rather than a guess.
 
 from __future__ import annotations
 
+import itertools
 import json
 import netrc
 import os
@@ -20,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import storage
 from .config import ModelConfig
 
 
@@ -153,27 +155,59 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
+METRICS_LINE_LIMIT = 16 * 2**20  # a record is a few hundred bytes, one with a sample text a few kilobytes
+
+
+def read_records(path: Path, partial_last: str = "refuse") -> list[tuple[str, dict]]:
+    """(line, record) of every non-blank line of a metrics.jsonl, streamed line by line (the file of a long run
+    is tens of MB; each line is read at most METRICS_LINE_LIMIT bytes). Every record must be a JSON object
+    whose `step` is an integer.
+
+    `partial_last="drop"` drops, with a warning naming the file, a last line that is cut off (no newline and
+    not a record: what a kill or a full disk leaves mid-write); "refuse" treats it as any broken line.
+
+    Raises `FileNotFoundError` when absent, `storage.BadFile` (a ValueError), one line naming the file and
+    the line, for a FIFO, device or directory, a line too long, not UTF-8, not JSON, or not such a record."""
+    fix = "fix or remove that line, then run again"
+    records = []
+    with storage.open_regular(path, "metrics file", "move it aside (a run writes a new one), then run again") as f:
+        for number in itertools.count(1):
+            raw = f.readline(METRICS_LINE_LIMIT + 1)
+            if not raw:
+                break
+            if len(raw) > METRICS_LINE_LIMIT:
+                raise storage.BadFile(f"{path} line {number} is longer than {METRICS_LINE_LIMIT:,} bytes; {fix}")
+            try:
+                line = raw.decode("utf-8").strip()
+                if not line:
+                    continue
+                record = storage.loads_json(line, f"{path} line {number}")
+                if not isinstance(record, dict):
+                    raise storage.BadFile(f"{path} line {number} is not a JSON object")
+                if type(record.get("step")) is not int:  # a bool is an int to isinstance
+                    raise storage.BadFile(f'{path} line {number} is a record without an integer "step"')
+            except (UnicodeDecodeError, storage.BadFile) as e:
+                if partial_last == "drop" and not raw.endswith(b"\n"):  # only the last line can lack one
+                    warnings.warn(f"{path}: dropped a partial last line (a run stopped while writing it)", stacklevel=3)
+                    break
+                what = f"{path} line {number} is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+                raise storage.BadFile(f"{what}; {fix}") from None
+            records.append((line, record))
+    return records
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Drop records past `step` (a resumed run redoes them), keeping the file's other lines. A partial last
-    line (what a full disk or a kill mid-write leaves) is dropped with a warning naming the file; a broken
-    line before the last is an error that names it."""
+    line (what a full disk or a kill mid-write leaves) is dropped with a warning naming the file; any other
+    broken line, or a metrics.jsonl that is no regular file, is a `storage.BadFile` (a ValueError) naming
+    it, raised before anything is written."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                warnings.warn(f"{path}: dropped a partial last line (a run stopped while writing it)", stacklevel=2)
-                continue
-            raise ValueError(f"{path} line {number} is not JSON; fix or remove that line, then resume again") from None
-        if record.get("step", 0) <= step:
-            kept.append(line)
+    kept = [line for line, record in read_records(path, partial_last="drop") if record["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl (`read_records`); a cut-off last line (a run writing it now, or one
+    killed mid-write) is left out with a warning."""
+    return [record for _, record in read_records(path, partial_last="drop")]

@@ -11,7 +11,8 @@ from .metrics import read_metrics
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the figure and return its path. Raises FileNotFoundError/ValueError with a readable message."""
+    """Write the figure and return its path. Raises FileNotFoundError, or a ValueError naming the file and line
+    (`metrics.read_records`), with a readable message."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(plot_run(args.run_dir, args.out))
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # BadFile is a ValueError; OSError: unreadable file, figure not written
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

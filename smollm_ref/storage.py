@@ -140,24 +140,35 @@ class BadFile(ValueError):
     not a regular file, too large, not UTF-8 or not JSON. The message is one line naming the file."""
 
 
-def read_small_text(path: Path | str, what: str = "file", limit: int = SMALL_FILE_LIMIT) -> str:
-    """The text of a small regular file, read at most `limit` bytes. A FIFO, device or directory is refused
-    without reading (opening a FIFO for reading would block until a writer comes; `/dev/zero` never ends).
+def open_regular(path: Path | str, what: str = "file", hint: str = "give the path of a regular file"):
+    """`path` opened for binary reading, refused unless it is a regular file (checked on the open descriptor,
+    so a rename in between cannot swap it): opening a FIFO for reading would block until a writer comes,
+    `/dev/zero` never ends, a directory reads as an error naming neither file nor line.
 
-    Raises `FileNotFoundError` when absent, `BadFile` for anything else wrong."""
-    path = Path(path)
+    Raises `FileNotFoundError` when absent, `BadFile` "{what} {path} is not a regular file; {hint}"."""
     # O_NONBLOCK: opening a FIFO with no writer returns at once instead of hanging; it is refused just below.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BadFile(f"{what} {path} is not a regular file; give the path of a regular file")
-        if info.st_size > limit:
-            raise BadFile(f"{what} {path} is {info.st_size:,} bytes, more than the {limit:,} bytes such a file can be")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(limit + 1)
-    finally:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadFile(f"{what} {path} is not a regular file; {hint}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_small_text(path: Path | str, what: str = "file", limit: int = SMALL_FILE_LIMIT) -> str:
+    """The text of a small regular file, read at most `limit` bytes. A FIFO, device or directory is refused
+    without reading (`open_regular`).
+
+    Raises `FileNotFoundError` when absent, `BadFile` for anything else wrong."""
+    path = Path(path)
+    with open_regular(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise BadFile(f"{what} {path} is {size:,} bytes, more than the {limit:,} bytes such a file can be")
+        data = f.read(limit + 1)
     if len(data) > limit:
         raise BadFile(f"{what} {path} is more than the {limit:,} bytes such a file can be")
     try:

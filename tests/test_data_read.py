@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from trainer_runs import FORMAT1, argv, tiny_options
 
@@ -201,6 +202,12 @@ SPOILED_INDEXES = {
     "documents null": (lambda i: i.update(documents=None), "'documents' is None, not a whole number"),
     "dtype a long text": (lambda i: i.update(dtype="u" * 100_000), "'dtype' is 'uuuu"),
     "tokenizer a string": (lambda i: i.update(tokenizer="tiny"), "'tokenizer' is 'tiny', not a tokenizer's fingerprint"),
+    "vocab_size text": (lambda i: i["tokenizer"].update(vocab_size="300"), "the tokenizer's 'vocab_size' is '300', not a number"),
+    "vocab_size 0": (lambda i: i["tokenizer"].update(vocab_size=0), "the tokenizer's 'vocab_size' is 0, not a number"),
+    "separator beyond vocab": (
+        lambda i: i.update(separator=300),
+        "'separator' is 300, not an id of its tokenizer's 300 tokens",
+    ),
 }
 
 
@@ -278,6 +285,7 @@ def test_a_bad_progress_file_is_one_line(tmp_path, tiny_tok, change, words):
     index = json.loads((out / "index.json").read_text())
     (out / "index.json").unlink()  # as if killed before the index: the progress file of a finished run
     progress = {k: v for k, v in index.items() if k not in ("exhausted", "seconds")}
+    del progress["tokenizer"]["vocab_size"]  # the index's alone: a progress file keeps what prepare was asked for
     (out / "progress.json").write_text(json.dumps({**progress, "offset": 0}))
     change(out / "progress.json")
     with pytest.raises(data.DataError) as e:
@@ -366,3 +374,79 @@ def test_jsonl_files_in_a_directory_or_a_glob_give_their_text_fields_not_their_j
     lines(tmp_path / "d" / "part-2.jsonl", {"text": None})
     with pytest.raises(data.DataError, match=rf"^{tmp_path / 'd' / 'part-2.jsonl'} line 1: field 'text' is null"):
         data.read_documents(str(tmp_path / "d"))
+
+
+# ---- token ids the model cannot embed (issue 18 item 4): refused by verify and by the trainer, before any write ----
+
+
+def forge_ids(store: Path, *, keep_vocab: bool) -> None:
+    """Every shard rewritten as 0xffff tokens with checksums that match: only the ids give it away.
+    `keep_vocab` False: an index as older smollm_refs wrote it, without the tokenizer's vocabulary size."""
+    import hashlib
+
+    def change(index):
+        for shard in index["shards"]:
+            path = store / shard["file"]
+            path.write_bytes(b"\xff" * path.stat().st_size)
+            shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if not keep_vocab:
+            del index["tokenizer"]["vocab_size"]
+
+    spoil_index(store, change)
+
+
+def test_verify_refuses_token_ids_the_store_s_tokenizer_cannot_produce(store, tiny_tok):
+    index = json.loads((store / "index.json").read_text())
+    assert index["tokenizer"]["vocab_size"] == len(tiny_tok) == 300
+    assert data.Store(store).verify() == max(np.asarray(data.Store(store).tokens()).tolist())
+    forge_ids(store, keep_vocab=True)
+    done = verify_command(store)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (
+        f"error: token store shard {store / index['shards'][0]['file']} holds token id 65,535, but its tokenizer has "
+        "300 tokens (ids 0 to 299); prepare the store again"
+    )
+
+
+@pytest.mark.parametrize("keep_vocab", [True, False], ids=["index-with-vocab", "older-index"])
+def test_the_trainer_refuses_a_store_of_ids_beyond_the_model_before_writing(store, tmp_path, capsys, keep_vocab):
+    forge_ids(store, keep_vocab=keep_vocab)
+    if not keep_vocab:
+        assert data.Store(store).verify() == 65535  # nothing in the index to check the ids against
+    opts = tiny_options(tmp_path, data=str(store))
+    assert train.main(argv(opts)) == 2
+    [line] = [x for x in capsys.readouterr().err.strip().splitlines() if x.startswith("error")]
+    if keep_vocab:
+        assert (
+            line.startswith(f"error: token store shard {store}/shard_")
+            and "holds token id 65,535, but its tokenizer has 300" in line
+        )
+    else:
+        assert line == (
+            f"error: token store {store} holds token id 65,535, but the model's vocabulary has 320 tokens (ids 0 to 319); "
+            "prepare the store again"
+        )
+    assert not (tmp_path / "run").exists()  # no metrics.jsonl, no train_config.json
+
+
+# ---- a corpus of only empty documents leaves nothing behind (issue 18 item 15) ---------------------------------
+
+
+def test_prepare_of_empty_documents_removes_what_it_wrote(tmp_path, tiny_tok):
+    corpus = lines(tmp_path / "c.jsonl", {"text": ""}, {"text": ""})
+    out = tmp_path / "new" / "s"
+    with pytest.raises(data.DataError, match="holds no text to train on"):
+        data.prepare(str(corpus), out, tiny_tok, workers=1, progress=False)
+    assert not (tmp_path / "new").exists()  # the directories it created, with its lock, shard and progress
+    out.mkdir(parents=True)
+    with pytest.raises(data.DataError, match="holds no text to train on"):
+        data.prepare(str(corpus), out, tiny_tok, workers=1, progress=False)
+    assert [p.name for p in out.iterdir()] == [".lock"]  # a directory it did not create stays, emptied
+
+
+def test_the_trainer_s_cache_keeps_nothing_of_empty_documents(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SMOLLM_REF_CACHE", str(tmp_path / "cache"))
+    corpus = lines(tmp_path / "c.jsonl", {"text": ""}, {"text": ""})
+    assert train.main(argv(tiny_options(tmp_path, data=str(corpus)))) == 2
+    assert "holds no text to train on" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "cache" / "tokens").exists() and not (tmp_path / "run").exists()

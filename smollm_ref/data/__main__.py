@@ -1,5 +1,6 @@
 """`python -m smollm_ref.data prepare SPEC --out DIR`: tokenise a corpus into a token store once, with
-several processes; `python -m smollm_ref.data verify DIR` checks every shard against its checksum."""
+several processes; `python -m smollm_ref.data verify DIR` checks every shard against its checksum
+and its token ids against the tokenizer's vocabulary."""
 
 from __future__ import annotations
 
@@ -71,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             store = Store(args.store)
-            store.verify()
-            print(f"{store.dir}: {len(store.shards)} shard(s), {store.num_tokens:,} tokens, every checksum matches")
+            top = store.verify()
+            print(
+                f"{store.dir}: {len(store.shards)} shard(s), {store.num_tokens:,} tokens, every checksum matches, "
+                f"largest token id {top:,}"
+            )
             return 0
         check_workers(args.workers)  # before the tokenizer loads
         from ..tokenizer import load_tokenizer

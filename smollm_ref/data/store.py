@@ -4,7 +4,7 @@
                               by the separator; every shard holds `shard_tokens` tokens but the last
     DIR/progress.json         an unfinished prepare's state (shards done, documents consumed), to continue it
     DIR/index.json            written last: each shard's token count and SHA-256, documents, tokenizer
-                              fingerprint and source, data spec, token budget. No index: not a store.
+                              fingerprint, source and vocabulary size, data spec, token budget. No index: not a store.
     DIR/.lock                 held by the one process writing the store (a second prepare is refused)
 
 Documents stream through in bounded batches (never the corpus in memory), a long document in pieces of at
@@ -54,6 +54,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def vocab_size(tokenizer) -> int:
+    """One more than the largest id `tokenizer` can produce: every token id of its stores is below it."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -145,13 +150,24 @@ class Store:
     def num_tokens(self) -> int:
         return self.index["tokens"]
 
-    def verify(self) -> None:
-        """Every shard's SHA-256 against the index (DataError naming the first that differs)."""
+    def verify(self) -> int:
+        """Every shard's SHA-256 against the index, and its token ids against the vocabulary size the index
+        records (an index written before it was recorded: the checksums only). Returns the largest token id;
+        raises `DataError` naming the first shard that differs, or that holds an id its tokenizer cannot
+        produce."""
+        vocab, top = self.index["tokenizer"].get("vocab_size"), 0
         for shard in self.shards:
-            if _sha256(self._shard_path(shard)) != shard["sha256"]:
+            path = self._shard_path(shard)
+            digest, largest = _sha256_and_max(path, self.dtype)
+            if digest != shard["sha256"]:
+                raise DataError(f"token store shard {path} does not match its checksum (corrupt); prepare the store again")
+            if vocab is not None and largest >= vocab:
                 raise DataError(
-                    f"token store shard {self._shard_path(shard)} does not match its checksum (corrupt); prepare the store again"
+                    f"token store shard {path} holds token id {largest:,}, but its tokenizer has {vocab:,} tokens "
+                    f"(ids 0 to {vocab - 1:,}); prepare the store again"
                 )
+            top = max(top, largest)
+        return top
 
     def check_tokenizer(self, tokenizer) -> None:
         if self.index["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
@@ -227,6 +243,15 @@ def _check_index(index, path: Path) -> None:
         )
     if not isinstance(tokenizer.get("source"), (str, type(None))):
         raise DataError(f"{where}: the tokenizer's 'source' is {shown(tokenizer['source'])}, not a name; prepare the store again")
+    vocab = tokenizer.get("vocab_size")  # absent from the index of an older smollm_ref: ids are then not checked
+    if vocab is not None and not (_whole(vocab) and vocab > 0):
+        raise DataError(
+            f"{where}: the tokenizer's 'vocab_size' is {shown(vocab)}, not a number of tokens; prepare the store again"
+        )
+    if vocab is not None and index["separator"] >= vocab:
+        raise DataError(
+            f"{where}: 'separator' is {index['separator']:,}, not an id of its tokenizer's {vocab:,} tokens; prepare the store again"
+        )
 
 
 def _shard_problem(path: Path, size: int) -> str | None:
@@ -250,12 +275,14 @@ def is_store(path: str | Path) -> bool:
     return path.is_dir() and (os.path.lexists(path / INDEX) or os.path.lexists(path / PROGRESS))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _sha256_and_max(path: Path, dtype: np.dtype) -> tuple[str, int]:
+    """A shard's SHA-256 and its largest token id (0 for an empty shard), in one read."""
+    h, largest = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
+        while chunk := f.read(1 << 24):  # a multiple of every token size: no token is split between chunks
             h.update(chunk)
-    return h.hexdigest()
+            largest = max(largest, int(np.frombuffer(chunk, dtype=dtype, count=len(chunk) // dtype.itemsize).max()))
+    return h.hexdigest(), largest
 
 
 # ---- tokenising: long documents in pieces -------------------------------------------------------------------
@@ -610,7 +637,7 @@ def prepare(
         if any(p.name != storage.DirectoryLock.NAME for p in out.iterdir()) and not (out / PROGRESS).is_file():
             raise DataError(not_a_store)
         state = _resume_state(out, wanted, restart)
-        return _tokenise(out, state, backend.to_str(), workers, progress)
+        return _tokenise(out, state, backend.to_str(), workers, progress, vocab_size(tokenizer))
     except BaseException:
         lock.release()
         lock = None
@@ -716,7 +743,7 @@ def _progress_problem(out: Path, state, wanted: dict) -> str | None:
     return None
 
 
-def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progress: bool) -> Store:
+def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progress: bool, vocab: int) -> Store:
     from tqdm.auto import tqdm
 
     budget, written = state["budget"], state["tokens"]
@@ -760,7 +787,10 @@ def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progres
             has_text = any(
                 s["tokens"] and np.any(np.memmap(out / s["file"], dtype=state["dtype"], mode="r") != sep) for s in state["shards"]
             )
-        if not has_text:
+        if not has_text:  # no store to continue either: remove every shard and the progress file
+            for shard in state["shards"]:
+                (out / shard["file"]).unlink(missing_ok=True)
+            (out / PROGRESS).unlink(missing_ok=True)  # then `prepare` removes the directory if it created it
             raise DataError(
                 f"{state['spec']} holds no text to train on (no tokens after tokenising, or only the separators of empty "
                 "documents); pass data that contains text"
@@ -781,6 +811,7 @@ def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progres
             )
         index_doc = {k: v for k, v in state.items() if k not in ("offset",)}
         index_doc.update(tokens=written, exhausted=exhausted, seconds=round(time.perf_counter() - started, 3))
+        index_doc["tokenizer"] = {**state["tokenizer"], "vocab_size": vocab}
         _write_json(out / INDEX, index_doc)
         (out / PROGRESS).unlink(missing_ok=True)
     except BaseException as e:

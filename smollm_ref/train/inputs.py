@@ -145,9 +145,12 @@ def data_budget(cfg: TrainConfig, world_size: int, saved: dict | None) -> int | 
     return math.ceil(train_tokens / (1 - cfg.val_fraction))
 
 
-def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | None) -> TokenData:
+def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | None, vocab_size: int) -> TokenData:
     """The token store of --data (a prepared store as is; any other spec prepared once into the cache by
-    the main rank while the others wait), split into training and validation windows of --seq-len + 1."""
+    the main rank while the others wait), split into training and validation windows of --seq-len + 1.
+    A store written earlier is verified, and refused (`TrainError`) if it holds a token id the model's
+    `vocab_size` embeddings lack; one prepared just now holds only the tokenizer's ids, which the caller
+    has checked against the model."""
     fresh = False  # prepared just now: its shards were hashed as they were written
     if data.is_store(cfg.data):
         store = data.Store(cfg.data)
@@ -173,7 +176,12 @@ def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | N
         if not d.is_main:
             store = data.Store(directory)
     if d.is_main and not fresh:
-        store.verify()  # a store written earlier, or elsewhere: every shard against its checksum
+        top = store.verify()  # a store written earlier, or elsewhere: every shard against its checksum
+        if top >= vocab_size:  # its index may predate the vocabulary size, or name another tokenizer's
+            raise TrainError(
+                f"token store {store.dir} holds token id {top:,}, but the model's vocabulary has {vocab_size:,} tokens "
+                f"(ids 0 to {vocab_size - 1:,}); prepare the store again"
+            )
     split = data.split_tokens(store.tokens(), cfg.seq_len, cfg.val_fraction, key=store.key)
     return TokenData(
         data.Windows(split.train, cfg.seq_len),

@@ -73,7 +73,9 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     chat = inputs.is_chat(cfg)
     _check_sample(cfg, tokenizer, model_config, chat)
     budget = inputs.data_budget(cfg, d.world_size, saved)
-    token_data = inputs.chat_data(cfg, tokenizer) if chat else inputs.token_data(cfg, tokenizer, d, budget)
+    token_data = (
+        inputs.chat_data(cfg, tokenizer) if chat else inputs.token_data(cfg, tokenizer, d, budget, model_config.vocab_size)
+    )
     inputs.check_against_data(cfg, token_data, d)
     split = inputs.split_digest(token_data)
     if saved is not None and saved.get("data_split") and saved["data_split"] != split:

@@ -136,17 +136,25 @@ def verify(directory: Path) -> None:
 def read_manifest(directory: Path) -> dict:
     """The manifest of checkpoint `directory` as a dict, read as a small regular file (`storage.read_small_json`:
     a FIFO or a device is refused, not waited on or read without end). CheckpointError, one line, otherwise."""
-    try:
-        manifest = storage.read_small_json(directory / MANIFEST, "manifest")
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {directory} has no {MANIFEST} (it was not finished)") from None
-    except storage.BadFile as e:
-        raise CheckpointError(f"checkpoint {directory} has an unreadable {MANIFEST}: {e}") from None
-    except OSError as e:
-        raise CheckpointError(f"checkpoint {directory} has an unreadable {MANIFEST} ({e.strerror or e})") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"checkpoint {directory}: {MANIFEST} is a JSON {type(manifest).__name__}, not an object")
+    manifest = _read_object(directory, MANIFEST, "manifest")
+    if manifest is None:
+        raise CheckpointError(f"checkpoint {directory} has no {MANIFEST} (it was not finished)")
     return manifest
+
+
+def _read_object(directory: Path, name: str, what: str) -> dict | None:
+    """The JSON object in `directory / name` (None when absent), or a one-line CheckpointError."""
+    try:
+        value = storage.read_small_json(directory / name, what)
+    except FileNotFoundError:
+        return None
+    except storage.BadFile as e:
+        raise CheckpointError(f"checkpoint {directory} has an unreadable {name}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {directory} has an unreadable {name} ({e.strerror or e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint {directory}: {name} is a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _verify_file(directory: Path, name, entry) -> None:
@@ -250,18 +258,7 @@ def load_state(directory: Path) -> dict:
 
 def load_train_config(directory: Path) -> dict:
     """The run options a checkpoint recorded ({} if it has none), read as a small regular file."""
-    path = directory / TRAIN_CONFIG
-    try:
-        options = storage.read_small_json(path, "run options")
-    except FileNotFoundError:
-        return {}
-    except storage.BadFile as e:
-        raise CheckpointError(f"checkpoint {directory} has an unreadable {TRAIN_CONFIG}: {e}") from None
-    except OSError as e:
-        raise CheckpointError(f"checkpoint {directory} has an unreadable {TRAIN_CONFIG} ({e.strerror or e})") from None
-    if not isinstance(options, dict):
-        raise CheckpointError(f"checkpoint {directory}: {TRAIN_CONFIG} is a JSON {type(options).__name__}, not an object")
-    return options
+    return _read_object(directory, TRAIN_CONFIG, "run options") or {}
 
 
 def strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

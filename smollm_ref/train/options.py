@@ -427,13 +427,9 @@ def _saved_options(found: Path) -> dict:
     """The options of the checkpoint's run (its train_config.json; {} if it has none), each checked as a flag's."""
     path = found / checkpoint.TRAIN_CONFIG
     try:
-        saved = storage.read_small_json(path, "checkpoint options")
-    except FileNotFoundError:
-        return {}
-    except storage.BadFile as e:
+        saved = checkpoint.load_train_config(found)
+    except checkpoint.CheckpointError as e:
         raise TrainError(f"{e}; pass another --resume") from None
-    if not isinstance(saved, dict):
-        raise TrainError(f"checkpoint options {path} must hold a JSON object; pass another --resume")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, value in saved.items():
         if name in names and name not in NOT_INHERITED:

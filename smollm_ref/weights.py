@@ -239,12 +239,11 @@ def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and float32 state dict of a llama-architecture GGUF file (any quantisation gguf can dequantise).
-    Raises SourceError (one line) for metadata that asks for something the model does not compute
-    (`gguf_config`) and for tensors that do not fit it, before any tensor is dequantised."""
+def _open_gguf(path: Path):
+    """(config, transformers name of each tensor, the reader's tensors, their shapes) of a GGUF file: its
+    metadata and tensor shapes read and checked against each other, no tensor data read."""
     try:
-        from gguf import GGUFReader, dequantize
+        from gguf import GGUFReader
     except ImportError:
         raise SourceError("reading .gguf files needs the `gguf` package: pip install gguf") from None
     _check_regular(path, "GGUF file")
@@ -254,9 +253,25 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         tensors = {t.name: t for t in reader.tensors}
         shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
     config, keys = gguf_config(metadata, shapes, path)
+    check_shapes(config, {keys[n]: shape for n, shape in shapes.items()}, path)
+    return config, keys, tensors, shapes
+
+
+def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
+    """The config of a llama GGUF file, from its metadata and tensor shapes (`gguf_config`, `check_shapes`);
+    no tensor is read or dequantised. Raises SourceError (one line) as `read_gguf` does."""
+    return _open_gguf(Path(path))[0]
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and float32 state dict of a llama-architecture GGUF file (any quantisation gguf can dequantise).
+    Raises SourceError (one line) for metadata that asks for something the model does not compute
+    (`gguf_config`) and for tensors that do not fit it, before any tensor is dequantised."""
+    from gguf import dequantize
+
+    config, keys, tensors, shapes = _open_gguf(path)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     check_fits_memory(config)
-    check_shapes(config, {keys[n]: shape for n, shape in shapes.items()}, path)
     state = {}
     for name, t in tensors.items():
         with _reading(path, "GGUF file"):

@@ -83,7 +83,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/op_profile.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=("forward", "train", "decode"), required=True)
     p.add_argument("--dtype", choices=("float32", "bf16"), default="float32")
-    p.add_argument("--config", default="smollm2-135m")
+    p.add_argument(
+        "--config",
+        default="smollm2-135m",
+        help="model config as train --model-config takes it: preset, config.json, model directory, run, checkpoint or "
+        ".gguf (default smollm2-135m)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="forward and train batch; decode batch is 1 (default 4)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens (default 32)")

@@ -469,7 +469,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)"
     )
-    p.add_argument("--config", default="smollm2-135m", help="preset name or config.json path (default smollm2-135m)")
+    p.add_argument(
+        "--config",
+        default="smollm2-135m",
+        help="model config as train --model-config takes it: preset, config.json, model directory, run, checkpoint or "
+        ".gguf (default smollm2-135m)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="training/forward batch (default 4)")
     p.add_argument("--seq-len", type=int, default=512, help="training/forward sequence length (default 512)")
     p.add_argument(

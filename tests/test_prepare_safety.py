@@ -162,6 +162,58 @@ def test_a_malformed_progress_file_is_one_line(tok, tmp_path, monkeypatch):
         assert "\n" not in str(info.value)
 
 
+def killed_after_two_shards(tmp_path: Path, tok, docs: list[str], monkeypatch) -> tuple[Path, str, dict]:
+    """A prepare of `docs` killed after writing two shards of 37 tokens, and its progress record."""
+    spec = str(jsonl(tmp_path / "a.jsonl", docs))
+    calls = 0
+
+    def stop_after_two(self, position, real=store_mod._ShardWriter.close):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        real(self, position)
+
+    with monkeypatch.context() as m:
+        m.setattr(store_mod._ShardWriter, "close", stop_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            data.prepare(spec, tmp_path / "s", tok, tokenizer_source=TINY, workers=1, shard_tokens=37, progress=False)
+    return tmp_path / "s", spec, json.loads((tmp_path / "s" / "progress.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        ({"tokens": 10**15}, "'tokens' is 1,000,000,000,000,000 but its 2 shard(s) hold 74"),
+        ({"documents": 10**15}, "document(s) and 74 token(s) of the next cannot fit in 74 tokens"),
+        ({"offset": 75}, "cannot fit in 74 tokens"),
+        ({"documents": 5, "offset": 0}, "holds 2 document(s), fewer than the 5"),
+        ({"documents": 1, "offset": 50}, "document 1 of"),  # the second document has 2 tokens
+        ({"documents": 2, "offset": 3}, "ends before document 2"),
+    ],
+)
+def test_progress_totals_that_disagree_with_the_shards_or_the_source_are_refused_before_writing(
+    tok, tmp_path, monkeypatch, edit, said
+):
+    """A hand-edited progress.json is no progress record: refused in one line (exit 2) leaving the directory as
+    it was (a resumed prepare once wrote an index claiming 10^15 documents, or an inconsistent one), or with
+    --restart prepared from the start."""
+    docs = ["word " * 100, "x"]
+    out, spec, record = killed_after_two_shards(tmp_path, tok, docs, monkeypatch)
+    assert (record["documents"], record["offset"], record["tokens"]) == (0, 74, 74)
+    (out / "progress.json").write_text(json.dumps({**record, **edit}))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
+    done = run_prepare(spec, "--out", str(out), "--workers", "1", "--shard-tokens", "37")
+    assert done.returncode == 2, done.stderr
+    line = one_line_error(done.stderr)
+    assert "not a progress record" in line and said in line and "--restart" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before
+    restarted = run_prepare(spec, "--out", str(out), "--workers", "1", "--shard-tokens", "37", "--restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert np.asarray(data.Store(out).tokens()).tolist() == expected_tokens(tok, docs)
+    assert data.Store(out).index["documents"] == 2
+
+
 # ---- long documents in bounded pieces ---------------------------------------------------------------------------
 
 # text where whitespace, digits, contractions, punctuation, added tokens and non-ASCII meet at every boundary

@@ -637,7 +637,11 @@ def prepare(
         if any(p.name != storage.DirectoryLock.NAME for p in out.iterdir()) and not (out / PROGRESS).is_file():
             raise DataError(not_a_store)
         state = _resume_state(out, wanted, restart)
-        return _tokenise(out, state, backend.to_str(), workers, progress, vocab_size(tokenizer))
+        try:
+            return _tokenise(out, state, backend.to_str(), workers, progress, vocab_size(tokenizer))
+        except _StaleProgress as e:  # raised before this run wrote anything
+            _refuse_or_discard(out, f"{out / PROGRESS} is not a progress record of this source: {e}", restart)
+            return _tokenise(out, _fresh(wanted), backend.to_str(), workers, progress, vocab_size(tokenizer))
     except BaseException:
         lock.release()
         lock = None
@@ -697,10 +701,13 @@ def _lock(out: Path, wait: bool) -> storage.DirectoryLock:
         raise _unwritable(out, e) from None
 
 
+def _fresh(wanted: dict) -> dict:
+    return {**wanted, "shards": [], "documents": 0, "offset": 0, "tokens": 0}
+
+
 def _resume_state(out: Path, wanted: dict, restart: bool) -> dict:
-    fresh = {**wanted, "shards": [], "documents": 0, "offset": 0, "tokens": 0}
     if not (out / PROGRESS).is_file():
-        return fresh
+        return _fresh(wanted)
     problem = None
     try:
         state = storage.read_small_json(out / PROGRESS, "progress file")
@@ -710,13 +717,19 @@ def _resume_state(out: Path, wanted: dict, restart: bool) -> dict:
         problem = _progress_problem(out, state, wanted)
     if problem is None:
         return state
+    _refuse_or_discard(out, problem, restart)
+    return _fresh(wanted)
+
+
+def _refuse_or_discard(out: Path, problem: str, restart: bool) -> None:
+    """`DataError` saying `problem` of the unfinished store at `out`; with `restart`, its shards and progress
+    file are removed instead."""
     if not restart:
         raise DataError(f"{problem}; pass another --out, remove {out}, or pass --restart to discard its shards and start again")
     _warn(f"{problem}; --restart: its shards are discarded")
     for path in out.glob("shard_*.bin"):
         path.unlink()
     (out / PROGRESS).unlink()
-    return fresh
 
 
 def _progress_problem(out: Path, state, wanted: dict) -> str | None:
@@ -734,6 +747,9 @@ def _progress_problem(out: Path, state, wanted: dict) -> str | None:
     for key in ("documents", "offset", "tokens"):
         if not _whole(state.get(key)):
             return f"{where}: {key!r} is {shown(state.get(key))}, not a whole number"
+    problem = _totals_problem(state)
+    if problem:
+        return f"{where} is not a progress record of its shards: {problem}"
     itemsize = np.dtype(wanted["dtype"]).itemsize
     for shard in state["shards"]:  # a shard is recorded only once renamed into place; still check
         path = out / shard["file"]
@@ -743,12 +759,45 @@ def _progress_problem(out: Path, state, wanted: dict) -> str | None:
     return None
 
 
+def _totals_problem(state: dict) -> str | None:
+    """What in a progress record's totals `_ShardWriter` never writes (None: nothing): it records a shard only
+    once full (the last may be shorter: one finished but not yet indexed), then the sum of the shards' tokens,
+    the documents written whole (each at least its separator) and the tokens of the next already written."""
+    shards, size = state["shards"], state["shard_tokens"]
+    tokens, documents, offset = state["tokens"], state["documents"], state["offset"]
+    held = sum(shard["tokens"] for shard in shards)
+    if tokens != held:
+        return f"'tokens' is {_count(tokens)} but its {len(shards)} shard(s) hold {held:,}"
+    for i, shard in enumerate(shards):
+        if shard["tokens"] > size or (shard["tokens"] < size and i < len(shards) - 1) or shard["tokens"] == 0:
+            return f"shards[{i}] holds {shard['tokens']:,} tokens, not the {size:,} of a full shard"
+    if documents + offset > tokens:
+        return f"{_count(documents)} document(s) and {_count(offset)} token(s) of the next cannot fit in {tokens:,} tokens"
+    if state["budget"] is not None and tokens > state["budget"]:
+        return f"'tokens' is {tokens:,}, more than the budget of {state['budget']:,}"
+    return None
+
+
+class _StaleProgress(DataError):
+    """A progress record whose stream position the source does not reach: found only while reading it."""
+
+
+def _skip(docs: Iterator[str], count: int, spec: str) -> Iterator[str]:
+    """`docs` past its first `count`; `_StaleProgress` if it holds fewer (read before anything is written)."""
+    for seen in range(count):
+        if next(docs, None) is None:
+            raise _StaleProgress(
+                f"{spec} holds {seen:,} document(s), fewer than the {_count(count)} its progress record has consumed"
+            )
+    return docs
+
+
 def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progress: bool, vocab: int) -> Store:
     from tqdm.auto import tqdm
 
     budget, written = state["budget"], state["tokens"]
     skip_docs, skip_tokens = state["documents"], state["offset"]
-    docs = itertools.islice(iter_documents(state["spec"], state["text_field"]), skip_docs, None)
+    docs = _skip(iter(iter_documents(state["spec"], state["text_field"])), skip_docs, state["spec"])
     cuts = _Cuts(tokenizer_json, skip_docs)
     writer = _ShardWriter(out, state["shard_tokens"], state)
     bar = tqdm(
@@ -777,10 +826,18 @@ def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progres
                 if not exhausted:
                     break
                 at += len(tokens)
+                if end and index == skip_docs and at < skip_tokens:  # nothing of it was written this time
+                    raise _StaleProgress(
+                        f"document {index:,} of {state['spec']} has {at:,} tokens, fewer than the {_count(skip_tokens)} its progress record has written"
+                    )
                 if end:
                     index, at = index + 1, 0
             if not exhausted:
                 break
+        if exhausted and index == skip_docs and skip_tokens:
+            raise _StaleProgress(
+                f"{state['spec']} ends before document {index:,}, of which its progress record has written {_count(skip_tokens)} tokens"
+            )
         writer.close((index, at) if exhausted else (index + 1, 0))  # a document cut by the budget is consumed
         bar.close()
         if not has_text:  # nothing new this time: what an interrupted prepare wrote before may hold some

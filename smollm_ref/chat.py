@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
+from .storage import shown
+
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 TOOL_KEYS = ("tool_calls", "function_call")  # OpenAI's tool calls, current and older
@@ -41,14 +43,8 @@ def messages_of(record) -> list:
     if not isinstance(record, Mapping):
         raise ChatError(f"a chat record must be an object with a 'messages' list, got {type(record).__name__}")
     if "messages" not in record:
-        raise ChatError(f"the record has no 'messages' (keys: {_shown(', '.join(map(repr, record)) or 'none', quote=False)})")
+        raise ChatError(f"the record has no 'messages' (keys: {shown(', '.join(map(repr, record)) or 'none', quote=False)})")
     return check_messages(record["messages"])
-
-
-def _shown(value, limit: int = 60, quote: bool = True) -> str:
-    """A value quoted from a record, cut to about `limit` characters so that the error stays one short line."""
-    text = repr(value) if quote else str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_messages(messages) -> list:
@@ -74,7 +70,7 @@ def check_messages(messages) -> list:
                 raise ChatError(f"messages[{i}] has no {key!r}")
         role = message["role"]
         if role not in ROLES:
-            raise ChatError(f"messages[{i}] has an unknown role {_shown(role)} (allowed: {', '.join(ROLES)})")
+            raise ChatError(f"messages[{i}] has an unknown role {shown(role)} (allowed: {', '.join(ROLES)})")
         if not isinstance(message["content"], str):
             raise ChatError(f"messages[{i}] ({role}) content must be a string, got {type(message['content']).__name__}")
     if not any(m["role"] == "assistant" for m in messages):

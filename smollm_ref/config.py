@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .configs import preset_names, preset_path
-from .storage import BadFile, read_small_json
+from .storage import BadFile, is_int, read_small_json, shown
 
 # Keys that appear in real Llama/SmolLM2 config.json files and carry no architecture: they are
 # accepted on read and never silently change the model. Anything else unknown is an error.
@@ -47,19 +47,9 @@ _FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _brief(value) -> str:
-    """A value for a one-line error: its repr, cut short (a config.json field can be any size)."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _show(value) -> str:
     """A value for a one-line error: its repr, cut short (a config.json field can be any size)."""
-    return f"{_brief(value)} ({type(value).__name__})"
+    return f"{shown(value)} ({type(value).__name__})"
 
 
 def _same(value, neutral) -> bool:
@@ -106,14 +96,14 @@ def _default_rope(key: str, rope) -> float | None:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
         raise ValueError(
-            f"config {key} type {_brief(kind)} is not supported; only the default RoPE is implemented (no RoPE scaling)"
+            f"config {key} type {shown(kind)} is not supported; only the default RoPE is implemented (no RoPE scaling)"
         )
     for name in sorted(str(k) for k in rope):
         if name not in _ROPE_KEYS:
-            raise ValueError(f"config {key}.{name}={_brief(rope[name])} is not supported with the default RoPE; remove it")
+            raise ValueError(f"config {key}.{name}={shown(rope[name])} is not supported with the default RoPE; remove it")
     if "partial_rotary_factor" in rope and not _same(rope["partial_rotary_factor"], 1):
         raise ValueError(
-            f"config {key}.partial_rotary_factor={_brief(rope['partial_rotary_factor'])} is not supported; "
+            f"config {key}.partial_rotary_factor={shown(rope['partial_rotary_factor'])} is not supported; "
             "RoPE is applied to the whole head"
         )
     return rope.get("rope_theta")
@@ -213,9 +203,9 @@ class ModelConfig:
                 if not isinstance(value, str):
                     raise ValueError(f"ModelConfig.hidden_act must be a string, got {_show(value)}")
             elif field.name == "eos_token_id" and isinstance(value, list):
-                if not all(_is_int(v) for v in value):
+                if not all(is_int(v) for v in value):
                     raise ValueError(f"ModelConfig.eos_token_id must be an integer or a list of integers, got {_show(value)}")
-            elif not (_is_int(value) or (value is None and field.name in _OPTIONAL_INT_FIELDS)):
+            elif not (is_int(value) or (value is None and field.name in _OPTIONAL_INT_FIELDS)):
                 what = "an integer or null" if field.name in _OPTIONAL_INT_FIELDS else "an integer"
                 raise ValueError(f"ModelConfig.{field.name} must be {what}, got {_show(value)}")
 
@@ -256,26 +246,26 @@ class ModelConfig:
         data = dict(data)
         model_type = data.get("model_type", "llama")
         if model_type != "llama":
-            raise ValueError(f"config model_type must be 'llama' (a LLaMA-architecture model), got {_brief(model_type)}")
+            raise ValueError(f"config model_type must be 'llama' (a LLaMA-architecture model), got {shown(model_type)}")
         for key in sorted(k for k in data if k in _NEUTRAL):
             value = data.pop(key)
             full = key == "layer_types" and isinstance(value, list) and all(v == "full_attention" for v in value)
             if not full and not any(_same(value, neutral) for neutral in _NEUTRAL[key][0]):
-                raise ValueError(f"config {key}={_brief(value)} is not supported: {_NEUTRAL[key][1]}; remove the key")
+                raise ValueError(f"config {key}={shown(value)} is not supported: {_NEUTRAL[key][1]}; remove the key")
         # transformers >= 5 nests theta in rope_parameters; older files use rope_theta + rope_scaling.
         for key in ("rope_parameters", "rope_scaling"):
             theta = _default_rope(key, data.pop(key, None))
             if theta is not None:
                 if "rope_theta" in data and not _same(data["rope_theta"], theta):
                     raise ValueError(
-                        f"config {key}.rope_theta={_brief(theta)} differs from rope_theta={_brief(data['rope_theta'])}; keep one"
+                        f"config {key}.rope_theta={shown(theta)} differs from rope_theta={shown(data['rope_theta'])}; keep one"
                     )
                 data["rope_theta"] = theta
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in data if k not in fields and k not in _METADATA_KEYS)
         if unknown:
             raise ValueError(
-                f"config has unknown key(s) {_brief(unknown)}, which may change what the model computes; remove them "
+                f"config has unknown key(s) {shown(unknown)}, which may change what the model computes; remove them "
                 "or fix their spelling"
             )
         kwargs = {k: v for k, v in data.items() if k in fields}

@@ -27,6 +27,7 @@ from .checkpoint import step_of
 from .generate import TextStream, check_device
 from .model import LlamaForCausalLM
 from .sampling import check_sampling
+from .storage import is_int, shown
 from .weights import PYPI_SOURCE, SourceError
 
 
@@ -79,9 +80,9 @@ class Settings:
     def __post_init__(self):
         # The page's own conventions first (0 and 1 mean off, at least one token), then the check every
         # decoder makes (`sampling.check_sampling`), so the page refuses what `generate` refuses.
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"Settings.max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"Settings.top_k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
         if self.top_p is None:
             raise ValueError("Settings.top_p must be a number in (0, 1] (1 = off), got None")
@@ -102,32 +103,22 @@ class Settings:
         values = dict(zip(names, controls))
         for name, value in values.items():
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):  # float(b"1"), float(True) pass
-                raise ValueError(f"Settings.{name} must be a number, got {_shown(value)}")
+                raise ValueError(f"Settings.{name} must be a number, got {shown(value)}")
             try:
                 number = float(value)
             except (TypeError, ValueError, OverflowError):
-                raise ValueError(f"Settings.{name} must be a number, got {_shown(value)}") from None
+                raise ValueError(f"Settings.{name} must be a number, got {shown(value)}") from None
             if not math.isfinite(number):
-                raise ValueError(f"Settings.{name} must be a finite number, got {_shown(value)}")
+                raise ValueError(f"Settings.{name} must be a finite number, got {shown(value)}")
             whole = name in ("max_new_tokens", "top_k") and number.is_integer()
             values[name] = int(number) if whole else number
         return cls(**values)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _shown(value) -> str:
-    """A value as a one-line message shows it: its repr, cut to 60 characters."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _bad_text(value, what: str) -> str | None:
     """Why `value` cannot be the page's `what` (a prompt, a message), or None when it is text."""
     if not isinstance(value, str):
-        return f"The {what} must be text, got {_shown(value)}."
+        return f"The {what} must be text, got {shown(value)}."
     return None
 
 
@@ -135,12 +126,12 @@ def _bad_history(history) -> str | None:
     """Why `history` is not a conversation the chat can continue, or None when it is one: a list of
     {"role": "user" | "assistant" | "system", "content": text} dicts."""
     if not isinstance(history, list):
-        return f"The chat history must be a list of messages, got {_shown(history)}."
+        return f"The chat history must be a list of messages, got {shown(history)}."
     for i, turn in enumerate(history):
         if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant", "system"):
-            return f"Chat history message {i} must be a dict with a role of user, assistant or system, got {_shown(turn)}."
+            return f"Chat history message {i} must be a dict with a role of user, assistant or system, got {shown(turn)}."
         if not isinstance(turn.get("content"), str):
-            return f"Chat history message {i} must have text as its content, got {_shown(turn.get('content'))}."
+            return f"Chat history message {i} must have text as its content, got {shown(turn.get('content'))}."
     return None
 
 
@@ -234,7 +225,7 @@ class Demo:
             yield "", f"⚠️ {bad}"
             return
         if not isinstance(settings, Settings):
-            yield prompt, f"⚠️ settings must be a Settings, got {_shown(settings)}."
+            yield prompt, f"⚠️ settings must be a Settings, got {shown(settings)}."
             return
         if not prompt.strip():
             yield prompt, "⚠️ Type a prompt first."
@@ -272,7 +263,7 @@ class Demo:
             yield [], f"⚠️ {bad}"
             return
         if (bad := _bad_text(message, "message")) is not None or not isinstance(settings, Settings):
-            yield history, f"⚠️ {bad or f'settings must be a Settings, got {_shown(settings)}.'}"
+            yield history, f"⚠️ {bad or f'settings must be a Settings, got {shown(settings)}.'}"
             return
         if not message.strip():
             yield history, "⚠️ Type a message first."

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from .arguments import ArgumentParser
-from .data.sources import shown
 from .metrics import read_numbered_metrics
+from .storage import is_number, shown
 
 # a skipped step (its gradient not finite) logs its loss as NaN or Infinity: drawn as a gap; the trainer
 # never logs a non-finite learning rate or rate, so one there is a damaged file
@@ -23,7 +23,7 @@ def _value(path: Path, number: int, record: dict, key: str) -> float:
     if key not in record:
         raise ValueError(f"{path} line {number} is a training step's record without {key!r}; {fix}")
     value = record[key]
-    number_ = isinstance(value, (int, float)) and not isinstance(value, bool)
+    number_ = is_number(value)
     try:
         value = float(value) if number_ else None
     except OverflowError:  # a JSON integer of hundreds of digits

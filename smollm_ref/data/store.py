@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import storage
-from .sources import DataError, iter_documents, json_kind, shown, source_key
+from ..storage import shown
+from .sources import DataError, iter_documents, json_kind, source_key
 
 STORE_FORMAT = 1
 INDEX = "index.json"
@@ -188,7 +189,7 @@ TOKEN_DTYPES = ("uint16", "uint32")  # what `token_dtype` gives; any other would
 
 
 def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return storage.is_int(value) and value >= 0
 
 
 def _count(n: int) -> str:

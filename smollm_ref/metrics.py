@@ -189,7 +189,7 @@ def _numbered_records(path: Path, partial_last: str) -> list[tuple[int, str, dic
                 record = storage.loads_json(line, f"{path} line {number}")
                 if not isinstance(record, dict):
                     raise storage.BadFile(f"{path} line {number} is not a JSON object")
-                if type(record.get("step")) is not int:  # a bool is an int to isinstance
+                if not storage.is_int(record.get("step")):
                     raise storage.BadFile(f'{path} line {number} is a record without an integer "step"')
             except (UnicodeDecodeError, storage.BadFile) as e:
                 if partial_last == "drop" and not raw.endswith(b"\n"):  # only the last line can lack one

@@ -241,11 +241,17 @@ class LlamaModel(nn.Module):
         t = input_ids.shape[1]
         past = len(kv_cache) if kv_cache is not None else 0
         if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 4:
+                raise ValueError("a 4D attention_mask comes with position_ids: the mask alone cannot say where each token is")
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask, t)
             else:
                 position_ids = torch.arange(past, past + t, device=x.device)[None, :]
-        if attention_mask is None and kv_cache is None and position_ids is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # A mask of one's own, (B|1, 1, T, S) boolean, True where a query may attend, taken as it is
+            # (transformers takes a 4D mask the same way); evaluation's shared-context rows pass one.
+            mask = attention_mask
+        elif attention_mask is None and kv_cache is None and position_ids is not None:
             # Packing: position ids that restart within a row (several sequences in one row) and no padding
             # mask get a block-diagonal causal mask; plain 0..T-1 positions get None, as before.
             mask = packed_causal_mask(position_ids)
@@ -323,6 +329,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         """input_ids (B, T); attention_mask (B, S) over cached + new tokens, 1 = real, 0 = padding;
         labels (B, T), -100 ignored; logits_to_keep > 0 computes logits for the last positions only.
+        A 4D boolean attention_mask (B|1, 1, T, S), True where a query may attend, is used as given, with
+        position_ids (B|1, T) (`smollm_ref.evaluate.scoring` shares a context among choices this way).
         Packed rows (several sequences per row, `smollm_ref.chat.pack`): position_ids (B|1, T) that restart at
         0 with each sequence, and no attention_mask or cache; attention then stays within each sequence."""
         h = self.model(input_ids, attention_mask, position_ids, kv_cache)

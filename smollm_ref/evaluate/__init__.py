@@ -86,11 +86,14 @@ def evaluate(
     larger than the model's or a `limit` below 1."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a whole number of at least 1 (or None for every item), got {limit!r}")
-    try:
-        model.config.check_vocab(len(tokenizer))
-    except ValueError as e:
-        raise ValueError(f"{e}; evaluate with the tokenizer this model was trained with") from None
-    chosen = [t for t in tasks] if not isinstance(tasks, str) and all(isinstance(t, Task) for t in tasks) else resolve_tasks(tasks)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {model.config.vocab_size}; "
+            "evaluate with the tokenizer this model was trained with"
+        )
+    chosen = (
+        [t for t in tasks] if not isinstance(tasks, str) and all(isinstance(t, Task) for t in tasks) else resolve_tasks(tasks)
+    )
     loaded = [(task, load_docs(task, source, limit)) for task in chosen]
     max_length = model.config.max_position_embeddings
     encoded = {task.name: encode_items(tokenizer, [(d.query, d.choices) for d in docs], max_length) for task, docs in loaded}
@@ -147,7 +150,9 @@ def summarise(results: dict) -> str:
         card = f"{r['model_card']:.1f}" if "model_card" in r else ""
         rows.append((f"{name} (average)", "", f"{100 * r['acc_norm_nospace']:.1f}", f"{100 * r['acc']:.1f}", card))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows
+    ]
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -156,7 +161,7 @@ def _percent(value: float, stderr: float | None) -> str:
 
 
 def model_card_for(source) -> str | None:
-    """"instruct" or "base" for the SmolLM2-135M sources whose model card figures are known, else None."""
+    """ "instruct" or "base" for the SmolLM2-135M sources whose model card figures are known, else None."""
     from ..weights import PYPI_SOURCE
 
     text = str(source)

@@ -53,9 +53,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--limit", type=whole_number, default=None, help="score only the first N items of each task")
     parser.add_argument("--batch-size", type=whole_number, default=16, help="items scored together (default 16)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    parser.add_argument(
-        "--precision", default="fp32", choices=tuple(PRECISIONS), help="weights and compute dtype (default fp32)"
-    )
+    parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help="weights and compute dtype (default fp32)")
     parser.add_argument(
         "--source",
         default="package",
@@ -127,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summarise(results))
-    print(f"[{sum(r['n'] for r in results['results'].values())} items in {seconds:.0f} s, {args.precision}, {device}]", file=sys.stderr)
+    print(
+        f"[{sum(r['n'] for r in results['results'].values())} items in {seconds:.0f} s, {args.precision}, {device}]",
+        file=sys.stderr,
+    )
     for name, r in results["results"].items():
         if r["truncated"]:
             print(f"note: {name}: {r['truncated']} items had their context cut from the start to fit the model", file=sys.stderr)

@@ -76,7 +76,9 @@ def encode_items(tokenizer, items: Sequence[tuple[str, Sequence[str]]], max_leng
         if max_length is not None:
             room = max_length - max(len(c) for c in conts)
             if room < 1:
-                raise ValueError(f"a choice of {max(len(c) for c in conts)} tokens does not fit the model's {max_length} positions")
+                raise ValueError(
+                    f"a choice of {max(len(c) for c in conts)} tokens does not fit the model's {max_length} positions"
+                )
             if len(ctx) > room:
                 ctx, truncated = ctx[-room:], True
         out.append(Encoded(tuple(ctx), tuple(conts), truncated))
@@ -119,7 +121,7 @@ def _shared_row(item: Encoded) -> _Row:
     return _Row(tokens, positions, segments, targets)
 
 
-def _tree_mask(segments: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _tree_mask(segments: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, T) boolean: query q sees key k at or before it that is context or of q's own choice.
     Padding (segment -1) sees itself only, so that its attention stays finite (a fully masked row is NaN,
     and NaN times a zero weight would reach the real rows)."""
@@ -149,7 +151,7 @@ def _score_rows(model: LlamaForCausalLM, rows: list[_Row]) -> list[list[float]]:
         segments[i, :n] = torch.tensor(r.segments)
     tokens, positions, segments = tokens.to(device), positions.to(device), segments.to(device)
     single = all(max(r.segments) <= 1 and len(r.tokens) == t for r in rows)
-    mask = None if single else _tree_mask(segments, positions)
+    mask = None if single else _tree_mask(segments)
     h = model.model(tokens, attention_mask=mask, position_ids=positions)  # (B, T, C)
     where = [(i, p) for i, r in enumerate(rows) for p, _, _ in r.targets]
     rows_idx = torch.tensor([i for i, _ in where], device=device)

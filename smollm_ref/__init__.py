@@ -1,5 +1,6 @@
 """smollm_ref: a test-driven reference implementation of SmolLM2 (a LLaMA architecture) in PyTorch."""
 
+from . import evaluate  # a module you can call: smollm_ref.evaluate(model, tokenizer, tasks)
 from .config import ModelConfig
 from .generate import generate
 from .model import KVCache, LlamaForCausalLM
@@ -29,6 +30,7 @@ def from_transformers(*args, **kwargs):
 
 __all__ = [
     "KVCache",
+    "evaluate",
     "LlamaForCausalLM",
     "ModelConfig",
     "from_pretrained",

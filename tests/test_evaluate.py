@@ -480,3 +480,15 @@ def test_chat_template_poses_the_query_as_a_user_message(tmp_path, smollm_tokeni
 
     with pytest.raises(ValueError, match="no chat template"):
         evaluate(model, NoTemplate(), [str(task)], chat_template=True)
+
+
+def test_smollm_ref_evaluate_is_the_function_and_the_package(tmp_path, smollm_tokenizer):
+    import importlib
+
+    import smollm_ref
+
+    task = _write_jsonl(tmp_path / "one.jsonl", [{"query": "a", "choices": [" b", " c"], "gold": 0}])
+    model = _model(vocab_size=49152)
+    assert smollm_ref.evaluate(model, smollm_tokenizer, [str(task)]) == evaluate(model, smollm_tokenizer, [str(task)])
+    assert importlib.import_module("smollm_ref.evaluate.scoring").loglikelihoods is loglikelihoods
+    assert smollm_ref.evaluate.tasks.TASKS is T.TASKS

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+import types
 from collections.abc import Sequence
 
 from .scoring import encode_items, loglikelihoods
@@ -184,3 +185,15 @@ def model_card_for(source) -> str | None:
     if text.endswith("SmolLM2-135M"):
         return "base"
     return None
+
+
+class _CallableModule(types.ModuleType):
+    """`smollm_ref.evaluate(...)` calls `evaluate`, while `smollm_ref.evaluate.tasks`, `import
+    smollm_ref.evaluate.scoring as s` and `python -m smollm_ref.evaluate` still find the package (a function
+    bound to the package's name would hide its modules)."""
+
+    def __call__(self, *args, **kwargs):
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

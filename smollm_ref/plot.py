@@ -1,5 +1,6 @@
 """Curves of a training run: `python -m smollm_ref.plot RUN_DIR` draws loss (and validation loss), learning
-rate and tokens/sec from RUN_DIR/metrics.jsonl into RUN_DIR/metrics.png."""
+rate and tokens/sec from RUN_DIR/metrics.jsonl into RUN_DIR/metrics.png, and, for a run with --eval-tasks, the
+benchmarks' accuracy at each validation (eval/TASK/acc_norm_nospace solid, eval/TASK/acc dashed)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .storage import is_number, shown
 # never logs a non-finite learning rate or rate, so one there is a damaged file
 MAY_BE_NONFINITE = ("loss", "val_loss")
 TRAIN_KEYS = ("loss", "lr", "tokens_per_sec", "avg_tokens_per_sec")
+EVAL_FIGURES = ("acc_norm_nospace", "acc")  # the trainer's eval/TASK/FIGURE keys (smollm_ref.train.evaluator)
 
 
 def _value(path: Path, number: int, record: dict, key: str) -> float:
@@ -38,10 +40,41 @@ def _mean_of_finite(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def eval_series(path: Path, records: list[tuple[int, dict]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{task: {figure: [(step, fraction), ...]}} from the eval/TASK/FIGURE keys of `records` (line number,
+    record), in file order; a task scored at some validations only (a resume that changed --eval-tasks) has
+    points there only. A value that is not a number in [0, 1] is a ValueError naming the file, line and key."""
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for number, record in records:
+        for key in record:
+            prefix, _, rest = key.partition("/")
+            task, _, figure = rest.rpartition("/")
+            if prefix != "eval" or not task or figure not in EVAL_FIGURES:
+                continue
+            value = record[key]
+            if not is_number(value) or not 0 <= value <= 1:
+                raise ValueError(
+                    f"{path} line {number}: {key!r} is {shown(value)}, not a fraction from 0 to 1; fix or remove that line, then plot again"
+                )
+            series.setdefault(task, {}).setdefault(figure, []).append((record["step"], float(value)))
+    return series
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the figure and return its path. Raises FileNotFoundError, or a ValueError naming the file and line
-    (`metrics.read_records`; and a plotted value, see `_value`) with a readable message. A non-finite loss
-    (a skipped step's) is drawn as a gap."""
+    (`metrics.read_records`; and a plotted value, see `_value` and `eval_series`) with a readable message. A
+    non-finite loss (a skipped step's) is drawn as a gap."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(run_dir)
+    out = Path(out) if out else Path(run_dir) / "metrics.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def figure(run_dir: str | Path):
+    """The run's matplotlib Figure: loss, learning rate, tokens/s, and the benchmarks' panel when there are figures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,9 +87,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_numbered_metrics(path)  # every value is read before a figure is made
     train = [{"step": r["step"], **{k: _value(path, n, r, k) for k in TRAIN_KEYS}} for n, r in records if "loss" in r]
     val = [{"step": r["step"], "val_loss": _value(path, n, r, "val_loss")} for n, r in records if "val_loss" in r]
+    evals = eval_series(path, records)
     if not train and not val:
         raise ValueError(f"{path} holds no loss records yet; plot again once the run has taken a step")
-    fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    rows = 4 if evals else 3
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 3 * rows), sharex=True)
+    ax_loss, ax_lr, ax_tps = axes[:3]
     if train:
         steps = [r["step"] for r in train]
         ax_loss.plot(steps, [r["loss"] for r in train], lw=0.8, alpha=0.5, label="train loss")
@@ -73,20 +109,34 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_loss.legend()
     ax_lr.set_ylabel("learning rate")
     ax_tps.set_ylabel("tokens / second")
-    ax_tps.set_xlabel("optimizer step")
+    if evals:
+        _draw_evals(axes[3], evals)
+    axes[-1].set_xlabel("optimizer step")
     ax_loss.set_title(f"training run {run_dir.resolve().name}")
-    for ax in (ax_loss, ax_lr, ax_tps):
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out) if out else run_dir / "metrics.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig
+
+
+def _draw_evals(ax, evals: dict[str, dict[str, list[tuple[int, float]]]]) -> None:
+    """One colour per task: acc_norm_nospace (the model card's figure) solid, acc dashed, in percent."""
+    for i, (task, figures) in enumerate(evals.items()):
+        colour = f"C{i % 10}"
+        for figure_name, style in zip(EVAL_FIGURES, ("o-", "x--")):
+            points = figures.get(figure_name, [])
+            if points:
+                label = task if figure_name == "acc_norm_nospace" else f"{task} (acc)"
+                ax.plot([s for s, _ in points], [100 * v for _, v in points], style, color=colour, lw=1.2, ms=4, label=label)
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.legend(fontsize="small", ncol=2)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
-        prog="python -m smollm_ref.plot", description="Plot a training run's loss, validation loss, learning rate and tokens/sec."
+        prog="python -m smollm_ref.plot",
+        description="Plot a training run's loss, validation loss, learning rate, tokens/sec and, with --eval-tasks, "
+        "its benchmarks' accuracy.",
     )
     parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/metrics.png)")

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from .. import metrics
+from .evaluator import brief
 from .options import TrainConfig
 
 
@@ -35,7 +36,7 @@ class NullLogger:
     def step(self, step: int, values: dict) -> None:
         pass
 
-    def validation(self, step: int, loss: float) -> None:
+    def validation(self, step: int, loss: float, figures: dict[str, float] | None = None) -> None:
         pass
 
     def sample(self, step: int, text: str, sampling=None) -> None:
@@ -92,9 +93,11 @@ class RunLogger(NullLogger):
                 f" | {values['tokens_per_sec']:,.0f} tok/s (avg {values['avg_tokens_per_sec']:,.0f}){mfu}"
             )
 
-    def validation(self, step: int, loss: float) -> None:
-        self.log.log(step, {"val_loss": loss})
-        say(f"step {step:>6} | val loss {loss:.4f}")
+    def validation(self, step: int, loss: float, figures: dict[str, float] | None = None) -> None:
+        """Record the validation loss and the benchmarks' figures (`evaluator.Evaluator`) in one record."""
+        self.log.log(step, {"val_loss": loss, **(figures or {})})
+        shown = brief(figures or {})
+        say(f"step {step:>6} | val loss {loss:.4f}" + (f" | {shown}" if shown else ""))
 
     def sample(self, step: int, text: str, sampling=None) -> None:
         """Print and record a sample, and how it was drawn (`step.Sampling`: temperature, top-k, seed)."""

@@ -20,6 +20,7 @@ from ..model import LlamaForCausalLM
 from ..storage import DirectoryLock
 from . import inputs
 from .checkpointer import Checkpointer, check_compatible
+from .evaluator import Evaluator
 from .logger import NullLogger, RunLogger, say
 from .options import TrainConfig, TrainError
 from .state import RunState
@@ -70,6 +71,7 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     inputs.check_step_memory(cfg, model_config, device)
     tokenizer = inputs.load_tokenizer(cfg, resume_dir)
     model_config.check_vocab(len(tokenizer))
+    evaluator = Evaluator.build(cfg, tokenizer, model_config.max_position_embeddings)  # read once, before the data
     chat = inputs.is_chat(cfg)
     _check_sample(cfg, tokenizer, model_config, chat)
     budget = inputs.data_budget(cfg, d.world_size, saved)
@@ -84,7 +86,7 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
             "resumed at its position it would read other rows and could train on held-out ones; pass the run's own "
             f"--data (and --tokenizer), or start a new run with --init-from {resume_dir}"
         )
-    return saved, model_config, weights, tokenizer, token_data, split
+    return saved, model_config, weights, tokenizer, token_data, split, evaluator
 
 
 def _horizon(cfg: TrainConfig, saved: dict | None) -> int:
@@ -143,6 +145,7 @@ class Run:
     lock: DirectoryLock | None = None  # the run directory's lock, held by the main rank
     why_not_fast: str | None = None  # why the step is the reference's (`step.fast_step_unsupported`), for the log
     chat: bool = False  # chat data: loss on assistant replies only, rows of (input_ids, labels, position_ids)
+    evaluator: Evaluator | None = None  # --eval-tasks: benchmark figures at each validation
     bad_steps: int = 0
     last_loss: float | None = None
     last_val: float | None = None
@@ -161,7 +164,7 @@ class Run:
         run_dir = Path(cfg.out_dir).expanduser()
         created, lock = inputs.check_out_dir(cfg, resume_dir is not None or cfg.resume == "auto", d)
         try:
-            saved, model_config, weights, tokenizer, token_data, split = _read_inputs(cfg, resume_dir, d, device)
+            saved, model_config, weights, tokenizer, token_data, split, evaluator = _read_inputs(cfg, resume_dir, d, device)
             if d.is_main:
                 for path in inputs.sweep_temporaries(run_dir):
                     say(f"removed {path}, left by a run that was killed while writing a checkpoint")
@@ -175,7 +178,7 @@ class Run:
             if created and d.is_main:
                 shutil.rmtree(run_dir, ignore_errors=True)  # leave nothing behind for a run that never started
             raise
-        run.resumed_from, run.created_dir, run.lock = resume_dir, created, lock
+        run.resumed_from, run.created_dir, run.lock, run.evaluator = resume_dir, created, lock, evaluator
         run._describe(precision, model_config)
         return run
 
@@ -247,6 +250,8 @@ class Run:
         warning = self.checkpointer.space_warning() if d.is_main else None
         if warning:
             self.logger.say(warning)
+        if self.evaluator is not None:
+            self.logger.say(self.evaluator.describe())
         if self.resumed_from is not None:
             self.logger.say(f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.tokens:,} tokens seen)")
 
@@ -331,7 +336,8 @@ class Run:
         else:
             loss = evaluate(self.raw_model, self.data.val, self.eval_batches, self.device, self.autocast)
             self.last_val = float(distributed.mean(self.d, loss))
-        self.logger.validation(self.state.step, self.last_val)
+        figures = self.evaluator(self.raw_model, self.autocast) if self.evaluator is not None else {}
+        self.logger.validation(self.state.step, self.last_val, figures)
 
     def sample(self) -> None:
         """A sample of the model at this step, drawn as --sample-temperature and --sample-top-k say, from its own

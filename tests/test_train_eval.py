@@ -49,7 +49,10 @@ def validations(run_dir: Path) -> dict[int, dict]:
 def evaluated(checkpoint: Path, task: Path, limit: int, tmp_path: Path) -> dict:
     """python -m smollm_ref.evaluate --checkpoint CHECKPOINT --tasks TASK --limit N, as a user would check a figure."""
     out = tmp_path / f"eval-{checkpoint.name}.json"
-    assert evaluate_cli.main(["--checkpoint", str(checkpoint), "--tasks", str(task), "--limit", str(limit), "--output", str(out)]) == 0
+    assert (
+        evaluate_cli.main(["--checkpoint", str(checkpoint), "--tasks", str(task), "--limit", str(limit), "--output", str(out)])
+        == 0
+    )
     return json.loads(out.read_text())["results"][task.stem]
 
 
@@ -257,9 +260,59 @@ def test_a_chat_run_is_scored_with_its_own_tokenizer(tmp_path):
     assert got["eval/sq/acc_norm_nospace"] == want["acc_norm_nospace"] and got["eval/sq/acc"] == want["acc"]
 
 
+# A process group of one in a process of its own: fully_shard makes the parameters DTensors all the same, and the
+# root's are sharded again after a backward pass, which is where a validation finds them.
+SHARDED_SCORING = """
+import contextlib, json, sys, tempfile
+from pathlib import Path
+import torch, torch.distributed as dist
+from smollm_ref import distributed
+from smollm_ref.config import ModelConfig
+from smollm_ref.evaluate import evaluate
+from smollm_ref.model import LlamaForCausalLM
+from smollm_ref.tokenizer import from_directory
+from smollm_ref.train import TrainConfig
+from smollm_ref.train.evaluator import Evaluator
+from smollm_ref.train.step import lm_loss
+
+task, source = sys.argv[1], Path(sys.argv[2])
+dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0, world_size=1)
+model = LlamaForCausalLM(ModelConfig.from_json(source / "config.json"))
+tok = from_directory(source)
+evaluator = Evaluator.build(TrainConfig(eval_tasks=task, eval_limit=0), tok, model.config.max_position_embeddings)
+distributed.wrap(model, distributed.Dist(0, 2, 0), True, torch.device("cpu"))
+x = torch.randint(0, 300, (2, 17))
+lm_loss(model, x[:, :-1], x[:, 1:]).backward()
+before = type(model.model.embed_tokens.weight).__name__
+got = evaluator(model, contextlib.nullcontext())
+after = type(model.model.embed_tokens.weight).__name__, model.training
+plain = LlamaForCausalLM(model.config)
+plain.load_state_dict(distributed.full_model_state(model))
+print(json.dumps({"before": before, "after": after, "got": got, "want": evaluate(plain, tok, task)["results"]}))
+dist.destroy_process_group()
+"""
+
+
+def test_a_sharded_model_is_scored_with_its_root_gathered(eval_run):
+    """Scoring calls model.model and model.lm_head, past the root's forward hook that gathers the embedding,
+    final norm and lm_head: the evaluator gathers them itself (and shards them again)."""
+    _, task, base = eval_run
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    source = str(Path(base["model_config"]).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCORING, str(task), source], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["before"] == "DTensor"  # what the test is about: the root's parameters are sharded when scoring starts
+    assert out["after"] == ["DTensor", True]  # sharded again, and back in training mode
+    want = out["want"]["lines"]
+    assert out["got"] == {"eval/lines/acc_norm_nospace": want["acc_norm_nospace"], "eval/lines/acc": want["acc"]}
+
+
 def test_fsdp_ranks_score_the_gathered_model_as_one_process_does(eval_run, tmp_path):
-    """Under FSDP2 every rank scores every item, its root's parameters gathered (scoring calls model.model and
-    model.lm_head past the root's forward hook); rank 0's figures are evaluate()'s on the checkpoint."""
+    """Two gloo ranks under FSDP2: every rank scores every item (the forward passes are collectives; a rank that
+    did not would hang the others), and rank 0 records evaluate()'s figures for the gathered checkpoint."""
     _, task, base = eval_run
     opts = {**base, "out_dir": str(tmp_path / "two"), "max_steps": 2, "eval_every": 2, "checkpoint_every": 2, "fsdp": True}
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -12,6 +12,7 @@ One job per module, in the order data flows:
     state         RunState: step, tokens, data position, schedule horizon, WandB id (RNG with it in checkpoints)
     checkpointer  when to save, what a checkpoint holds, restoring a run, keep-last and optimizer-state policy
     logger        progress bar, console, metrics.jsonl, WandB on the main rank; a NullLogger elsewhere
+    evaluator     the --eval-tasks benchmarks, read once, scored at each validation (eval/TASK/acc_norm_nospace)
     inputs        run directory, model config and weights, tokenizer, token windows: checked before writing
     run           Run: everything above put together, and the loop's verbs
     loop          train() and the loop itself: step, log, maybe validate, maybe checkpoint or sample, stop

@@ -39,9 +39,8 @@ class Evaluator:
     under FSDP the forward passes are collectives that every rank must join, and under DDP no rank waits
     idle at the next collective while another scores."""
 
-    def __init__(self, tasks: list[_Task], limit: int):
+    def __init__(self, tasks: list[_Task]):
         self.tasks = tasks
-        self.limit = limit
 
     @classmethod
     def build(cls, cfg: TrainConfig, tokenizer, max_positions: int) -> Evaluator | None:
@@ -59,8 +58,10 @@ class Evaluator:
                 tasks.append(_Task(task.name, docs, items))
         except (TaskError, ValueError) as e:  # ValueError: a choice the tokenizer encodes to nothing, or too long
             fix = "or" if ";" in str(e) else "fix the task, or"  # most messages say already what to do
-            raise TrainError(f"--eval-tasks {cfg.eval_tasks}: {e}; {fix} pass --eval-tasks '' to train without benchmarks") from None
-        return cls(tasks, cfg.eval_limit)
+            raise TrainError(
+                f"--eval-tasks {cfg.eval_tasks}: {e}; {fix} pass --eval-tasks '' to train without benchmarks"
+            ) from None
+        return cls(tasks)
 
     def describe(self) -> str:
         """The start-up line: what is scored at each validation and how many items of each task."""

@@ -235,9 +235,10 @@ class TrainConfig:
         check=_tasks_rule,
     )
     eval_limit: int = _opt(
-        500,
+        100,
         "score the first N items of each --eval-tasks task, the same ones at every validation; 0: every item (default "
-        "500: a standard error of about 2 points, seconds on a GPU; on a CPU a 135M model scores about 3 items a second)",
+        "100: a trend, each figure within about 5 points (its standard error); for exact figures score a checkpoint "
+        "on every item with python -m smollm_ref.evaluate)",
         low=0,
     )
     sample_every: int = _opt(0, "print a sample every N steps besides each checkpoint; 0: only at checkpoints (default 0)", low=0)

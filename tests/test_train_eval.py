@@ -46,11 +46,13 @@ def validations(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in records(run_dir) if "val_loss" in r}
 
 
-def evaluated(checkpoint: Path, task: Path, limit: int, tmp_path: Path) -> dict:
+def evaluated(checkpoint: Path, task: Path, limit: int, tmp_path: Path, *extra: str) -> dict:
     """python -m smollm_ref.evaluate --checkpoint CHECKPOINT --tasks TASK --limit N, as a user would check a figure."""
     out = tmp_path / f"eval-{checkpoint.name}.json"
     assert (
-        evaluate_cli.main(["--checkpoint", str(checkpoint), "--tasks", str(task), "--limit", str(limit), "--output", str(out)])
+        evaluate_cli.main(
+            ["--checkpoint", str(checkpoint), "--tasks", str(task), "--limit", str(limit), "--output", str(out), *extra]
+        )
         == 0
     )
     return json.loads(out.read_text())["results"][task.stem]
@@ -242,22 +244,28 @@ def test_a_fine_tune_is_scored_before_its_first_step(eval_run, tmp_path):
     assert validations(Path(opts["out_dir"]))[0]["eval/lines/acc_norm_nospace"] == want["acc_norm_nospace"]
 
 
-def test_a_chat_run_is_scored_with_its_own_tokenizer(tmp_path):
+def test_a_chat_run_is_scored_with_its_own_tokenizer_and_chat_template(tmp_path, capsys):
     from test_train_chat import chat_options, conversations, write_jsonl
 
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(24))
     task = tmp_path / "sq.jsonl"
-    task.write_text(
-        "".join(
-            json.dumps({"query": f"What is {i} squared?", "choices": [f" {i * i}.", f" {i + i}.", f" {i}."], "gold": 0}) + "\n"
-            for i in range(2, 8)
-        )
-    )
+    words = "squared is because multiplication and cubed explain answer briefly".split()
+    with task.open("w") as f:
+        for i in range(24):  # enough items of varied choices for the template to change the figures
+            choices = [" " + " ".join(words[(i * k + j) % len(words)] for j in range(1 + (i + k) % 3)) for k in range(3)]
+            f.write(json.dumps({"query": f"What is {i} squared?", "choices": choices, "gold": i % 3}) + "\n")
     opts = chat_options(data, tmp_path / "run", max_steps=2, checkpoint_every=2, eval_every=2, eval_tasks=str(task))
     assert train.main(argv(opts)) == 0
-    want = evaluated(tmp_path / "run" / "checkpoints" / "step_000002", task, 6, tmp_path)
+    assert (
+        "zero-shot benchmarks at each validation (each question in the chat template): sq (24 items)" in capsys.readouterr().err
+    )
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
+    want = evaluated(checkpoint, task, 24, tmp_path, "--chat-template")
     got = validations(tmp_path / "run")[2]
     assert got["eval/sq/acc_norm_nospace"] == want["acc_norm_nospace"] and got["eval/sq/acc"] == want["acc"]
+    # without the template the figures differ: a run that dropped it would not pass the equality above
+    bare = evaluated(checkpoint, task, 24, tmp_path)
+    assert (bare["acc_norm_nospace"], bare["acc"]) != (want["acc_norm_nospace"], want["acc"])
 
 
 # A process group of one in a process of its own: fully_shard makes the parameters DTensors all the same, and the

@@ -1,7 +1,8 @@
 """Zero-shot multiple-choice figures at every validation (`--eval-tasks`, `--eval-limit`): the tasks are read
 and tokenised once, when the run is built; each validation asks the model for the choices' log-likelihoods
 (`smollm_ref.evaluate.scoring`) and scores them as `smollm_ref.evaluate.evaluate` does, so that a checkpoint
-evaluated afterwards with `python -m smollm_ref.evaluate --tasks ... --limit N` (fp32) gives the same figures."""
+evaluated afterwards with `python -m smollm_ref.evaluate --tasks ... --limit N` (fp32; `--chat-template` for a
+chat run) gives the same figures."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..evaluate import score_docs
+from ..evaluate import _as_chat, score_docs
 from ..evaluate.scoring import Encoded, encode_items, loglikelihoods
 from ..evaluate.tasks import Doc, TaskError, load_docs, resolve_tasks
 from .options import TrainConfig, TrainError
@@ -39,14 +40,18 @@ class Evaluator:
     under FSDP the forward passes are collectives that every rank must join, and under DDP no rank waits
     idle at the next collective while another scores."""
 
-    def __init__(self, tasks: list[_Task]):
+    def __init__(self, tasks: list[_Task], chat: bool = False):
         self.tasks = tasks
+        self.chat = chat
 
     @classmethod
-    def build(cls, cfg: TrainConfig, tokenizer, max_positions: int) -> Evaluator | None:
+    def build(cls, cfg: TrainConfig, tokenizer, max_positions: int, chat: bool = False) -> Evaluator | None:
         """The run's evaluator (None without --eval-tasks): every task's first --eval-limit documents, tokenised
-        with the run's tokenizer and cut to the model's positions as evaluate() cuts them. Raises TrainError
-        (one line) for a task file that cannot be read or evaluation data that is missing."""
+        with the run's tokenizer and cut to the model's positions as evaluate() cuts them. A `chat` run's model
+        is asked each question as a user message in the tokenizer's chat template, the choices after the
+        assistant's turn begins (evaluate's `chat_template`: how the model card scores SmolLM2's instruct
+        models). Raises TrainError (one line) for a task file that cannot be read or evaluation data that is
+        missing."""
         if not cfg.eval_tasks.strip():
             return None
         limit = cfg.eval_limit or None
@@ -54,6 +59,7 @@ class Evaluator:
         try:
             for task in resolve_tasks(cfg.eval_tasks):
                 docs = load_docs(task, "package", limit)
+                docs = [_as_chat(tokenizer, d) for d in docs] if chat else docs
                 items = encode_items(tokenizer, [(d.query, d.choices) for d in docs], max_positions)
                 tasks.append(_Task(task.name, docs, items))
         except (TaskError, ValueError) as e:  # ValueError: a choice the tokenizer encodes to nothing, or too long
@@ -61,14 +67,15 @@ class Evaluator:
             raise TrainError(
                 f"--eval-tasks {cfg.eval_tasks}: {e}; {fix} pass --eval-tasks '' to train without benchmarks"
             ) from None
-        return cls(tasks)
+        return cls(tasks, chat)
 
     def describe(self) -> str:
         """The start-up line: what is scored at each validation and how many items of each task."""
         tasks = ", ".join(f"{t.name} ({len(t.docs)} items)" for t in self.tasks)
         cut = sum(item.truncated for t in self.tasks for item in t.items)
         note = f"; {cut} contexts cut to the model's positions" if cut else ""
-        return f"zero-shot benchmarks at each validation: {tasks}{note} -> eval/TASK/acc_norm_nospace, eval/TASK/acc"
+        how = " (each question in the chat template)" if self.chat else ""
+        return f"zero-shot benchmarks at each validation{how}: {tasks}{note} -> eval/TASK/acc_norm_nospace, eval/TASK/acc"
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, autocast) -> dict[str, float]:

@@ -71,8 +71,8 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     inputs.check_step_memory(cfg, model_config, device)
     tokenizer = inputs.load_tokenizer(cfg, resume_dir)
     model_config.check_vocab(len(tokenizer))
-    evaluator = Evaluator.build(cfg, tokenizer, model_config.max_position_embeddings)  # read once, before the data
     chat = inputs.is_chat(cfg)
+    evaluator = Evaluator.build(cfg, tokenizer, model_config.max_position_embeddings, chat)  # read once, before the data
     _check_sample(cfg, tokenizer, model_config, chat)
     budget = inputs.data_budget(cfg, d.world_size, saved)
     token_data = (

@@ -161,6 +161,18 @@ def test_eval_series_keeps_each_task_where_it_was_scored(tmp_path):
     }
 
 
+def test_wandb_gets_the_same_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    opts = tiny_options(tmp_path, max_steps=2, eval_every=2, wandb=True)
+    task = corpus_task(tmp_path / "lines.jsonl", Path(opts["data"]), n=4)
+    train.train(TrainConfig(**{**opts, "eval_tasks": str(task)}))
+    (log,) = (Path(opts["out_dir"]) / "wandb").glob("offline-run-*/run-*.wandb")
+    blob = log.read_bytes()
+    for key in (b"val_loss", b"eval/lines/acc_norm_nospace", b"eval/lines/acc"):
+        assert key in blob, key
+
+
 # ---- bad input: one line, exit 2, before anything is written ---------------------------------------------------
 
 

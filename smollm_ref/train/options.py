@@ -37,8 +37,8 @@ NOT_INHERITED = (
 # Options a resume refuses to change, with what each changes: the windows a step reads, their order, or the
 # held-out split (a new share or budget can move validation windows into training). An exact continuation
 # needs the run's own values; --data itself is compared by its tokens (the store's key), so a moved corpus
-# still resumes. Every other option may change on resume: steps, cadences, logging, samples, checkpoint
-# policy, precision, device, and the optimizer and schedule settings (which change the run from there on).
+# still resumes. Every other option may change on resume: steps, cadences, logging, samples, benchmarks,
+# checkpoint policy, precision, device, and the optimizer and schedule settings (which change the run from there on).
 FIXED_ON_RESUME = {
     "seq_len": "the windows every sequence is cut from",
     "batch_size": "which windows each step reads",
@@ -228,7 +228,8 @@ class TrainConfig:
     eval_tasks: str = _opt(
         "",
         "zero-shot multiple-choice benchmarks scored at every validation, beside the validation loss, with the run's "
-        f"tokenizer: comma-separated {', '.join(TASKS)}, the group {', '.join(GROUPS)}, or .jsonl files of "
+        "tokenizer (a chat run asks each question in its chat template, as the model card scores instruct models): "
+        f"comma-separated {', '.join(TASKS)}, the group {', '.join(GROUPS)}, or .jsonl files of "
         '{"query", "choices", "gold"} records (python -m smollm_ref.evaluate\'s tasks; the data is read once, at the '
         "start); metrics.jsonl and WandB get eval/TASK/acc_norm_nospace and eval/TASK/acc (default none)",
         "TASKS",

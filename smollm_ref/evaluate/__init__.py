@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from .scoring import encode_items, loglikelihoods
 from .tasks import ARC_AVERAGE, TASKS, Doc, Task, TaskError, load_docs, resolve_tasks
 
-__all__ = ["Doc", "Task", "TaskError", "TASKS", "evaluate", "score_docs", "summarise"]
+__all__ = ["Doc", "Task", "TaskError", "TASKS", "as_chat", "evaluate", "score_docs", "summarise"]
 
 
 def char_length(choice: str) -> int:
@@ -101,7 +101,7 @@ def evaluate(
     )
     loaded = [(task, load_docs(task, source, limit)) for task in chosen]
     if chat_template:
-        loaded = [(task, [_as_chat(tokenizer, d) for d in docs]) for task, docs in loaded]
+        loaded = [(task, [as_chat(tokenizer, d) for d in docs]) for task, docs in loaded]
     max_length = model.config.max_position_embeddings
     encoded = {task.name: encode_items(tokenizer, [(d.query, d.choices) for d in docs], max_length) for task, docs in loaded}
     bar = None
@@ -138,7 +138,9 @@ def evaluate(
     return out
 
 
-def _as_chat(tokenizer, doc: Doc) -> Doc:
+def as_chat(tokenizer, doc: Doc) -> Doc:
+    """`doc` with its query posed as one user message in the tokenizer's chat template, the assistant's turn
+    opened after it (lighteval's `--use_chat_template` for a zero-shot item). ValueError without a template."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template; leave out the chat template option")
     messages = [{"role": "user", "content": doc.query}]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..evaluate import _as_chat, score_docs
+from ..evaluate import as_chat, score_docs
 from ..evaluate.scoring import Encoded, encode_items, loglikelihoods
 from ..evaluate.tasks import Doc, TaskError, load_docs, resolve_tasks
 from .options import TrainConfig, TrainError
@@ -59,7 +59,7 @@ class Evaluator:
         try:
             for task in resolve_tasks(cfg.eval_tasks):
                 docs = load_docs(task, "package", limit)
-                docs = [_as_chat(tokenizer, d) for d in docs] if chat else docs
+                docs = [as_chat(tokenizer, d) for d in docs] if chat else docs
                 items = encode_items(tokenizer, [(d.query, d.choices) for d in docs], max_positions)
                 tasks.append(_Task(task.name, docs, items))
         except (TaskError, ValueError) as e:  # ValueError: a choice the tokenizer encodes to nothing, or too long

@@ -18,8 +18,18 @@ untimed warm-up call per side on one item per task; figures are medians over rou
 of per-round ratios. Both sides' predictions (argmax of the acc_norm_nospace scores) are compared and the
 largest log-likelihood difference printed.
 
-    PYTHONPATH=. python bench/eval_throughput.py --items 8 --runs 1     # smoke: 2.5 minutes on 2 (busy) cores
-    PYTHONPATH=. python bench/eval_throughput.py --items 50 --runs 3 --json bench/results/eval_cpu.json  # ~30 minutes
+On a CPU shared with other jobs, set OMP_WAIT_POLICY=PASSIVE (or OMP_NUM_THREADS=1) before starting: with
+OpenMP threads spinning beside a busy core, one 90-token forward of SmolLM2-135M took 5-7 s instead of 0.25 s
+on 2 cores, which drowns both sides' figures (the JSON records the policy and the thread count).
+
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python bench/eval_throughput.py --items 8 --runs 1    # smoke, ~1 minute
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python bench/eval_throughput.py --items 200 --runs 3 --json bench/results/eval_cpu.json  # ~35 min
+
+How much work each side does is mostly a matter of tokens: ours reads a context once and runs lm_head only on
+predicted positions; lm-eval reads the context once per choice (once per item where every choice is one
+token: its logits cache) and runs lm_head and the log-softmax on every position. Ours pads each batch of
+items to its longest row, which costs most with few items per task (PIQA's rows vary most): the ratio at
+`--items 8` understates the ratio on whole tasks.
 """
 
 from __future__ import annotations

@@ -492,3 +492,16 @@ def test_smollm_ref_evaluate_is_the_function_and_the_package(tmp_path, smollm_to
     assert smollm_ref.evaluate(model, smollm_tokenizer, [str(task)]) == evaluate(model, smollm_tokenizer, [str(task)])
     assert importlib.import_module("smollm_ref.evaluate.scoring").loglikelihoods is loglikelihoods
     assert smollm_ref.evaluate.tasks.TASKS is T.TASKS
+
+
+def test_short_units_are_packed_into_the_batchs_row_length():
+    from smollm_ref.evaluate.scoring import _batches, _shared_row
+
+    items = [Encoded((5,) * n, ((6,),)) for n in (9, 3, 2, 2, 1, 1, 1)]
+    units = [(i, None, _shared_row(item)) for i, item in enumerate(items)]
+    lengths = [[[len(u.tokens) for _, _, u in row] for row in batch] for batch in _batches(units, 2)]
+    assert lengths == [[[10], [4, 3, 3]], [[2], [2]], [[2]]]  # rows of 10 tokens, then of 2; each unit once, in order
+    model = _model()
+    packed = loglikelihoods(model, items, batch_size=2)
+    alone = loglikelihoods(model, items, batch_size=1)
+    assert packed == pytest.approx(alone, abs=TOL, rel=0)

@@ -9,15 +9,19 @@ shares the context's tokens exactly. An empty context is replaced by the end-of-
 does, so that the first continuation token has something to be predicted from. Texts are encoded without
 special tokens (SmolLM2's tokenizer adds none either way).
 
-**Shared context.** Each item is one row: its context once, then every choice's tokens one after another,
+**Shared context.** Each item is one unit: its context once, then every choice's tokens one after another,
 each choice placed at the positions right after the context (position ids restart at `len(ctx)` for each
 choice) and seeing the context and its own earlier tokens only (a tree-shaped mask; the block-diagonal
 mask of packing is the special case of one choice). The context is computed once for all its choices.
-Rows are sorted by length and scored `batch_size` at a time; the logits are computed only where a choice
-token is predicted, and the log-softmax in float32 whatever the model's dtype.
 
-With `share_context=False` every (context, choice) pair is its own plain causal row, as the harness runs
-it: the reference the shared rows are tested against.
+**Packed, length-sorted batches.** Units are sorted longest first and scored `batch_size` rows at a time;
+each row is as long as its batch's longest unit, and short units are packed several to a row (position ids
+restart with each unit, and the mask keeps units apart), so that little of a batch is padding. The logits
+are computed only where a choice token is predicted, and the log-softmax in float32 whatever the model's
+dtype.
+
+With `share_context=False` every (context, choice) pair is its own unit, a plain causal sequence, as the
+harness runs it: the reference the shared rows are tested against (with `batch_size=1` nothing is packed).
 """
 
 from __future__ import annotations
@@ -121,52 +125,79 @@ def _shared_row(item: Encoded) -> _Row:
     return _Row(tokens, positions, segments, targets)
 
 
-def _tree_mask(segments: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean: query q sees key k at or before it that is context or of q's own choice.
-    Padding (segment -1) sees itself only, so that its attention stays finite (a fully masked row is NaN,
-    and NaN times a zero weight would reach the real rows)."""
-    t = segments.shape[1]
-    order = torch.arange(t, device=segments.device)
+def _tree_mask(units: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean: query q sees key k at or before it in the same unit (item) that is context or of
+    q's own choice. Padding (unit -1) sees the padding before it, so that its attention stays finite (a fully
+    masked query is NaN, and NaN times a zero weight would reach real queries); no real query sees padding."""
+    t = units.shape[1]
+    order = torch.arange(t, device=units.device)
     causal = order[None, :, None] >= order[None, None, :]  # (1, T, T): q >= k in the row's order
-    same = (segments[:, None, :] == 0) | (segments[:, :, None] == segments[:, None, :])
-    pad = segments[:, :, None] < 0
-    mask = causal & same & ~(pad | (segments[:, None, :] < 0))
-    mask = mask | (pad & (order[None, :, None] == order[None, None, :]))
-    return mask[:, None]
+    same_unit = units[:, :, None] == units[:, None, :]
+    visible = (segments[:, None, :] == 0) | (segments[:, :, None] == segments[:, None, :])
+    return (causal & same_unit & visible)[:, None]
 
 
 @torch.no_grad()
-def _score_rows(model: LlamaForCausalLM, rows: list[_Row]) -> list[list[float]]:
-    """Summed log-probabilities per choice, for each row of one batch (right-padded to the longest)."""
+def _score_rows(model: LlamaForCausalLM, rows: list[list[_Row]]) -> list[list[list[float]]]:
+    """Summed log-probabilities per choice of each unit packed in each row of one batch (rows right-padded to
+    the longest): `out[row][unit][choice]`."""
     device = model.lm_head.weight.device
-    t = max(len(r.tokens) for r in rows)
+    t = max(sum(len(u.tokens) for u in row) for row in rows)
     b = len(rows)
     tokens = torch.zeros(b, t, dtype=torch.long)
     positions = torch.zeros(b, t, dtype=torch.long)
-    segments = torch.full((b, t), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.tokens)
-        tokens[i, :n] = torch.tensor(r.tokens)
-        positions[i, :n] = torch.tensor(r.positions)
-        segments[i, :n] = torch.tensor(r.segments)
-    tokens, positions, segments = tokens.to(device), positions.to(device), segments.to(device)
-    single = all(max(r.segments) <= 1 and len(r.tokens) == t for r in rows)
-    mask = None if single else _tree_mask(segments)
-    h = model.model(tokens, attention_mask=mask, position_ids=positions)  # (B, T, C)
-    where = [(i, p) for i, r in enumerate(rows) for p, _, _ in r.targets]
+    units = torch.full((b, t), -1, dtype=torch.long)
+    segments = torch.zeros(b, t, dtype=torch.long)
+    where, targets = [], []
+    for i, row in enumerate(rows):
+        offset = 0
+        for k, u in enumerate(row):
+            n = len(u.tokens)
+            tokens[i, offset : offset + n] = torch.tensor(u.tokens)
+            positions[i, offset : offset + n] = torch.tensor(u.positions)
+            segments[i, offset : offset + n] = torch.tensor(u.segments)
+            units[i, offset : offset + n] = k
+            where += [(i, offset + p) for p, _, _ in u.targets]
+            targets += [tok for _, tok, _ in u.targets]
+            offset += n
+    single = all(len(row) == 1 and max(row[0].segments) <= 1 and len(row[0].tokens) == t for row in rows)
+    mask = None if single else _tree_mask(units, segments).to(device)
+    h = model.model(tokens.to(device), attention_mask=mask, position_ids=positions.to(device))  # (B, T, C)
     rows_idx = torch.tensor([i for i, _ in where], device=device)
     pos_idx = torch.tensor([p for _, p in where], device=device)
-    targets = torch.tensor([tok for r in rows for _, tok, _ in r.targets], device=device)
     logits = model.lm_head(h[rows_idx, pos_idx]).float()  # (N, V): only where a choice token is predicted
-    logprobs = F.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0].cpu().tolist()
+    target_ids = torch.tensor(targets, device=device)[:, None]
+    logprobs = F.log_softmax(logits, dim=-1).gather(-1, target_ids)[:, 0].cpu().tolist()
     out, k = [], 0
-    for r in rows:
-        sums = [0.0] * (max(c for _, _, c in r.targets) + 1)
-        for _, _, c in r.targets:
-            sums[c] += logprobs[k]  # float32 terms added in Python floats (float64), in token order
-            k += 1
-        out.append(sums)
+    for row in rows:
+        per_unit = []
+        for u in row:
+            sums = [0.0] * (max(c for _, _, c in u.targets) + 1)
+            for _, _, c in u.targets:
+                sums[c] += logprobs[k]  # float32 terms added in Python floats (float64), in token order
+                k += 1
+            per_unit.append(sums)
+        out.append(per_unit)
     return out
+
+
+def _batches(units: list, batch_size: int):
+    """Units (sorted longest first) in batches of at most `batch_size` rows, each row as long as the batch's
+    first (longest) unit and filled with the units that follow while they fit: the tail of short units packs
+    several to a row instead of padding a long one."""
+    i = 0
+    while i < len(units):
+        length = len(units[i][2].tokens)
+        batch = []
+        while i < len(units) and len(batch) < batch_size:
+            row, used = [units[i]], len(units[i][2].tokens)
+            i += 1
+            while i < len(units) and used + len(units[i][2].tokens) <= length:
+                row.append(units[i])
+                used += len(units[i][2].tokens)
+                i += 1
+            batch.append(row)
+        yield batch
 
 
 def loglikelihoods(
@@ -179,8 +210,9 @@ def loglikelihoods(
     """For each item, the summed log-probability (natural log, float64 sums of float32 terms) of each
     choice's tokens after its context: `result[i][j]` for item i, choice j.
 
-    Rows are scored longest first, `batch_size` rows at a time (a row is an item with `share_context`, one
-    (context, choice) pair without); `progress(n)` is called with the number of items finished."""
+    Units (an item with `share_context`, one (context, choice) pair without) are scored longest first,
+    `batch_size` rows at a time, short units packed several to a row (`_batches`); `progress(n)` is called
+    with the number of items finished."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if share_context:
@@ -194,16 +226,17 @@ def loglikelihoods(
     rows.sort(key=lambda row: -len(row[2].tokens))
     results: list[list[float]] = [[0.0] * len(item.choices) for item in items]
     left = [1 if share_context else len(item.choices) for item in items]
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    for batch in _batches(rows, batch_size):
         done = 0
-        for (i, j, _), scores in zip(chunk, _score_rows(model, [row for _, _, row in chunk])):
-            if j is None:
-                results[i] = scores
-            else:
-                results[i][j] = scores[0]
-            left[i] -= 1
-            done += left[i] == 0
+        scored = _score_rows(model, [[unit for _, _, unit in row] for row in batch])
+        for row, row_scores in zip(batch, scored):
+            for (i, j, _), scores in zip(row, row_scores):
+                if j is None:
+                    results[i] = scores
+                else:
+                    results[i][j] = scores[0]
+                left[i] -= 1
+                done += left[i] == 0
         if progress is not None and done:
             progress(done)
     return results

@@ -497,7 +497,8 @@ def test_smollm_ref_evaluate_is_the_function_and_the_package(tmp_path, smollm_to
 def test_short_units_are_packed_into_the_batchs_row_length():
     from smollm_ref.evaluate.scoring import _batches, _shared_row
 
-    items = [Encoded((5,) * n, ((6,),)) for n in (9, 3, 2, 2, 1, 1, 1)]
+    g = torch.Generator().manual_seed(5)
+    items = [Encoded(tuple(torch.randint(3, 256, (n,), generator=g).tolist()), ((7,),)) for n in (9, 3, 2, 2, 1, 1, 1)]
     units = [(i, None, _shared_row(item)) for i, item in enumerate(items)]
     lengths = [[[len(u.tokens) for _, _, u in row] for row in batch] for batch in _batches(units, 2)]
     assert lengths == [[[10], [4, 3, 3]], [[2], [2]], [[2]]]  # rows of 10 tokens, then of 2; each unit once, in order

@@ -141,8 +141,9 @@ def test_token_boundary_is_the_harness_one(smollm_tokenizer):
 
 def test_long_contexts_lose_their_start(smollm_tokenizer):
     [item] = encode_items(smollm_tokenizer, [("one two three four five six seven", (" eight", " nine ten"))], max_length=5)
-    assert item.truncated and len(item.context) == 5 - 2
-    assert item.context == tuple(smollm_tokenizer(" five six seven", add_special_tokens=False).input_ids[-3:])
+    # the longest choice's last token is never read: context + choice may be one longer than the positions
+    assert item.truncated and len(item.context) == 5 + 1 - 2
+    assert item.context == tuple(smollm_tokenizer(" four five six seven", add_special_tokens=False).input_ids)
     with pytest.raises(ValueError, match="does not fit"):
         encode_items(smollm_tokenizer, [("a", (" b c d e f g h",))], max_length=3)
 
@@ -501,9 +502,72 @@ def test_short_units_are_packed_into_the_batchs_row_length():
     items = [Encoded(tuple(torch.randint(3, 256, (n,), generator=g).tolist()), ((7,),)) for n in (9, 3, 2, 2, 1, 1, 1)]
     units = [(i, None, _shared_row(item)) for i, item in enumerate(items)]
     lengths = [[[len(u.tokens) for _, _, u in row] for row in batch] for batch in _batches(units, 2)]
-    assert lengths == [[[10], [4, 3, 3]], [[2], [2]], [[2]]]  # rows of 10 tokens, then of 2; each unit once, in order
+    # a one-token choice adds no token to its row (it is predicted from the context's last)
+    assert lengths == [[[9], [3, 2, 2, 1, 1]], [[1]]]  # rows of 9 tokens, then of 1; each unit once, in order
     model = _model()
     packed = loglikelihoods(model, items, batch_size=2)
     alone = loglikelihoods(model, items, batch_size=1)
     for p, a in zip(packed, alone):
         assert p == pytest.approx(a, abs=TOL, rel=0)
+
+
+def test_a_task_is_named_once_and_means_one_thing(tmp_path):
+    import dataclasses
+
+    for spec in (f"{tmp_path}/piqa.jsonl,arc_easy", f"piqa,{tmp_path}/piqa.jsonl", f"{tmp_path}/smollm2.jsonl"):
+        with pytest.raises(TaskError, match="piqa|smollm2"):
+            T.resolve_tasks(spec)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(TaskError, match="two different tasks are named 't'"):
+        T.resolve_tasks(f"{tmp_path}/a/t.jsonl,{tmp_path}/b/t.jsonl")
+    assert len(T.resolve_tasks(f"{tmp_path}/a/t.jsonl,{tmp_path}/b/../a/t.jsonl")) == 1  # one file, twice
+    renamed = dataclasses.replace(T.TASKS["arc_challenge"], name="arc_easy")
+    with pytest.raises(TaskError, match="two different tasks are named 'arc_easy'"):
+        T.resolve_tasks([T.TASKS["arc_easy"], renamed])
+    assert [t.name for t in T.resolve_tasks(["piqa", T.TASKS["arc_easy"], "piqa"])] == ["piqa", "arc_easy"]
+    for nothing in (None, [], ""):
+        with pytest.raises(TaskError):
+            T.resolve_tasks(nothing)
+
+
+def test_local_records_hold_query_choices_and_gold_only(tmp_path):
+    path = _write_jsonl(tmp_path / "x.jsonl", [{"query": "q", "choices": [" a", " b"], "gold": 0, "answer": 1}])
+    with pytest.raises(TaskError, match=r"x.jsonl:1: unknown key\(s\) 'answer'"):
+        T.read_jsonl_task(path)
+
+
+def test_a_choice_that_merges_into_the_context_is_named(smollm_tokenizer):
+    with pytest.raises(ValueError, match="mine item 3: choice 'x' adds no token .* start the choice with a space"):
+        encode_items(smollm_tokenizer, [("a", ("x",))], names=["mine item 3"])
+    [item] = encode_items(smollm_tokenizer, [("I like app", ("les and pears", " pears"))])
+    assert item.merged  # counted in the results and said by the command line
+
+
+@pytest.mark.parametrize("target", ["/dev/null", "model.safetensors", "task.jsonl"])
+def test_output_never_writes_over_what_is_not_a_results_file(tmp_path, local_task, capsys, target):
+    path = Path(target) if target.startswith("/") else tmp_path / target
+    if not target.startswith("/"):
+        path.write_bytes(b"precious")
+    assert cli.main(["--checkpoint", str(FORMAT1), "--tasks", str(local_task), "--output", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --output")
+    if not target.startswith("/"):
+        assert path.read_bytes() == b"precious"
+    else:
+        assert not path.is_file()
+
+
+def test_output_write_failure_is_one_line_and_leaves_nothing(tmp_path, local_task, capsys, monkeypatch):
+    out = tmp_path / "eval.json"
+    other = tmp_path / "eval.json.tmp"  # someone else's file of the name a fixed temporary would take
+    other.write_text("keep")
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli.os, "replace", disk_full)
+    assert cli.main(["--checkpoint", str(FORMAT1), "--tasks", str(local_task), "--output", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: [Errno 28] No space left on device"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval.json.tmp", "tiny.jsonl"])
+    assert other.read_text() == "keep"

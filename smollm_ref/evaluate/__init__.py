@@ -73,37 +73,45 @@ def evaluate(
     progress: bool = False,
     card: str | None = None,
     chat_template: bool = False,
+    docs: dict[str, list[Doc]] | None = None,
 ) -> dict:
     """Score `model` on `tasks` (names, the group "smollm2", `.jsonl` paths, or `Task`s), the first `limit`
     items of each (all by default). Returns
 
         {"results": {task: {"n", "acc", "acc_norm_nospace", "stderr": {"acc", "acc_norm_nospace"},
-                            "split", "truncated", ["model_card"]}},
+                            "split", "truncated", "merged", ["model_card"]}},
          "averages": {"arc": {...}} when both ARC tasks ran,
          "samples": {task: [{"doc_id", "logprobs", "pred", "pred_raw", "gold"}, ...]}}
 
-    figures as fractions (0..1); `model_card` (percent) for `card` "base" or "instruct" (SmolLM2-135M's).
+    figures as fractions (0..1); `truncated`: items whose context lost its start to fit the model; `merged`:
+    items where a choice's first token merges with the context's last (`scoring.Encoded`); `model_card`
+    (percent) for `card` "base" or "instruct" (SmolLM2-135M's).
     `chat_template=True` poses each query as a user message in the tokenizer's chat template, the choices
     following the assistant's turn, as lighteval's `--use_chat_template` does (how SmolLM2's instruct models
-    were scored for the model card).
+    were scored for the model card). `docs` holds documents already read (by task name), not read again.
     The model runs in eval mode and as it is (its device and dtype); its training flag is restored after.
     Raises TaskError for an unknown task or unreadable data, ValueError for a tokenizer whose vocabulary is
     larger than the model's or a `limit` below 1."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a whole number of at least 1 (or None for every item), got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {model.config.vocab_size}; "
             "evaluate with the tokenizer this model was trained with"
         )
-    chosen = (
-        [t for t in tasks] if not isinstance(tasks, str) and all(isinstance(t, Task) for t in tasks) else resolve_tasks(tasks)
-    )
-    loaded = [(task, load_docs(task, source, limit)) for task in chosen]
+    docs = docs or {}
+    loaded = [(task, docs.get(task.name) or load_docs(task, source, limit)) for task in resolve_tasks(tasks)]
     if chat_template:
         loaded = [(task, [as_chat(tokenizer, d) for d in docs]) for task, docs in loaded]
     max_length = model.config.max_position_embeddings
-    encoded = {task.name: encode_items(tokenizer, [(d.query, d.choices) for d in docs], max_length) for task, docs in loaded}
+    encoded = {
+        task.name: encode_items(
+            tokenizer, [(d.query, d.choices) for d in docs], max_length, [f"{task.name} item {d.doc_id}" for d in docs]
+        )
+        for task, docs in loaded
+    }
     bar = None
     if progress:
         from tqdm import tqdm
@@ -121,6 +129,7 @@ def evaluate(
             figures, samples = score_docs(docs, lps)
             figures["split"] = task.split
             figures["truncated"] = sum(item.truncated for item in items)
+            figures["merged"] = sum(item.merged for item in items)
             if card in task.card:
                 figures["model_card"] = task.card[card]
             out["results"][task.name] = figures

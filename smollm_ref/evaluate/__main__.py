@@ -14,14 +14,16 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..arguments import ArgumentParser, whole_number
 from . import evaluate, model_card_for, summarise
-from .tasks import GROUPS, TASKS, resolve_tasks
+from .tasks import GROUPS, TASKS, load_docs, resolve_tasks
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -77,26 +79,54 @@ def build_parser() -> ArgumentParser:
 
 
 def _check_output(path: str | None) -> Path | None:
+    """The --output path, refused unless it names a .json file in a folder that takes a new file (tried by
+    creating one), and is absent or a regular file: a device, a FIFO, a model's weights or a task file are
+    never written over."""
     if path is None:
         return None
     out = Path(path)
     if out.is_dir():
         raise ValueError(f"--output {out} is a directory; give a file name such as {out / 'eval.json'}")
+    if out.suffix != ".json":
+        raise ValueError(f"--output {out}: the results are JSON; give a file name ending in .json")
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--output {out} exists and is not a regular file; give another path")
     if not out.parent.is_dir():
         raise ValueError(f"--output {out}: the folder {out.parent} does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise ValueError(f"--output {out}: the folder {out.parent} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output {out}: cannot write in {out.parent} ({e.strerror or e})") from None
     return out
 
 
+def _write(output: Path, results: dict) -> None:
+    """`results` as JSON at `output`, whole or not at all: a temporary file of its own beside it, renamed."""
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from ..checkpoint import load_model
+    from ..checkpoint import find, load_model
     from ..generate import check_device
     from ..tokenizer import tokenizer_for
     from ..weights import PYPI_SOURCE, from_pretrained
 
     args = build_parser().parse_args(argv)
-    try:  # every option is checked before anything is loaded
+    # a damaged checkpoint skipped for an older one is said in one line, not as a Python warning with its source line
+    warnings.formatwarning = lambda message, *rest, **kw: f"note: {message}\n"
+    try:  # every option, the tokenizer and the data are checked before the model is loaded
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {args.limit}; leave it out to score every item")
         if args.batch_size < 1:
@@ -105,15 +135,27 @@ def main(argv: list[str] | None = None) -> int:
         output = _check_output(args.output)
         tasks = resolve_tasks(args.tasks)
         dtype = PRECISIONS[args.precision]
-        source = args.checkpoint or args.model or PYPI_SOURCE
+        if args.checkpoint is not None and not Path(args.checkpoint).exists():
+            raise ValueError(
+                f"--checkpoint {args.checkpoint} does not exist; give a run directory or one of its step_NNNNNN checkpoints"
+            )
+        source = str(find(args.checkpoint)) if args.checkpoint is not None else (args.model or PYPI_SOURCE)
+        try:
+            tokenizer, note = tokenizer_for(source, args.tokenizer)
+        except ValueError as e:
+            raise ValueError(f"--tokenizer {args.tokenizer}: {e}" if args.tokenizer else str(e)) from None
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        if args.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat-template: this tokenizer has no chat template; leave the option out")
+        docs = {t.name: load_docs(t, args.source, args.limit) for t in tasks}
         if args.checkpoint is not None:
-            where, model = load_model(args.checkpoint, dtype=dtype, device=device)
+            where, model = load_model(source, dtype=dtype, device=device)
             print(f"checkpoint {where} (verified)", file=sys.stderr)
         else:
             model = from_pretrained(source, dtype=dtype, device=device)
-        tokenizer, note = tokenizer_for(source, args.tokenizer)
-        if note:
-            print(f"note: {note}", file=sys.stderr)
+        # the model card's figures stand beside whole sets scored with the model's own tokenizer only
+        card = model_card_for(source) if args.tokenizer is None and args.limit is None else None
         start = time.perf_counter()
         results = evaluate(
             model,
@@ -124,41 +166,51 @@ def main(argv: list[str] | None = None) -> int:
             source=args.source,
             share_context=args.share_context,
             progress=True,
-            card=model_card_for(source),
+            card=card,
             chat_template=args.chat_template,
+            docs=docs,
         )
         seconds = time.perf_counter() - start
+        print(summarise(results))
+        print(
+            f"[{sum(r['n'] for r in results['results'].values())} items in {seconds:.0f} s, {args.precision}, {device}]",
+            file=sys.stderr,
+        )
+        for name, r in results["results"].items():
+            if r["truncated"]:
+                print(
+                    f"note: {name}: {_plural(r['truncated'], 'item')} had the context cut from the start to fit the model",
+                    file=sys.stderr,
+                )
+            if r["merged"]:
+                print(
+                    f"note: {name}: in {_plural(r['merged'], 'item')} a choice's first token merges with the context's last; "
+                    "those choices are scored from the next token, as the harness does",
+                    file=sys.stderr,
+                )
+        if output is not None:
+            results["config"] = {
+                "model": str(source),
+                "tokenizer": args.tokenizer or "the model's own",
+                "tasks": [t.name for t in tasks],
+                "task_files": {t.name: str(t.path) for t in tasks if t.path is not None},
+                "limit": args.limit,
+                "batch_size": args.batch_size,
+                "precision": args.precision,
+                "device": str(device),
+                "source": args.source,
+                "share_context": args.share_context,
+                "chat_template": args.chat_template,
+                "seconds": round(seconds, 1),
+                "torch": torch.__version__,
+                "machine": _machine(),
+                "date": time.strftime("%Y-%m-%d"),
+            }
+            _write(output, results)
+            print(f"wrote {output}", file=sys.stderr)
     except (ValueError, OSError) as e:  # TaskError, SourceError, CheckpointError, FileNotFoundError among them
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summarise(results))
-    print(
-        f"[{sum(r['n'] for r in results['results'].values())} items in {seconds:.0f} s, {args.precision}, {device}]",
-        file=sys.stderr,
-    )
-    for name, r in results["results"].items():
-        if r["truncated"]:
-            print(f"note: {name}: {r['truncated']} items had their context cut from the start to fit the model", file=sys.stderr)
-    if output is not None:
-        results["config"] = {
-            "model": str(source),
-            "tasks": [t.name for t in tasks],
-            "limit": args.limit,
-            "batch_size": args.batch_size,
-            "precision": args.precision,
-            "device": str(device),
-            "source": args.source,
-            "share_context": args.share_context,
-            "chat_template": args.chat_template,
-            "seconds": round(seconds, 1),
-            "torch": torch.__version__,
-            "machine": _machine(),
-            "date": time.strftime("%Y-%m-%d"),
-        }
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        tmp.replace(output)
-        print(f"wrote {output}", file=sys.stderr)
     return 0
 
 

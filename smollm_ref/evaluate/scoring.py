@@ -37,28 +37,39 @@ from ..model import LlamaForCausalLM
 
 @dataclass(frozen=True)
 class Encoded:
-    """One item's tokens: `context` and one token list per choice (each at least one token)."""
+    """One item's tokens: `context` and one token list per choice (each at least one token). `truncated`: the
+    context lost tokens from its start to fit the model; `merged`: for some choice, context + choice encode
+    with a token across the boundary, so that `whole[:len(ctx)] != ctx` (the harness scores the same tokens
+    then: those of `whole` past the context's length)."""
 
     context: tuple[int, ...]
     choices: tuple[tuple[int, ...], ...]
     truncated: bool = False
+    merged: bool = False
 
     @property
     def length(self) -> int:
-        return len(self.context) + sum(len(c) for c in self.choices)
+        """Tokens the model reads for this item: the context, and each choice but its last token (a token is
+        read only to predict the next one)."""
+        return len(self.context) + sum(len(c) - 1 for c in self.choices)
 
 
-def encode_items(tokenizer, items: Sequence[tuple[str, Sequence[str]]], max_length: int | None = None) -> list[Encoded]:
+def encode_items(
+    tokenizer,
+    items: Sequence[tuple[str, Sequence[str]]],
+    max_length: int | None = None,
+    names: Sequence[str] | None = None,
+) -> list[Encoded]:
     """(context, choices) pairs to token ids with the boundary rule above. Where a context + choice would
-    not fit `max_length` positions, the context loses tokens from its start (the harness does the same);
-    `truncated` says so. Raises ValueError for a choice that encodes to no token."""
-    contexts, wholes, owners = [], [], []
+    not fit `max_length` positions (the choice's last token is never read, as in the harness), the context
+    loses tokens from its start; `truncated` says so. Raises ValueError for a choice that adds no token or
+    is too long on its own, naming the item by `names[i]` (e.g. "piqa item 17")."""
+    contexts, wholes = [], []
     for context, choices in items:
         for choice in choices:
             spaces = len(context) - len(context.rstrip())
             ctx, cont = (context[:-spaces], context[-spaces:] + choice) if spaces else (context, choice)
             wholes.append(ctx + cont)
-            owners.append(len(contexts))
         contexts.append(_rstrip_context(context))
     ctx_ids = tokenizer(contexts, add_special_tokens=False).input_ids if contexts else []
     whole_ids = tokenizer(wholes, add_special_tokens=False).input_ids if wholes else []
@@ -66,26 +77,33 @@ def encode_items(tokenizer, items: Sequence[tuple[str, Sequence[str]]], max_leng
     out: list[Encoded] = []
     k = 0
     for i, (_, choices) in enumerate(items):
+        where = names[i] if names is not None else f"item {i}"
         ctx = list(ctx_ids[i])
-        conts = []
+        conts, merged = [], False
         for choice in choices:
-            cont = whole_ids[k][len(ctx) :]
+            whole = whole_ids[k]
             k += 1
+            cont = whole[len(ctx) :]
+            merged = merged or whole[: len(ctx)] != ctx
             if not cont:
-                raise ValueError(f"choice {choice!r} encodes to no token after its context; a choice must add text")
+                raise ValueError(
+                    f"{where}: choice {choice[:40]!r} adds no token after its context (it merges into the context's "
+                    "last token); start the choice with a space"
+                )
             conts.append(tuple(cont))
         if not ctx:
             ctx = [prefix]
         truncated = False
         if max_length is not None:
-            room = max_length - max(len(c) for c in conts)
+            room = max_length + 1 - max(len(c) for c in conts)
             if room < 1:
                 raise ValueError(
-                    f"a choice of {max(len(c) for c in conts)} tokens does not fit the model's {max_length} positions"
+                    f"{where}: a choice of {max(len(c) for c in conts)} tokens does not fit the model's {max_length} "
+                    "positions; score this task with a model of more positions, or leave the item out"
                 )
             if len(ctx) > room:
                 ctx, truncated = ctx[-room:], True
-        out.append(Encoded(tuple(ctx), tuple(conts), truncated))
+        out.append(Encoded(tuple(ctx), tuple(conts), truncated, merged))
     return out
 
 
@@ -112,6 +130,9 @@ class _Row:
 
 
 def _shared_row(item: Encoded) -> _Row:
+    """The item as one unit: its context, then each choice's tokens but the last (a choice's first token is
+    predicted from the context's last, each later one from the choice's token before it; the last token
+    predicts nothing, so it is not read: a one-token choice adds no token to the row)."""
     tokens, positions, segments = list(item.context), list(range(len(item.context))), [0] * len(item.context)
     targets = []
     n = len(item.context)
@@ -119,9 +140,10 @@ def _shared_row(item: Encoded) -> _Row:
         start = len(tokens)
         for j, token in enumerate(cont):
             targets.append((n - 1 if j == 0 else start + j - 1, token, i))
-        tokens += cont
-        positions += range(n, n + len(cont))
-        segments += [i + 1] * len(cont)
+        read = cont[:-1]
+        tokens += read
+        positions += range(n, n + len(read))
+        segments += [i + 1] * len(read)
     return _Row(tokens, positions, segments, targets)
 
 

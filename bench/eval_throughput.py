@@ -25,11 +25,10 @@ on 2 cores, which drowns both sides' figures (the JSON records the policy and th
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python bench/eval_throughput.py --items 8 --runs 1    # smoke, ~1 minute
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python bench/eval_throughput.py --items 200 --runs 3 --json bench/results/eval_cpu.json  # ~35 min
 
-How much work each side does is mostly a matter of tokens: ours reads a context once and runs lm_head only on
-predicted positions; lm-eval reads the context once per choice (once per item where every choice is one
-token: its logits cache) and runs lm_head and the log-softmax on every position. Ours pads each batch of
-items to its longest row, which costs most with few items per task (PIQA's rows vary most): the ratio at
-`--items 8` understates the ratio on whole tasks.
+How much work each side does is mostly a matter of tokens: ours reads a context once, never reads a
+choice's last token, packs short items several to a row and runs lm_head only on predicted positions;
+lm-eval reads the context once per choice (once per item where every choice is one token: its logits cache)
+and runs lm_head and the log-softmax on every position.
 """
 
 from __future__ import annotations

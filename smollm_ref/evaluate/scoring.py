@@ -5,9 +5,11 @@ before it). Which tokens are "its" is decided as lm-evaluation-harness and light
 (`tok_encode_pair` in both): whitespace at the end of the context moves to the front of the continuation;
 the context alone is encoded (`ctx`), context + continuation together are encoded (`whole`), and the
 continuation's tokens are `whole[len(ctx):]`. The model then reads `ctx + cont`, so every choice of an item
-shares the context's tokens exactly. An empty context is replaced by the end-of-text token, as the harness
-does, so that the first continuation token has something to be predicted from. Texts are encoded without
-special tokens (SmolLM2's tokenizer adds none either way).
+shares the context's tokens exactly. An empty context (no built-in task has one; a local task may) is replaced
+by `<|endoftext|>` (else the tokenizer's EOS), so that the first continuation token has something to be
+predicted from; lm-evaluation-harness puts its prefix token there too, the BOS where a tokenizer has one
+(`<|im_start|>` for SmolLM2's), so on such items the two differ. Texts are encoded without special tokens
+(SmolLM2's tokenizer adds none either way).
 
 **Shared context.** Each item is one unit: its context once, then every choice's tokens one after another,
 each choice placed at the positions right after the context (position ids restart at `len(ctx)` for each

@@ -30,7 +30,7 @@ def requantise(model: torch.nn.Module, shift: int = 16) -> int:
     from gguf import GGMLQuantizationType, quants
 
     count = 0
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight is not model.model.embed_tokens.weight:
             w = module.weight.detach().float().cpu().numpy()
             rolled = np.ascontiguousarray(np.roll(w, shift, axis=1))

@@ -18,10 +18,10 @@ import sys
 import types
 from collections.abc import Sequence
 
-from .scoring import encode_items, loglikelihoods
+from .scoring import Encoded, encode_items, loglikelihoods
 from .tasks import ARC_AVERAGE, TASKS, Doc, Task, TaskError, load_docs, resolve_tasks
 
-__all__ = ["Doc", "Task", "TaskError", "TASKS", "as_chat", "evaluate", "score_docs", "summarise"]
+__all__ = ["Doc", "Task", "TaskError", "TASKS", "as_chat", "evaluate", "prepare", "score_docs", "summarise"]
 
 
 def char_length(choice: str) -> int:
@@ -60,6 +60,29 @@ def score_docs(docs: Sequence[Doc], logprobs: Sequence[Sequence[float]]) -> tupl
         "stderr": {"acc": acc_se, "acc_norm_nospace": norm_se},
     }
     return figures, samples
+
+
+def prepare(
+    tokenizer,
+    tasks,
+    max_length: int,
+    limit: int | None = None,
+    source: str = "package",
+    chat_template: bool = False,
+    docs: dict[str, list[Doc]] | None = None,
+) -> list[tuple[Task, list[Doc], list[Encoded]]]:
+    """(task, documents, their tokens) for each of `tasks`: read (unless in `docs`, by task name), posed in the
+    chat template if asked, tokenised for a model of `max_length` positions. What `evaluate` scores, and what
+    the trainer reads once for `--eval-tasks`. Raises TaskError / ValueError naming the task and item."""
+    docs = docs or {}
+    out = []
+    for task in resolve_tasks(tasks):
+        read = docs.get(task.name) or load_docs(task, source, limit)
+        if chat_template:
+            read = [as_chat(tokenizer, d) for d in read]
+        names = [f"{task.name} item {d.doc_id}" for d in read]
+        out.append((task, read, encode_items(tokenizer, [(d.query, d.choices) for d in read], max_length, names)))
+    return out
 
 
 def evaluate(
@@ -101,30 +124,19 @@ def evaluate(
             f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of {model.config.vocab_size}; "
             "evaluate with the tokenizer this model was trained with"
         )
-    docs = docs or {}
-    loaded = [(task, docs.get(task.name) or load_docs(task, source, limit)) for task in resolve_tasks(tasks)]
-    if chat_template:
-        loaded = [(task, [as_chat(tokenizer, d) for d in docs]) for task, docs in loaded]
-    max_length = model.config.max_position_embeddings
-    encoded = {
-        task.name: encode_items(
-            tokenizer, [(d.query, d.choices) for d in docs], max_length, [f"{task.name} item {d.doc_id}" for d in docs]
-        )
-        for task, docs in loaded
-    }
+    prepared = prepare(tokenizer, tasks, model.config.max_position_embeddings, limit, source, chat_template, docs)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(docs) for _, docs in loaded), unit="item", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=sum(len(docs) for _, docs, _ in prepared), unit="item", file=sys.stderr, dynamic_ncols=True)
     was_training = model.training
     model.eval()
     out: dict = {"results": {}, "samples": {}}
     try:
-        for task, docs in loaded:
+        for task, docs, items in prepared:
             if bar is not None:
                 bar.set_description(task.name)
-            items = encoded[task.name]
             lps = loglikelihoods(model, items, batch_size, share_context, bar.update if bar is not None else None)
             figures, samples = score_docs(docs, lps)
             figures["split"] = task.split

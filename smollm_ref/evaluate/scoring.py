@@ -68,11 +68,9 @@ def encode_items(
     is too long on its own, naming the item by `names[i]` (e.g. "piqa item 17")."""
     contexts, wholes = [], []
     for context, choices in items:
-        for choice in choices:
-            spaces = len(context) - len(context.rstrip())
-            ctx, cont = (context[:-spaces], context[-spaces:] + choice) if spaces else (context, choice)
-            wholes.append(ctx + cont)
-        contexts.append(_rstrip_context(context))
+        ctx = context.rstrip()  # its trailing whitespace goes to the front of each choice: whole = ctx + moved + choice
+        contexts.append(ctx)
+        wholes += [context + choice for choice in choices]
     ctx_ids = tokenizer(contexts, add_special_tokens=False).input_ids if contexts else []
     whole_ids = tokenizer(wholes, add_special_tokens=False).input_ids if wholes else []
     prefix = _prefix_token(tokenizer)
@@ -107,11 +105,6 @@ def encode_items(
                 ctx, truncated = ctx[-room:], True
         out.append(Encoded(tuple(ctx), tuple(conts), truncated, merged))
     return out
-
-
-def _rstrip_context(context: str) -> str:
-    spaces = len(context) - len(context.rstrip())
-    return context[:-spaces] if spaces else context
 
 
 def _prefix_token(tokenizer) -> int:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..evaluate import as_chat, score_docs
-from ..evaluate.scoring import Encoded, encode_items, loglikelihoods
-from ..evaluate.tasks import Doc, TaskError, load_docs, resolve_tasks
+from ..evaluate import prepare, score_docs
+from ..evaluate.scoring import Encoded, loglikelihoods
+from ..evaluate.tasks import Doc, TaskError
 from .options import TrainConfig, TrainError
 
 BATCH_SIZE = 16  # items scored together: python -m smollm_ref.evaluate's default, so its batches are these
@@ -54,14 +54,9 @@ class Evaluator:
         missing."""
         if not cfg.eval_tasks.strip():
             return None
-        limit = cfg.eval_limit or None
-        tasks = []
         try:
-            for task in resolve_tasks(cfg.eval_tasks):
-                docs = load_docs(task, "package", limit)
-                docs = [as_chat(tokenizer, d) for d in docs] if chat else docs
-                items = encode_items(tokenizer, [(d.query, d.choices) for d in docs], max_positions)
-                tasks.append(_Task(task.name, docs, items))
+            prepared = prepare(tokenizer, cfg.eval_tasks, max_positions, cfg.eval_limit or None, chat_template=chat)
+            tasks = [_Task(task.name, docs, items) for task, docs, items in prepared]
         except (TaskError, ValueError) as e:  # ValueError: a choice the tokenizer encodes to nothing, or too long
             fix = "or" if ";" in str(e) else "fix the task, or"  # most messages say already what to do
             raise TrainError(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import FORMAT1, argv, tiny_options
+from trainer_runs import FORMAT1, argv, tiny_options, wandb_written
 from waiting import logged_steps, wait_until
 
 from smollm_ref import checkpoint, train
@@ -416,6 +416,7 @@ def test_wandb_offline_run_records_the_metrics_and_keeps_its_id(corpus, tmp_path
     cfg, found = train.resolve_config({"resume": str(out), "additional_steps": 2})
     train.train(cfg, found)
     assert checkpoint.load_state(out / "checkpoints" / "step_000004")["wandb_run_id"] == run_id
+    wandb_written()
     logs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(logs) == 2  # the resumed process continued the same run id
     for log in logs:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainer_runs import argv, tiny_options
+from trainer_runs import argv, tiny_options, wandb_written
 
 from smollm_ref import train
 from smollm_ref.evaluate import __main__ as evaluate_cli
@@ -167,6 +167,7 @@ def test_wandb_gets_the_same_keys(tmp_path, monkeypatch):
     opts = tiny_options(tmp_path, max_steps=2, eval_every=2, wandb=True)
     task = corpus_task(tmp_path / "lines.jsonl", Path(opts["data"]), n=4)
     train.train(TrainConfig(**{**opts, "eval_tasks": str(task)}))
+    wandb_written()
     (log,) = (Path(opts["out_dir"]) / "wandb").glob("offline-run-*/run-*.wandb")
     blob = log.read_bytes()
     for key in (b"val_loss", b"eval/lines/acc_norm_nospace", b"eval/lines/acc"):

@@ -48,3 +48,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {
         r["step"]: r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "loss" in r
     }
+
+
+def wandb_written() -> None:
+    """Wait until WandB has written its offline files. `run.finish()` can return before wandb-core has flushed
+    the run's `.wandb` transaction log (seen with wandb 0.31.0: 1 run in ~15 had only the 7-byte header right
+    after finish); `wandb.teardown()` stops the service process and waits for it, so the log is complete."""
+    import wandb
+
+    wandb.teardown()

@@ -53,7 +53,8 @@ from smollm_ref.fast import FastForward, FastGenerator, tuning  # noqa: E402
 from smollm_ref.model import LlamaForCausalLM  # noqa: E402
 from smollm_ref.precision import autocast_context  # noqa: E402
 from smollm_ref.train.options import TrainConfig  # noqa: E402
-from smollm_ref.train.step import adamw, fast_forward, lm_loss, train_step  # noqa: E402
+from smollm_ref.train import adamw, lm_loss, train_step  # noqa: E402
+from smollm_ref.train.step import fast_forward  # noqa: E402
 
 MODES = ("float32", "bf16", "float32-compiled", "bf16-compiled")
 TASKS = ("forward", "train", "decode", "memory")
@@ -262,14 +263,14 @@ def trainer_config(mode: Mode) -> TrainConfig:
 
 
 def bench_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
-    """Every side's optimizer: the trainer's AdamW (`train.step.adamw`: fused where the device has it, else
+    """Every side's optimizer: the trainer's AdamW (`train.optim.adamw`: fused where the device has it, else
     foreach), one group, so that no side's step is faster for its optimizer alone (fused AdamW is 5x the
     unfused default on 135M on CPU)."""
     return adamw(model.parameters(), lr=1e-5)
 
 
 def _peer_loss(model, is_lit: bool):
-    """A peer's `train.step.lm_loss`: mean next-token cross-entropy over float32 logits, as the trainer's."""
+    """A peer's `train.lm_loss`: mean next-token cross-entropy over float32 logits, as the trainer's."""
     if not is_lit:
         return functools.partial(lm_loss, model)
 

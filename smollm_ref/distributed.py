@@ -126,3 +126,27 @@ def load_optimizer_state(optimizer, state: dict, fsdp: bool) -> None:
             }
         state = {"state": sharded, "param_groups": state["param_groups"]}
     optimizer.load_state_dict(state)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of `--device NAME` (auto: CUDA, else MPS, else CPU); a bare `cuda` is this process's
+    `local_rank` GPU (torchrun's LOCAL_RANK). Raises ValueError (one line) for a device this machine lacks."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked but no CUDA device is available; use --device cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pass cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps was asked but MPS is not available; use --device cpu or auto")
+    return device

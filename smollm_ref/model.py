@@ -331,7 +331,7 @@ class LlamaForCausalLM(nn.Module):
         labels (B, T), -100 ignored; logits_to_keep > 0 computes logits for the last positions only.
         A 4D boolean attention_mask (B|1, 1, T, S), True where a query may attend, is used as given, with
         position_ids (B|1, T) (`smollm_ref.evaluate.scoring` shares a context among choices this way).
-        Packed rows (several sequences per row, `smollm_ref.chat.pack`): position_ids (B|1, T) that restart at
+        Packed rows (several sequences per row, `smollm_ref.data.chat.pack`): position_ids (B|1, T) that restart at
         0 with each sequence, and no attention_mask or cache; attention then stays within each sequence."""
         h = self.model(input_ids, attention_mask, position_ids, kv_cache)
         if logits_to_keep:

@@ -25,3 +25,15 @@ def autocast_context(device: torch.device, precision: str):
     if precision not in COMPUTE_DTYPES:
         raise ValueError(f"precision must be one of {tuple(COMPUTE_DTYPES)}, got {precision!r}")
     return autocast(device.type, COMPUTE_DTYPES[precision])
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`--precision` on `device`: auto is bf16-mixed on a CUDA GPU with bfloat16, else fp32. Raises ValueError
+    (one line) for a precision the device cannot run (fp16-mixed needs CUDA's GradScaler)."""
+    if precision == "auto":
+        return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16-mixed" and device.type != "cuda":
+        raise ValueError(f"--precision fp16-mixed needs a CUDA device (GradScaler), not {device.type}; use bf16-mixed or fp32")
+    if precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16 support; use --precision fp16-mixed or fp32")
+    return precision

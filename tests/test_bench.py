@@ -323,9 +323,9 @@ def _tiny_models(peers=("transformers",)):
 
 @pytest.mark.parametrize("mode", ["float32", "bf16"])
 def test_every_side_trains_with_the_same_optimizer(mode, monkeypatch):
-    """Every AdamW the training figures build is the trainer's (`train.step.adamw`: fused where the device
+    """Every AdamW the training figures build is the trainer's (`train.optim.adamw`: fused where the device
     has it), one per side, the same on every side (the peers once had the unfused default: 5x slower)."""
-    expected = step_module().adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-5).defaults  # the trainer's
+    expected = train_module().adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-5).defaults  # the trainer's
     built = []
     init = torch.optim.AdamW.__init__
 
@@ -345,10 +345,10 @@ def test_every_side_trains_with_the_same_optimizer(mode, monkeypatch):
     assert sorted(owners[id(o.param_groups[0]["params"][0])] for o in built) == sorted(models)
 
 
-def step_module():
-    from smollm_ref.train import step
+def train_module():
+    from smollm_ref import train
 
-    return step
+    return train
 
 
 @pytest.mark.parametrize("mode, expected", [("float32", "reference"), ("bf16", "fast")])
@@ -366,12 +366,12 @@ def test_train_figure_times_the_step_the_trainer_runs_in_that_mode(mode, expecte
         )
     real_forward = Reference.forward
     monkeypatch.setattr(Reference, "forward", lambda self, *a, **k: calls.append("reference") or real_forward(self, *a, **k))
-    real_step = step_module().train_step
+    real_step = train_module().train_step
     monkeypatch.setattr(bench, "train_step", lambda *a, **k: calls.append("train_step") or real_step(*a, **k), raising=False)
     config, models = _tiny_models(peers=())
     ids = torch.randint(0, config.vocab_size, (2, 8))
     side = bench.train_fns(models, bench.Mode(mode), ids, torch.device("cpu"))["smollm_ref"]
-    fast, _ = step_module().fast_forward(
+    fast, _ = train_module().step.fast_forward(
         models["smollm_ref"], bench.trainer_config(bench.Mode(mode)), 1, bench.Mode(mode).precision
     )
     trainer_uses_fast = fast is not None

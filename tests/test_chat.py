@@ -1,4 +1,4 @@
-"""smollm_ref.chat.encode with the real SmolLM2 tokenizer: ids exactly the chat template's, labels on the
+"""smollm_ref.data.chat.encode with the real SmolLM2 tokenizer: ids exactly the chat template's, labels on the
 assistant's content and closing token only (Hypothesis, against an independent rendering of the ChatML
 format), and a one-line ChatError for each kind of bad input."""
 
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import smollm_ref
-from smollm_ref.chat import IGNORE_INDEX, ChatError, NoAssistantTurn, check_messages, encode, messages_of
+from smollm_ref.data.chat import IGNORE_INDEX, ChatError, NoAssistantTurn, check_messages, encode, messages_of
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

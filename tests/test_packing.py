@@ -1,6 +1,6 @@
 """Packing several conversations into one row changes nothing: the reference model's packed forward against
 each conversation run alone and against transformers' packed forward; the summed SFT loss against
-transformers' loss; and `smollm_ref.chat.pack` losing, duplicating or leaking no label. fp32, CPU, tiny configs.
+transformers' loss; and `smollm_ref.data.chat.pack` losing, duplicating or leaking no label. fp32, CPU, tiny configs.
 
 Measured (torch 2.13 CPU): packed logits equal the separate runs' within 1.2e-6 (logits up to 2.6, 400 random
 splits) but not bit for bit (the matmuls and SDPA see a longer row, and a boolean mask instead of `is_causal`):
@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers.masking_utils import find_packed_sequence_indices
 
-from smollm_ref.chat import IGNORE_INDEX, pack
+from smollm_ref.data.chat import IGNORE_INDEX, pack
 from smollm_ref.convert import to_transformers
 from smollm_ref.model import LlamaForCausalLM, causal_lm_loss, causal_lm_loss_sum, packed_causal_mask
 from tests.conftest import tiny_config

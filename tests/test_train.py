@@ -239,6 +239,7 @@ def test_attention_dropout_run_takes_the_reference_step(tmp_path, capsys):
 def test_fast_step_unsupported_is_the_one_choice_and_says_why(tmp_path):
     from smollm_ref.config import ModelConfig
     from smollm_ref.model import LlamaForCausalLM
+    from smollm_ref.train.objectives import ChatObjective
     from smollm_ref.train.step import fast_forward, fast_step_unsupported
 
     model = LlamaForCausalLM(ModelConfig.from_json(_dropout_config(tmp_path, 0.0)))
@@ -251,7 +252,7 @@ def test_fast_step_unsupported_is_the_one_choice_and_says_why(tmp_path):
         ((model, cfg, 1, "fp32"), "fp32"),
         ((model, cfg, 2, "bf16-mixed"), "several processes"),
         ((model, TrainConfig(fsdp=True), 1, "bf16-mixed"), "FSDP"),
-        ((model, cfg, 1, "bf16-mixed", True), "chat rows"),
+        ((model, cfg, 1, "bf16-mixed", ChatObjective.fast_step_unsupported), "chat rows"),
     ]
     dropout = LlamaForCausalLM(ModelConfig.from_json(_dropout_config(tmp_path, 0.3))).eval()
     cases.append(((dropout, cfg, 1, "bf16-mixed"), "attention_dropout 0.3"))  # trained in training mode, whatever its mode now

@@ -21,7 +21,8 @@ from smollm_ref.config import ModelConfig
 from smollm_ref.data.conversations import chat_data
 from smollm_ref.model import LlamaForCausalLM
 from smollm_ref.train import TrainConfig
-from smollm_ref.train.step import sft_loss_sum, train_step, trained_tokens
+from smollm_ref.train.objectives import sft_loss_sum, trained_tokens
+from smollm_ref.train.step import train_step
 
 REPO = Path(__file__).resolve().parent.parent
 

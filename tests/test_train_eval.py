@@ -294,7 +294,7 @@ from smollm_ref.model import LlamaForCausalLM
 from smollm_ref.tokenizer import from_directory
 from smollm_ref.train import TrainConfig
 from smollm_ref.train.evaluator import Evaluator
-from smollm_ref.train.step import lm_loss
+from smollm_ref.train import lm_loss
 
 task, source = sys.argv[1], Path(sys.argv[2])
 dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0, world_size=1)

@@ -320,7 +320,7 @@ def test_samples_are_seeded_by_step_say_how_they_are_drawn_and_resume_exactly(tm
     straight = options(tmp_path / "a", **common)
     train.train(TrainConfig(**straight))
     err = capsys.readouterr().err
-    seeds = [train.step.sample_seed(1337, step) for step in (2, 4)]
+    seeds = [train.samples.sample_seed(1337, step) for step in (2, 4)]
     for step, seed in zip((2, 4), seeds):
         assert f"--- sample at step {step} (temperature 0.8, top-k 50, seed {seed}) ---" in err
     got = samples(Path(straight["out_dir"]))
@@ -406,16 +406,19 @@ def test_a_chat_sample_prompt_beyond_the_positions_is_refused(tmp_path):
     """The chat sample's prompt is the question in the chat template: it is measured as the sample will see it."""
     from smollm_ref.config import ModelConfig
     from smollm_ref.tokenizer import load_tokenizer
-    from smollm_ref.train.run import CHAT_SAMPLE_QUESTION, _check_sample
+    from smollm_ref.train.objectives import CHAT_SAMPLE_QUESTION, ChatObjective
+    from smollm_ref.train.objectives.chat import chat_prompt_ids
+    from smollm_ref.train.run import _check_sample
 
     tok = load_tokenizer()
     config = ModelConfig.from_name("smollm2-tiny")
     cfg = TrainConfig(sample_tokens=4)
-    _check_sample(cfg, tok, config, chat=True)  # the built-in question fits 1024 positions
-    templated = len(train.step.chat_prompt_ids(tok, CHAT_SAMPLE_QUESTION)[0])
+    objective = ChatObjective(cfg, tok)
+    _check_sample(cfg, objective, config)  # the built-in question fits 1024 positions
+    templated = len(chat_prompt_ids(tok, CHAT_SAMPLE_QUESTION)[0])
     short = dataclasses.replace(config, max_position_embeddings=templated + 3)
     with pytest.raises(train.TrainError, match=f"chat sample's prompt .* is {templated} tokens and --sample-tokens 4"):
-        _check_sample(cfg, tok, short, chat=True)
+        _check_sample(cfg, objective, short)
     assert templated > len(tok(CHAT_SAMPLE_QUESTION).input_ids)  # the template's tokens count too
 
 

@@ -205,9 +205,9 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_pat
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_sigint_during_the_first_validation_removes_what_the_run_wrote(tmp_path, monkeypatch, capsys, existing):
-    import smollm_ref.train.run as run_module
+    import smollm_ref.train.objectives.text as text_objective
 
-    real = run_module.evaluate
+    real = text_objective.evaluate
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the first validation runs
@@ -216,7 +216,7 @@ def test_sigint_during_the_first_validation_removes_what_the_run_wrote(tmp_path,
     opts = options(tmp_path, eval_every=2)
     if existing:  # an empty directory the user made: kept, emptied of what the run wrote
         Path(opts["out_dir"]).mkdir()
-    monkeypatch.setattr(run_module, "evaluate", interrupted)
+    monkeypatch.setattr(text_objective, "evaluate", interrupted)
     assert train.main(argv(opts)) == 128 + signal.SIGINT
     err = capsys.readouterr().err
     assert "stopped by SIGINT before the first step; removed" in err and "run the same command again" in err

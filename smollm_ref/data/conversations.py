@@ -1,5 +1,5 @@
 """Chat data for fine-tuning: conversations encoded with the tokenizer's own chat template (loss on the
-assistant's replies only, `smollm_ref.chat.encode`), a held-out tail for validation, and rows to train
+assistant's replies only, `smollm_ref.data.chat.encode`), a held-out tail for validation, and rows to train
 on: packed (several conversations per row, positions restarting, no attention across them) or one
 conversation per row, padded to the longest in its batch."""
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import chat
+from . import chat
 from .sources import DataError, located_records, source_key
 from .store import separator_id, tokenizer_fingerprint
 

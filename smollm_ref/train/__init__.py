@@ -8,38 +8,37 @@ load, metrics, samples, and DDP/FSDP2 under torchrun.
 
 One job per module, in the order data flows:
     options       TrainConfig (every option with its help), the command line, recipes, what a resume inherits
-    step          device and precision, the AdamW policy, lr_at, lm_loss, train_step, evaluate, sample_text
+    objectives    what a run optimises, chosen once from the data: text (next-token loss) or chat (SFT); each
+                  with its data, loss, validation and samples
+    optim         the AdamW policy, the learning-rate schedule
+    step          train_step: one optimizer step; the fast training forward or the reference model
+    step_metrics  step time, tokens/s, MFU and epoch: computed in one place
+    samples       how the trainer's samples are drawn (temperature, top-k, their own seed)
     state         RunState: step, tokens, data position, schedule horizon, WandB id (RNG with it in checkpoints)
     checkpointer  when to save, what a checkpoint holds, restoring a run, keep-last and optimizer-state policy
     logger        progress bar, console, metrics.jsonl, WandB on the main rank; a NullLogger elsewhere
     evaluator     the --eval-tasks benchmarks, read once, scored at each validation (eval/TASK/acc_norm_nospace)
-    inputs        run directory, model config and weights, tokenizer, token windows: checked before writing
+    inputs        run directory, model config and weights, tokenizer: checked before writing
     run           Run: everything above put together, and the loop's verbs
     loop          train() and the loop itself: step, log, maybe validate, maybe checkpoint or sample, stop
     cli           main(): recipe + command line, one-line errors, exit codes
 """
 
+from ..distributed import resolve_device
+from ..precision import autocast_context, resolve_precision
 from .checkpointer import Checkpointer
 from .cli import main
 from .loop import TrainResult, continue_training, fit, train
+from .objectives import ChatObjective, Objective, TextObjective, lm_loss
+from .objectives.text import evaluate, sample_text
+from .optim import adamw, lr_at, make_optimizer
 from .options import TrainConfig, TrainError, build_parser, read_recipe, resolve_config
 from .run import Diverged, Run
 from .state import RunState
-from .step import (
-    StepStats,
-    adamw,
-    autocast_context,
-    evaluate,
-    lm_loss,
-    lr_at,
-    make_optimizer,
-    resolve_device,
-    resolve_precision,
-    sample_text,
-    train_step,
-)
+from .step import StepStats, train_step
 
 __all__ = [
+    "ChatObjective",
     "Checkpointer",
     "Diverged",
     "Run",
@@ -47,6 +46,7 @@ __all__ = [
     "StepStats",
     "TrainConfig",
     "TrainError",
+    "TextObjective",
     "TrainResult",
     "adamw",
     "autocast_context",
@@ -58,6 +58,7 @@ __all__ = [
     "lr_at",
     "main",
     "make_optimizer",
+    "Objective",
     "read_recipe",
     "resolve_config",
     "resolve_device",

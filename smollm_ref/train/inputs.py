@@ -1,21 +1,16 @@
 """What a run is built from, checked before anything is written: the run directory, the model's config
-and starting weights, the tokenizer, and the token windows for training and validation."""
+and starting weights, the tokenizer, and the options its data must honour (the data itself is read by the
+run's objective, `smollm_ref.train.objectives`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .. import checkpoint, data, distributed, storage
+from .. import checkpoint, distributed, storage
 from ..config import ModelConfig
 from ..storage import DirectoryLock, LockedError
-from .logger import say
 from .options import DEFAULT_MODEL, DEFAULT_TOKENIZER, TrainConfig, TrainError
 
 
@@ -122,99 +117,6 @@ def load_tokenizer(cfg: TrainConfig, resume_dir: Path | None):
     return load_tokenizer(DEFAULT_TOKENIZER)
 
 
-@dataclass
-class TokenData:
-    train: data.Windows
-    val: data.Windows
-    key: str  # the token store's key, recorded in checkpoints
-    budget: int | None  # the token budget the store was read to
-    train_tokens: int
-    val_tokens: int
-
-
-def data_budget(cfg: TrainConfig, world_size: int, saved: dict | None) -> int | None:
-    """How many tokens of --data to read: --data-tokens; else what a resumed run read; else, for a streamed
-    hf: spec, what this run needs (every step's windows plus the validation share); else everything."""
-    if cfg.data_tokens is not None:
-        return cfg.data_tokens
-    if saved is not None:
-        return saved.get("data_budget")
-    if not cfg.data.startswith("hf:"):
-        return None
-    train_tokens = cfg.max_steps * world_size * cfg.batch_size * cfg.grad_accum * cfg.seq_len + 1
-    return math.ceil(train_tokens / (1 - cfg.val_fraction))
-
-
-def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | None, vocab_size: int) -> TokenData:
-    """The token store of --data (a prepared store as is; any other spec prepared once into the cache by
-    the main rank while the others wait), split into training and validation windows of --seq-len + 1.
-    A store written earlier is verified, and refused (`TrainError`) if it holds a token id the model's
-    `vocab_size` embeddings lack; one prepared just now holds only the tokenizer's ids, which the caller
-    has checked against the model."""
-    fresh = False  # prepared just now: its shards were hashed as they were written
-    if data.is_store(cfg.data):
-        store = data.Store(cfg.data)
-        store.check_tokenizer(tokenizer)
-    else:
-        from ..weights import cache_dir
-
-        directory = data.store_dir(cfg.data, tokenizer, cache_dir() / "tokens", cfg.text_field, budget)
-        if d.is_main:
-            fresh = not (directory / data.store.INDEX).is_file()
-            if fresh and budget is not None:
-                say(f"streaming {cfg.data} until {budget / 1e6:.1f} M tokens")
-            store = data.prepare_or_open(
-                directory,
-                cfg.data,
-                tokenizer,
-                text_field=cfg.text_field,
-                budget=budget,
-                workers=_workers(cfg.data),
-                progress=cfg.progress,
-            )
-        distributed.barrier(d)
-        if not d.is_main:
-            store = data.Store(directory)
-    if d.is_main and not fresh:
-        top = store.verify()  # a store written earlier, or elsewhere: every shard against its checksum
-        if top >= vocab_size:  # its index may predate the vocabulary size, or name another tokenizer's
-            raise TrainError(
-                f"token store {store.dir} holds token id {top:,}, but the model's vocabulary has {vocab_size:,} tokens "
-                f"(ids 0 to {vocab_size - 1:,}); prepare the store again"
-            )
-    split = data.split_tokens(store.tokens(), cfg.seq_len, cfg.val_fraction, key=store.key)
-    return TokenData(
-        data.Windows(split.train, cfg.seq_len),
-        data.Windows(split.val, cfg.seq_len),
-        split.key,
-        budget,
-        len(split.train),
-        len(split.val),
-    )
-
-
-def is_chat(cfg: TrainConfig) -> bool:
-    if cfg.data_format != "auto":
-        return cfg.data_format == "chat"
-    return data.looks_like_chat(cfg.data)
-
-
-def chat_data(cfg: TrainConfig, tokenizer):
-    """Conversations encoded with the tokenizer's chat template (every rank encodes them: a chat set is small)."""
-    from ..data.conversations import chat_data
-
-    return chat_data(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, pack=cfg.pack, too_long=cfg.too_long)
-
-
-def _workers(spec: str) -> int:
-    """All usable cores, except for a small local corpus, where starting worker processes costs more than it
-    saves."""
-    path = Path(spec).expanduser()
-    if path.is_file() and path.stat().st_size < 16 << 20:
-        return 1
-    return data.store.usable_cores()
-
-
 def eval_batches(n_windows: int, cfg: TrainConfig, d: distributed.Dist) -> list[list[int]]:
     """This rank's validation batches: the first windows, the same number of batches on every rank."""
     per_rank = min(cfg.eval_batches, n_windows // (cfg.batch_size * d.world_size))
@@ -258,10 +160,10 @@ def check_step_memory(cfg: TrainConfig, model_config: ModelConfig, device) -> No
         )
 
 
-def check_against_data(cfg: TrainConfig, token_data, d: distributed.Dist) -> None:
-    """Options that the data must be able to honour: a micro-batch of distinct training rows, and held-out
-    rows to validate on when --eval-every asks for validation."""
-    rows = "rows" if not isinstance(token_data, TokenData) else f"windows of --seq-len + 1 = {cfg.seq_len + 1} tokens"
+def check_against_data(cfg: TrainConfig, objective, d: distributed.Dist) -> None:
+    """Options that the objective's data must be able to honour: a micro-batch of distinct training rows, and
+    held-out rows to validate on when --eval-every asks for validation."""
+    token_data, rows = objective.data, objective.rows
     n_train = len(token_data.train)
     if cfg.batch_size > n_train:
         raise TrainError(
@@ -274,21 +176,6 @@ def check_against_data(cfg: TrainConfig, token_data, d: distributed.Dist) -> Non
             f"(--val-fraction {cfg.val_fraction:g}; a corpus under two sequences keeps none back); pass --eval-every 0, "
             "or a --val-fraction > 0 with more data"
         )
-
-
-def split_digest(token_data) -> dict:
-    """What a run trains and validates on, by content: the number of training and held-out rows and a checksum
-    of the held-out tokens. Saved in checkpoints, so a resume on other data (or another split of it) is refused
-    whatever the store's key says (a moved or touched corpus has another key and the same tokens)."""
-    h = hashlib.sha256()
-    val = token_data.val
-    if isinstance(token_data, TokenData):
-        h.update(np.asarray(val.tokens, dtype=np.int64).tobytes())
-    else:
-        for rows in (val.input_ids, val.labels, val.position_ids or []):
-            for row in rows:
-                h.update(np.asarray(row, dtype=np.int64).tobytes() + b"|")
-    return {"train": len(token_data.train), "val": len(val), "val_sha256": h.hexdigest()[:32]}
 
 
 def describe_split_change(saved: dict, now: dict) -> str:

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import distributed
-from .options import TrainConfig, read_recipe, resolve_config
+from .options import TrainConfig, TrainError, read_recipe, resolve_config
 from .run import Run
-from .step import resolve_device
 
 
 @dataclass
@@ -24,7 +23,7 @@ class TrainResult:
     stopped_by_signal: int | None = None
     # the last log line's mean train loss and how many steps it covers (`loss` is the last finite step's alone)
     logged_loss: tuple[float, int] | None = None
-    chat: bool = False  # a chat model: `generate --chat` talks to it
+    chat: bool = False  # a chat model (its objective's `chat_template`): `generate --chat` talks to it
 
 
 class StopFlag:
@@ -52,7 +51,10 @@ class StopFlag:
 
 def train(cfg: TrainConfig, resume_dir: Path | None = None) -> TrainResult:
     """Run `cfg` to its max_steps (or until SIGINT/SIGTERM)."""
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        device = distributed.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     d = distributed.init(device.type)
     try:
         return fit(Run.build(cfg, resume_dir, d, device))
@@ -72,7 +74,7 @@ def fit(run: Run) -> TrainResult:
                 result.stopped_by_signal = stop.signum
                 run.logger.say(f"stopped by {signal.Signals(stop.signum).name} before the first step; {run.discard()}")
                 return result
-            if run.chat and run.resumed_from is None:
+            if run.objective.sample_at_start and run.resumed_from is None:
                 run.sample()  # a reply before fine-tuning, to compare with the ones after
             run.logger.start(state.step, run.max_steps)
             while state.step < run.max_steps:
@@ -91,7 +93,9 @@ def fit(run: Run) -> TrainResult:
                     break
     finally:
         run.close()
-    result = TrainResult(state.step, run.last_loss, run.last_val, run.checkpointer.last, run.run_dir, chat=run.chat)
+    result = TrainResult(
+        state.step, run.last_loss, run.last_val, run.checkpointer.last, run.run_dir, chat=run.objective.chat_template
+    )
     result.logged_loss = run.logger.logged_mean
     if stop.signum is not None and state.step < run.max_steps:
         result.stopped_by_signal = stop.signum

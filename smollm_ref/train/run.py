@@ -4,49 +4,29 @@ save). Nothing here decides when: that is the loop's (`smollm_ref.train.loop`)."
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint, data, distributed, metrics
-from ..data.conversations import ChatData
 from ..model import LlamaForCausalLM
+from ..precision import autocast_context, resolve_precision
 from ..storage import DirectoryLock
-from . import inputs
+from . import inputs, objectives
 from .checkpointer import Checkpointer, check_compatible
 from .evaluator import Evaluator
 from .logger import NullLogger, RunLogger, say
+from .objectives import Objective
+from .optim import check_schedule, lr_at, make_optimizer
 from .options import TrainConfig, TrainError
+from .samples import Sampling, sample_seed
 from .state import RunState
-from .step import (
-    Sampling,
-    StepStats,
-    autocast_context,
-    chat_prompt_ids,
-    check_schedule,
-    evaluate,
-    evaluate_chat,
-    fast_forward,
-    lr_at,
-    make_optimizer,
-    resolve_precision,
-    sample_chat,
-    sample_prompt_text,
-    sample_seed,
-    sample_text,
-    sft_loss_sum,
-    text_prompt_ids,
-    train_step,
-    trained_tokens,
-)
-
-CHAT_SAMPLE_QUESTION = "What does the Python module `json` do?"  # when --sample-prompt is left at its text default
+from .step import StepStats, fast_forward, train_step
+from .step_metrics import StepMetrics
 
 
 class Diverged(RuntimeError):
@@ -54,7 +34,7 @@ class Diverged(RuntimeError):
 
 
 def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist, device: torch.device):
-    """The checkpoint's state, the model's config and weights, the tokenizer and the token windows, each
+    """The checkpoint's state, the model's config and weights, the tokenizer, the objective and its data, each
     checked against the others, and every option against them, before anything is built or written."""
     saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
     if saved is not None:
@@ -71,22 +51,20 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     inputs.check_step_memory(cfg, model_config, device)
     tokenizer = inputs.load_tokenizer(cfg, resume_dir)
     model_config.check_vocab(len(tokenizer))
-    chat = inputs.is_chat(cfg)
-    evaluator = Evaluator.build(cfg, tokenizer, model_config.max_position_embeddings, chat)  # read once, before the data
-    _check_sample(cfg, tokenizer, model_config, chat)
-    budget = inputs.data_budget(cfg, d.world_size, saved)
-    token_data = (
-        inputs.chat_data(cfg, tokenizer) if chat else inputs.token_data(cfg, tokenizer, d, budget, model_config.vocab_size)
-    )
-    inputs.check_against_data(cfg, token_data, d)
-    split = inputs.split_digest(token_data)
+    objective = objectives.choose(cfg, tokenizer)
+    # read once, before the data
+    evaluator = Evaluator.build(cfg, tokenizer, model_config.max_position_embeddings, objective.chat_template)
+    _check_sample(cfg, objective, model_config)
+    objective.read(d, saved, model_config.vocab_size)
+    inputs.check_against_data(cfg, objective, d)
+    split = objective.split_digest()
     if saved is not None and saved.get("data_split") and saved["data_split"] != split:
         raise TrainError(
             f"the data differs from what the run of {resume_dir} trained on ({inputs.describe_split_change(saved['data_split'], split)}): "
             "resumed at its position it would read other rows and could train on held-out ones; pass the run's own "
             f"--data (and --tokenizer), or start a new run with --init-from {resume_dir}"
         )
-    return saved, model_config, weights, tokenizer, token_data, split, evaluator
+    return saved, model_config, weights, tokenizer, objective, split, evaluator
 
 
 def _horizon(cfg: TrainConfig, saved: dict | None) -> int:
@@ -96,22 +74,12 @@ def _horizon(cfg: TrainConfig, saved: dict | None) -> int:
     return cfg.lr_decay_steps or cfg.max_steps
 
 
-def _sample_prompt(cfg: TrainConfig, chat: bool) -> str:
-    """What the samples continue: --sample-prompt without trailing spaces; for chat data the question
-    asked (a built-in one when --sample-prompt is left at its text default)."""
-    prompt = sample_prompt_text(cfg.sample_prompt)
-    if chat and prompt == TrainConfig.sample_prompt:
-        return CHAT_SAMPLE_QUESTION
-    return prompt
-
-
-def _check_sample(cfg: TrainConfig, tokenizer, model_config, chat: bool) -> None:
+def _check_sample(cfg: TrainConfig, objective: Objective, model_config) -> None:
     """The samples' prompt and --sample-tokens must fit the model's positions, or every checkpoint's sample fails."""
-    prompt = _sample_prompt(cfg, chat)
-    ids = chat_prompt_ids(tokenizer, prompt) if chat else text_prompt_ids(tokenizer, prompt, 0)
+    ids = objective.sample_prompt_ids(objective.sample_prompt(cfg.sample_prompt))
     limit = model_config.max_position_embeddings
     if ids.shape[1] + cfg.sample_tokens > limit:
-        what = "the chat sample's prompt (the question in the chat template)" if chat else "--sample-prompt"
+        what = objective.sample_prompt_name
         room = limit - ids.shape[1]
         fix = f"pass --sample-tokens <= {room}" if room > 0 else "pass a shorter --sample-prompt"
         raise TrainError(
@@ -130,48 +98,55 @@ class Run:
     raw_model: LlamaForCausalLM  # the plain module: checkpoints, validation, samples
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
-    loss_fn: object  # the fast step's loss, or None for the reference model under autocast
+    fast_loss: object  # the fast step's loss (`FastForward.lm_loss`), or None: the reference model under autocast
     autocast: object
     tokenizer: object
-    data: inputs.TokenData
-    order: data.Order  # the window order over the training tokens, fixed by --seed
+    objective: Objective  # what the run optimises: its data, loss, validation and samples
+    order: data.Order  # the row order over the training data, fixed by --seed
     eval_batches: list[list[int]]  # this rank's validation batches
     state: RunState
     max_steps: int
     checkpointer: Checkpointer
     logger: NullLogger
+    step_metrics: StepMetrics
     resumed_from: Path | None = None
     created_dir: bool = False  # this run made its directory (an interruption before the first step removes it)
     lock: DirectoryLock | None = None  # the run directory's lock, held by the main rank
     why_not_fast: str | None = None  # why the step is the reference's (`step.fast_step_unsupported`), for the log
-    chat: bool = False  # chat data: loss on assistant replies only, rows of (input_ids, labels, position_ids)
     evaluator: Evaluator | None = None  # --eval-tasks: benchmark figures at each validation
     bad_steps: int = 0
     last_loss: float | None = None
     last_val: float | None = None
-    per_step: int = 0  # sequences per optimizer step, all ranks
-    flops_per_token: int = 0
-    peak: float | None = None  # the device's dense peak FLOP/s, where known (MFU)
-    throughput: metrics.Throughput | None = None
 
-    # ---- set-up ------------------------------------------------------------------------------------------
+    @property
+    def per_step(self) -> int:
+        """Sequences (rows) per optimizer step, all ranks."""
+        return self.d.world_size * self.cfg.batch_size * self.cfg.grad_accum
+
+    @property
+    def data(self):
+        """The objective's data: `train` and `val` rows."""
+        return self.objective.data
 
     @classmethod
     def build(cls, cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist, device: torch.device) -> Run:
         """Check every input, then put the run together. Whatever fails or is interrupted on the way leaves
         the run directory as it found it (a directory this call created is removed) and the lock released."""
-        precision = resolve_precision(cfg.precision, device)
+        try:
+            precision = resolve_precision(cfg.precision, device)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         run_dir = Path(cfg.out_dir).expanduser()
         created, lock = inputs.check_out_dir(cfg, resume_dir is not None or cfg.resume == "auto", d)
         try:
-            saved, model_config, weights, tokenizer, token_data, split, evaluator = _read_inputs(cfg, resume_dir, d, device)
+            saved, model_config, weights, tokenizer, objective, split, evaluator = _read_inputs(cfg, resume_dir, d, device)
             if d.is_main:
                 for path in inputs.sweep_temporaries(run_dir):
                     say(f"removed {path}, left by a run that was killed while writing a checkpoint")
                 if cfg.overwrite and cfg.resume is None:
                     inputs.clear_run_dir(run_dir)  # only now that every input has been checked
             distributed.barrier(d)
-            run = cls._assemble(cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data, split)
+            run = cls._assemble(cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, objective, split)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -183,7 +158,7 @@ class Run:
         return run
 
     @classmethod
-    def _assemble(cls, cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, token_data, split) -> Run:
+    def _assemble(cls, cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, objective, split) -> Run:
         torch.manual_seed(cfg.seed)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls; on CPU fp32 stays exact fp32
@@ -205,44 +180,41 @@ class Run:
             raise TrainError(
                 f"the checkpoint is at step {state.step}, already at --max-steps {max_steps}; pass --additional-steps N or a larger --max-steps"
             )
-        chat = isinstance(token_data, ChatData)
-        fast, why_not_fast = fast_forward(raw_model, cfg, d.world_size, precision, chat)
+        fast, why_not_fast = fast_forward(raw_model, cfg, d.world_size, precision, objective.fast_step_unsupported)
         if cfg.compile and fast is None:
             model = torch.compile(model)
         logger = RunLogger(run_dir, cfg, state.step, state.wandb_run_id) if d.is_main else NullLogger()
         state.wandb_run_id = logger.wandb_run_id
+        token_data = objective.data
         if saved is not None and not saved.get("data_split") and saved.get("data_key") != token_data.key:
             logger.say(  # a checkpoint from before split digests: the store's key is all there is to compare
                 f"warning: the data's store differs from the checkpoint's (key {saved.get('data_key')} vs {token_data.key}: "
                 "other files, or the same ones moved or touched); the position is kept, so check that the tokens are the same"
             )
-        state.data_key, state.data_budget, state.data_split = token_data.key, getattr(token_data, "budget", None), split
+        state.data_key, state.data_budget, state.data_split = token_data.key, objective.budget, split
         if d.is_main:
             (run_dir / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        per_step = d.world_size * cfg.batch_size * cfg.grad_accum  # sequences
+        peak = metrics.peak_flops(metrics.device_name(device), precision) if device.type == "cuda" else None
+        step_metrics = StepMetrics(per_step * cfg.seq_len, metrics.flops_per_token(model_config, cfg.seq_len), peak, d.world_size)
         return cls(
             cfg=cfg, d=d, device=device, run_dir=run_dir, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
-            loss_fn=fast.lm_loss if fast is not None else None, autocast=autocast_context(device, precision), tokenizer=tokenizer,
-            data=token_data, order=data.Order(len(token_data.train), cfg.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg, d),
-            state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, chat=chat, why_not_fast=why_not_fast,
+            fast_loss=fast.lm_loss if fast is not None else None, autocast=autocast_context(device, precision), tokenizer=tokenizer,
+            objective=objective, order=data.Order(len(token_data.train), cfg.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg, d),
+            state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, step_metrics=step_metrics, why_not_fast=why_not_fast,
         )  # fmt: skip
 
     def _describe(self, precision: str, model_config) -> None:
         cfg, d = self.cfg, self.d
-        self.per_step = d.world_size * cfg.batch_size * cfg.grad_accum
-        self.flops_per_token = metrics.flops_per_token(model_config, cfg.seq_len)
-        self.peak = metrics.peak_flops(metrics.device_name(self.device), precision) if self.device.type == "cuda" else None
-        self.throughput = metrics.Throughput()
-        peak = f"{self.peak / 1e12:g} TFLOP/s per device" if self.peak else "unknown for this device: no MFU"
-        if self.chat:
-            self.logger.say(self.data.describe())
-            data_line = f"train {len(self.data.train):,} rows, val {len(self.data.val):,}"
-        else:
-            data_line = (
-                f"train {self.data.train_tokens:,} tokens ({len(self.data.train):,} sequences), val {self.data.val_tokens:,}"
-            )
+        peak = self.step_metrics.peak
+        peak = f"{peak / 1e12:g} TFLOP/s per device" if peak else "unknown for this device: no MFU"
+        announce = self.objective.announce()
+        if announce:
+            self.logger.say(announce)
+        data_line = self.objective.describe()
         if cfg.eval_every:
             data_line += f" (validation on {len(self.eval_batches)} batches of --eval-batches {cfg.eval_batches})"
-        step_kind = "fast step" if self.loss_fn is not None else f"reference step ({self.why_not_fast})"
+        step_kind = "fast step" if self.fast_loss is not None else f"reference step ({self.why_not_fast})"
         self.logger.say(
             f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(self.device)} x{d.world_size} | {precision}, "
             f"{step_kind} | {self.per_step} x {cfg.seq_len} tokens per step | {data_line} | MFU peak {peak} | run dir {self.run_dir}"
@@ -254,8 +226,6 @@ class Run:
             self.logger.say(self.evaluator.describe())
         if self.resumed_from is not None:
             self.logger.say(f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.tokens:,} tokens seen)")
-
-    # ---- the loop's verbs ----------------------------------------------------------------------------------
 
     def next_batches(self) -> list[tuple[torch.Tensor, ...]]:
         """This rank's micro-batches of the next step, from the run's position in the row order: (inputs,
@@ -269,14 +239,10 @@ class Run:
 
     def step(self) -> dict:
         """One optimizer step; the run state advances and the step's metrics come back."""
-        t0 = time.perf_counter()
+        self.step_metrics.start()
         lr = lr_at(self.state.step, self.cfg, self.state.horizon)
         micro = self.next_batches()
-        autocast = None if self.loss_fn is not None else self.autocast  # the fast step does its own mixed precision
-        loss_fn, divide_by = self.loss_fn, None
-        if self.chat:  # the sum over the step's trained tokens, all micro-batches and ranks, over their number
-            trained = distributed.mean(self.d, trained_tokens(micro).float())  # all ranks' count / ranks: DDP averages
-            loss_fn, divide_by = functools.partial(sft_loss_sum, self.model), float(trained)
+        step_loss = self.objective.step_loss(self.model, self.fast_loss, micro, self.d)
         stats: StepStats = train_step(
             self.model,
             micro,
@@ -284,28 +250,19 @@ class Run:
             self.scaler,
             lr=lr,
             grad_clip=self.cfg.grad_clip,
-            autocast=autocast,
-            loss_fn=loss_fn,
-            divide_by=divide_by,
+            autocast=None if self.fast_loss is not None else self.autocast,  # the fast step does its own mixed precision
+            loss_fn=step_loss.loss_fn,
+            divide_by=step_loss.divide_by,
         )
         loss = float(distributed.mean(self.d, stats.loss))
-        elapsed = time.perf_counter() - t0
         self.state.advance(self.per_step, self.cfg.seq_len)
-        rate, average = self.throughput.update(self.per_step * self.cfg.seq_len, elapsed)
         values = {
             "loss": loss,
             "lr": lr,
             "grad_norm": stats.grad_norm,
-            "step_time": elapsed,
-            "tokens_per_sec": rate,
-            "avg_tokens_per_sec": average,
-            "tokens": self.state.tokens,
-            "epoch": self.order.epoch(self.state.data_position),
+            **self.step_metrics.measure(self.state.tokens, self.order.epoch(self.state.data_position)),
+            **step_loss.metrics,
         }
-        if self.peak:
-            values["mfu"] = self.flops_per_token * rate / (self.peak * self.d.world_size)
-        if divide_by is not None:
-            values["trained_tokens"] = round(divide_by * self.d.world_size)
         if stats.skipped:
             values["skipped"] = True
         return values
@@ -330,12 +287,7 @@ class Run:
     def validate(self) -> None:
         if not self.eval_batches:
             return
-        if self.chat:  # assistant-only: summed over every rank's trained tokens, then divided once
-            total, count = evaluate_chat(self.raw_model, self.data.val, self.eval_batches, self.device, self.autocast)
-            self.last_val = float(distributed.mean(self.d, total)) / max(float(distributed.mean(self.d, count.float())), 1e-9)
-        else:
-            loss = evaluate(self.raw_model, self.data.val, self.eval_batches, self.device, self.autocast)
-            self.last_val = float(distributed.mean(self.d, loss))
+        self.last_val = self.objective.validate(self.raw_model, self.eval_batches, self.device, self.autocast, self.d)
         figures = self.evaluator(self.raw_model, self.autocast) if self.evaluator is not None else {}
         self.logger.validation(self.state.step, self.last_val, figures)
 
@@ -343,18 +295,10 @@ class Run:
         """A sample of the model at this step, drawn as --sample-temperature and --sample-top-k say, from its own
         generator seeded by --seed and the step (a resumed run draws what the straight one drew)."""
         cfg, step = self.cfg, self.state.step
-        top_k = cfg.sample_top_k or None
-        sampling = Sampling(cfg.sample_temperature, top_k, sample_seed(cfg.seed, step))
-        prompt = _sample_prompt(cfg, self.chat)
-        if self.chat:
-            reply = sample_chat(self.raw_model, self.tokenizer, prompt, cfg.sample_tokens, self.device, self.autocast, sampling)
-            self.logger.sample(step, f"user: {prompt}\nassistant: {reply}", sampling)
-            return
-        stop_id = data.separator_id(self.tokenizer)
-        text = sample_text(
-            self.raw_model, self.tokenizer, prompt, cfg.sample_tokens, self.device, self.autocast, sampling, stop_id
-        )
-        self.logger.sample(step, prompt + text, sampling)
+        sampling = Sampling(cfg.sample_temperature, cfg.sample_top_k or None, sample_seed(cfg.seed, step))
+        prompt = self.objective.sample_prompt(cfg.sample_prompt)
+        text = self.objective.sample(self.raw_model, prompt, cfg.sample_tokens, self.device, self.autocast, sampling)
+        self.logger.sample(step, text, sampling)
 
     def save(self) -> Path | None:
         path = self.checkpointer.save(self.state)

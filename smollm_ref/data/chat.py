@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
-from .storage import shown
+from ..storage import shown
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")

@@ -52,8 +52,8 @@ from smollm_ref.config import ModelConfig  # noqa: E402
 from smollm_ref.fast import FastForward, FastGenerator, tuning  # noqa: E402
 from smollm_ref.model import LlamaForCausalLM  # noqa: E402
 from smollm_ref.precision import autocast_context  # noqa: E402
-from smollm_ref.train.options import TrainConfig  # noqa: E402
 from smollm_ref.train import adamw, lm_loss, train_step  # noqa: E402
+from smollm_ref.train.options import TrainConfig  # noqa: E402
 from smollm_ref.train.step import fast_forward  # noqa: E402
 
 MODES = ("float32", "bf16", "float32-compiled", "bf16-compiled")

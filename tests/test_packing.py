@@ -16,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers.masking_utils import find_packed_sequence_indices
 
-from smollm_ref.data.chat import IGNORE_INDEX, pack
 from smollm_ref.convert import to_transformers
+from smollm_ref.data.chat import IGNORE_INDEX, pack
 from smollm_ref.model import LlamaForCausalLM, causal_lm_loss, causal_lm_loss_sum, packed_causal_mask
 from tests.conftest import tiny_config
 

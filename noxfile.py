@@ -59,6 +59,7 @@ def bench(session):
 
 @nox.session(python=PYTHON)
 def lint(session):
-    """ruff check and format check."""
+    """ruff check and format check (line length and rules from pyproject.toml's [tool.ruff])."""
     session.install(*CONSTRAINTS, "ruff")
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")

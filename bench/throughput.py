@@ -112,9 +112,6 @@ def peak_flops(device: torch.device) -> tuple[str | None, float | None]:
     return f"{name}: {peak.name} bf16 dense {peak.bf16 / 1e12:.0f} TFLOP/s", peak.bf16
 
 
-# ---- timing -----------------------------------------------------------------------------------------
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -190,9 +187,6 @@ def add_ratios(results: dict, ours: str = "smollm_ref", base: str = "transformer
         return
     ratios = [b / a for a, b in zip(results[ours]["_raw"], results[base]["_raw"])]  # time_base / time_ours
     results[ours]["ratio_vs_transformers"] = summary(ratios)
-
-
-# ---- the sides ---------------------------------------------------------------------------------------
 
 
 def build_models(config: ModelConfig, device, seed: int, peers: list[str]):
@@ -351,9 +345,6 @@ def decode_fns(models: dict, mode: Mode, prompt, new_tokens: int, outputs: dict)
     return fns
 
 
-# ---- memory, one subprocess per side ----------------------------------------------------------------
-
-
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -415,9 +406,6 @@ def measure_memory(args, mode: Mode, sides: list[str]) -> dict:
         ours["peak_ratio_vs_transformers"] = ours["peak_bytes"] / base["peak_bytes"]
         ours["delta_ratio_vs_transformers"] = ours["delta_bytes"] / max(base["delta_bytes"], 1)
     return out
-
-
-# ---- report -----------------------------------------------------------------------------------------
 
 
 def environment(device: torch.device) -> dict:

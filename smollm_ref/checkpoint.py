@@ -266,10 +266,9 @@ def strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
 
 
-# ---- RNG states as tensors and plain values (weights_only=True can read them back) ---------------------------
-
-
 def rng_state() -> dict:
+    """Python's, NumPy's, torch's and (where present) CUDA's RNG states, as tensors and plain values so that a
+    checkpoint loaded with weights_only=True can read them back."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {

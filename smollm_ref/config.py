@@ -209,7 +209,6 @@ class ModelConfig:
                 what = "an integer or null" if field.name in _OPTIONAL_INT_FIELDS else "an integer"
                 raise ValueError(f"ModelConfig.{field.name} must be {what}, got {_show(value)}")
 
-    # ---- derived sizes -------------------------------------------------------------------
     @property
     def num_key_value_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
@@ -235,7 +234,6 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
-    # ---- transformers config.json --------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         """A config from a transformers `config.json` dict. Raises ValueError (one line naming the key and

@@ -8,8 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+from . import metrics_file
 from .arguments import ArgumentParser
-from .metrics import read_numbered_metrics
 from .storage import is_number, shown
 
 # a skipped step (its gradient not finite) logs its loss as NaN or Infinity: drawn as a gap; the trainer
@@ -62,7 +62,7 @@ def eval_series(path: Path, records: list[tuple[int, dict]]) -> dict[str, dict[s
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the figure and return its path. Raises FileNotFoundError, or a ValueError naming the file and line
-    (`metrics.read_records`; and a plotted value, see `_value` and `eval_series`) with a readable message. A
+    (`metrics_file.read_records`; and a plotted value, see `_value` and `eval_series`) with a readable message. A
     non-finite loss (a skipped step's) is drawn as a gap."""
     import matplotlib.pyplot as plt
 
@@ -81,10 +81,10 @@ def figure(run_dir: str | Path):
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / metrics_file.NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run directory written by python -m smollm_ref.train")
-    records = read_numbered_metrics(path)  # every value is read before a figure is made
+    records = metrics_file.read_numbered_metrics(path)  # every value is read before a figure is made
     train = [{"step": r["step"], **{k: _value(path, n, r, k) for k in TRAIN_KEYS}} for n, r in records if "loss" in r]
     val = [{"step": r["step"], "val_loss": _value(path, n, r, "val_loss")} for n, r in records if "val_loss" in r]
     evals = eval_series(path, records)

@@ -1,11 +1,13 @@
-"""Training metrics: FLOPs per token, device peaks, throughput, the WandB mode decision, metrics.jsonl."""
+"""Training metrics: FLOPs per token, device peaks, throughput, the WandB mode decision (the logger's), metrics.jsonl
+written by the logger and read back (`metrics_file`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from smollm_ref import metrics
+from smollm_ref import metrics, metrics_file
 from smollm_ref.config import ModelConfig
+from smollm_ref.train import logger
 
 
 def test_flops_per_token_of_smollm2_135m():
@@ -63,20 +65,20 @@ def test_wandb_mode_is_decided_without_waiting(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert metrics.wandb_mode() == "disabled"
+    assert logger.wandb_mode() == "disabled"
     monkeypatch.delenv("WANDB_MODE")
-    assert metrics.wandb_mode() == "offline"  # no key: never tries the network
+    assert logger.wandb_mode() == "offline"  # no key: never tries the network
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "https://127.0.0.1:9")  # nothing listens there
-    assert metrics.wandb_mode() == "offline"
+    assert logger.wandb_mode() == "offline"
 
 
 def test_metrics_log_appends_and_truncates_for_a_resume(tmp_path):
-    log = metrics.MetricsLog(tmp_path)
+    log = logger.MetricsLog(tmp_path)
     for step in (1, 2, 3):
         log.log(step, {"loss": float(step)})
     log.log(3, {"val_loss": 0.5})
     log.close()
-    metrics.truncate_after(tmp_path / "metrics.jsonl", 2)
-    records = metrics.read_metrics(tmp_path / "metrics.jsonl")
+    metrics_file.truncate_after(tmp_path / "metrics.jsonl", 2)
+    records = metrics_file.read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0)]

@@ -172,12 +172,12 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path):
 
 
 def test_a_full_disk_while_writing_metrics_is_one_line(tmp_path, monkeypatch, capsys):
-    from smollm_ref import metrics
+    from smollm_ref.train import logger
 
     def log(self, step, values):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
 
-    monkeypatch.setattr(metrics.MetricsLog, "log", log)
+    monkeypatch.setattr(logger.MetricsLog, "log", log)
     assert train.main(argv(options(tmp_path))) == 2
     line = one_line_error(capsys.readouterr().err)
     # The file and the cause come from the error itself; what to do next comes from the trainer.

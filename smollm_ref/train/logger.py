@@ -1,15 +1,20 @@
 """What a run tells people: the progress bar, console lines, metrics.jsonl and WandB. The main rank gets a
-`RunLogger`; every other rank a `NullLogger` with the same methods, so the loop never asks which rank it is."""
+`RunLogger`; every other rank a `NullLogger` with the same methods, so the loop never asks which rank it is.
+The format of metrics.jsonl, and reading it, belong to `smollm_ref.metrics_file`, which the plot uses without
+importing the trainer."""
 
 from __future__ import annotations
 
+import netrc
+import os
 import secrets
+import socket
 import string
 import sys
 import warnings
 from pathlib import Path
 
-from .. import metrics
+from .. import metrics_file
 from .evaluator import brief
 from .options import TrainConfig
 
@@ -52,12 +57,12 @@ class RunLogger(NullLogger):
 
     def __init__(self, run_dir: Path, cfg: TrainConfig, resumed_step: int, wandb_run_id: str | None):
         self.cfg = cfg
-        metrics.truncate_after(run_dir / "metrics.jsonl", resumed_step)  # a resumed run redoes later steps
+        metrics_file.truncate_after(run_dir / metrics_file.NAME, resumed_step)  # a resumed run redoes later steps
         wandb_run = None
         self.wandb_run_id = wandb_run_id
         if cfg.wandb:
             wandb_run, self.wandb_run_id = _start_wandb(cfg, run_dir, wandb_run_id)
-        self.log = metrics.MetricsLog(run_dir, wandb_run)
+        self.log = MetricsLog(run_dir, wandb_run)
         self.bar = None
         self.recent: list[float] = []
 
@@ -114,6 +119,49 @@ class RunLogger(NullLogger):
             self.log = None
 
 
+class MetricsLog:
+    """Appends one JSON object per record to RUN_DIR/metrics.jsonl (`metrics_file.encode`) and mirrors it to
+    WandB when enabled. Only the main rank creates one."""
+
+    def __init__(self, run_dir: Path, wandb_run=None):
+        self.path = Path(run_dir) / metrics_file.NAME
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.wandb_run = wandb_run
+
+    def log(self, step: int, values: dict) -> None:
+        self.file.write(metrics_file.encode(step, values))
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def wandb_mode() -> str:
+    """Decided before wandb.init, so that init never waits on a network it cannot reach: WANDB_MODE if
+    set; else offline without an API key (environment or ~/.netrc); else online only if the server answers."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        try:
+            has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (OSError, netrc.NetrcParseError):
+            has_key = False
+    if not has_key:
+        return "offline"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
+    except OSError:
+        return "offline"
+    return "online"
+
+
 def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):
     """A WandB run continuing `run_id` when resuming. The mode is chosen first (offline without a key or a
     network), so init never blocks; if init still fails the job goes on without WandB."""
@@ -126,7 +174,7 @@ def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):
             project=cfg.wandb_project,
             id=run_id,
             resume="allow",
-            mode=metrics.wandb_mode(),
+            mode=wandb_mode(),
             dir=str(run_dir),
             config=cfg.to_dict(),
             settings=wandb.Settings(init_timeout=60, silent=True),

@@ -1,5 +1,6 @@
-"""Training metrics: FLOPs per token, the devices' peaks they are measured against (MFU), and throughput.
-Where they go is the trainer's logger's business (`smollm_ref.train.logger`, `smollm_ref.metrics_file`).
+"""Training metrics: FLOPs per token and the devices' peaks they are measured against (MFU). The step's figures
+(time, tokens/s, MFU, epoch) are `smollm_ref.train.step_metrics`'; where they go is the trainer's logger's business
+(`smollm_ref.train.logger`, `smollm_ref.metrics_file`).
 
 MFU = achieved model FLOP/s / the device's peak. Model FLOPs per token follow PaLM (Chowdhery et al.
 2022, appendix B): 6N for the matmuls of forward and backward, N counting every weight a token is
@@ -82,22 +83,3 @@ def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
-
-
-class Throughput:
-    """Tokens per second of the last step, and averaged over this process's steps after the first
-    (the first includes warm-up: allocator, kernels, compilation)."""
-
-    def __init__(self):
-        self.steps = 0
-        self.timed_tokens = 0
-        self.timed_seconds = 0.0
-
-    def update(self, tokens: int, seconds: float) -> tuple[float, float]:
-        self.steps += 1
-        rate = tokens / max(seconds, 1e-9)
-        if self.steps > 1:
-            self.timed_tokens += tokens
-            self.timed_seconds += seconds
-        average = self.timed_tokens / self.timed_seconds if self.timed_seconds else rate
-        return rate, average

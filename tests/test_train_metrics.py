@@ -8,6 +8,7 @@ import pytest
 from smollm_ref import metrics, metrics_file
 from smollm_ref.config import ModelConfig
 from smollm_ref.train import logger
+from smollm_ref.train.step_metrics import Throughput
 
 
 def test_flops_per_token_of_smollm2_135m():
@@ -55,7 +56,7 @@ def test_peak_flops_known_devices_only(name, precision, peak):
 
 
 def test_average_throughput_leaves_out_the_first_step():
-    t = metrics.Throughput()
+    t = Throughput()
     assert t.update(100, 10.0) == (10.0, 10.0)  # nothing timed yet: the first step's own rate
     assert t.update(100, 1.0) == (100.0, 100.0)
     assert t.update(300, 1.0) == (300.0, 200.0)

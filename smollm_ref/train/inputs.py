@@ -212,7 +212,7 @@ def _workers(spec: str) -> int:
     path = Path(spec).expanduser()
     if path.is_file() and path.stat().st_size < 16 << 20:
         return 1
-    return data.store.usable_cores()
+    return data.tokenise.usable_cores()
 
 
 def eval_batches(n_windows: int, cfg: TrainConfig, d: distributed.Dist) -> list[list[int]]:

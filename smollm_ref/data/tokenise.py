@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import storage
+from ..console import say
 from ..storage import shown
 from .sources import DataError, iter_documents, json_kind, source_key
 from .store import (
@@ -312,9 +312,7 @@ class _ShardWriter:
 
 
 def _warn(message: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    say(f"warning: {message}")
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -86,7 +86,7 @@ def test_sharded_tokens_slice_like_one_array(lengths, data_):
 
 
 def test_two_workers_write_the_same_store_as_one(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(data.store, "BATCH_DOCS", 3)  # many small batches in flight
+    monkeypatch.setattr(data.tokenise, "BATCH_DOCS", 3)  # many small batches in flight
     docs = [f"def f{i}():\n    return {i * 7919} # é 中 \n" * (i % 5 + 1) for i in range(200)]
     spec = str(jsonl(tmp_path / "c.jsonl", docs))
     one = data.prepare(spec, tmp_path / "one", tok, workers=1, shard_tokens=500, progress=False)
@@ -117,8 +117,8 @@ def test_a_killed_prepare_continues_to_the_store_an_uninterrupted_one_makes(tmp_
     # SIGKILLed at a fixed point, not after a wait: as the third shard is about to be renamed into place
     # (its temporary written), so the outcome never depends on the machine's speed
     kill_at_third_shard = (
-        "import os, signal, sys; from smollm_ref.data import store, __main__ as cli; real = store._ShardWriter.close; "
-        "n = [0]; store._ShardWriter.close = lambda self, pos: (n.__setitem__(0, n[0] + 1), "
+        "import os, signal, sys; from smollm_ref.data import tokenise, __main__ as cli; real = tokenise._ShardWriter.close; "
+        "n = [0]; tokenise._ShardWriter.close = lambda self, pos: (n.__setitem__(0, n[0] + 1), "
         "os.kill(os.getpid(), signal.SIGKILL) if n[0] == 3 else real(self, pos)); sys.exit(cli.main(sys.argv[1:]))"
     )
     proc = subprocess.Popen(

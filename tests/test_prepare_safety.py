@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from trainer_runs import FORMAT1, argv, losses, tiny_options
 
 from smollm_ref import data, storage
-from smollm_ref.data import store as store_mod
+from smollm_ref.data import tokenise
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(FORMAT1 / "step_000002")  # a 300-token byte-level BPE with GPT-2's pre-tokenizer
@@ -98,8 +98,8 @@ def test_the_trainers_cache_waits_for_the_process_preparing_it(tok, tmp_path, mo
     directory.mkdir(parents=True)
     held = storage.DirectoryLock(directory).acquire()
     waiting = threading.Event()
-    real_warn = store_mod._warn
-    monkeypatch.setattr(store_mod, "_warn", lambda m: (real_warn(m), "waiting for it" in m and waiting.set()))
+    real_warn = tokenise._warn
+    monkeypatch.setattr(tokenise, "_warn", lambda m: (real_warn(m), "waiting for it" in m and waiting.set()))
     result = {}
     waiter = threading.Thread(
         target=lambda: result.setdefault("store", data.prepare_or_open(directory, spec, tok, workers=1, progress=False))
@@ -126,7 +126,7 @@ def test_under_torchrun_rank_0_prepares_the_cache_under_its_lock_while_the_other
 
 def unfinished_store(tmp_path: Path, tok, docs: list[str], monkeypatch) -> tuple[Path, str]:
     """A prepare that stopped after a few shards (a bad line later in its corpus), as a killed one does."""
-    monkeypatch.setattr(store_mod, "BATCH_DOCS", 2)  # shards are written before the bad line is read
+    monkeypatch.setattr(tokenise, "BATCH_DOCS", 2)  # shards are written before the bad line is read
     spec = tmp_path / "a.jsonl"
     spec.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) + "{not json\n")
     out = tmp_path / "store"
@@ -167,7 +167,7 @@ def killed_after_two_shards(tmp_path: Path, tok, docs: list[str], monkeypatch) -
     spec = str(jsonl(tmp_path / "a.jsonl", docs))
     calls = 0
 
-    def stop_after_two(self, position, real=store_mod._ShardWriter.close):
+    def stop_after_two(self, position, real=tokenise._ShardWriter.close):
         nonlocal calls
         calls += 1
         if calls == 3:
@@ -175,7 +175,7 @@ def killed_after_two_shards(tmp_path: Path, tok, docs: list[str], monkeypatch) -
         real(self, position)
 
     with monkeypatch.context() as m:
-        m.setattr(store_mod._ShardWriter, "close", stop_after_two)
+        m.setattr(tokenise._ShardWriter, "close", stop_after_two)
         with pytest.raises(KeyboardInterrupt):
             data.prepare(spec, tmp_path / "s", tok, tokenizer_source=TINY, workers=1, shard_tokens=37, progress=False)
     return tmp_path / "s", spec, json.loads((tmp_path / "s" / "progress.json").read_text())
@@ -231,9 +231,9 @@ _texts = st.lists(st.one_of(_atoms, st.text(max_size=6)), max_size=60).map("".jo
 def test_pieces_cut_where_tokens_cannot_change(tokenizers, which, doc, limit):
     tok = tokenizers[which]
     backend = tok.backend_tokenizer
-    assert data.store.exact_pieces(backend.to_str())
+    assert data.tokenise.exact_pieces(backend.to_str())
     keep = tuple(a.content for a in tok.added_tokens_decoder.values())
-    cuts = data.store.cut_points(doc, limit, keep)
+    cuts = data.tokenise.cut_points(doc, limit, keep)
     bounds = [0, *(c for c, _ in cuts), len(doc)]
     # an added token is never cut: a piece may pass the limit by at most the longest one
     assert all(0 < b - a <= limit + max(map(len, keep)) for a, b in zip(bounds, bounds[1:])) or len(doc) == 0
@@ -246,23 +246,23 @@ def test_pieces_cut_where_tokens_cannot_change(tokenizers, which, doc, limit):
 
 
 def test_a_long_document_is_tokenised_in_pieces_with_the_whole_documents_tokens(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(store_mod, "PIECE_CHARS", 64)
+    monkeypatch.setattr(tokenise, "PIECE_CHARS", 64)
     seen = []
-    real_encode = store_mod._encode
-    monkeypatch.setattr(store_mod, "_encode", lambda batch, *a: (seen.extend(map(len, batch)), real_encode(batch, *a))[1])
+    real_encode = tokenise._encode
+    monkeypatch.setattr(tokenise, "_encode", lambda batch, *a: (seen.extend(map(len, batch)), real_encode(batch, *a))[1])
     docs = ["short one", "def f(x):\n    return x + 1  # it's 12\n" * 40, "tail"]
     out = data.prepare(str(jsonl(tmp_path / "c.jsonl", docs)), tmp_path / "s", tok, workers=1, shard_tokens=50, progress=False)
     assert np.asarray(out.tokens()).tolist() == expected_tokens(tok, docs)
     assert max(seen) <= 64 and len(seen) > 20  # the 1,480-character document went through in pieces
-    monkeypatch.setattr(store_mod, "_encode", real_encode)  # the workers' own
+    monkeypatch.setattr(tokenise, "_encode", real_encode)  # the workers' own
     two = data.prepare(str(tmp_path / "c.jsonl"), tmp_path / "t", tok, workers=2, shard_tokens=50, progress=False)
     assert [s["sha256"] for s in two.shards] == [s["sha256"] for s in out.shards]
 
 
 def test_a_long_stretch_without_whitespace_is_cut_at_the_limit_and_said(tok, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(store_mod, "PIECE_CHARS", 64)
+    monkeypatch.setattr(tokenise, "PIECE_CHARS", 64)
     eot = "<|endoftext|>"
-    assert data.store.cut_points("a" * 60 + eot + "a" * 60, 64, (eot,))[0] == (60, False)  # never inside one
+    assert data.tokenise.cut_points("a" * 60 + eot + "a" * 60, 64, (eot,))[0] == (60, False)  # never inside one
     docs = ["ok", "x" * 1000 + eot + "y" * 500]
     out = data.prepare(str(jsonl(tmp_path / "c.jsonl", docs)), tmp_path / "s", tok, workers=1, progress=False)
     tokens = np.asarray(out.tokens()).tolist()
@@ -274,27 +274,27 @@ def test_a_long_stretch_without_whitespace_is_cut_at_the_limit_and_said(tok, tmp
 
 def test_a_killed_prepare_continues_inside_a_long_document(tok, tmp_path, monkeypatch):
     """A shard ends inside a document's pieces: continuing skips exactly the tokens already written."""
-    monkeypatch.setattr(store_mod, "PIECE_CHARS", 32)
+    monkeypatch.setattr(tokenise, "PIECE_CHARS", 32)
     docs = [("the quick brown fox " * 30) + "\n", "end"]
     spec = tmp_path / "a.jsonl"
     spec.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     straight = data.prepare(str(spec), tmp_path / "straight", tok, workers=1, shard_tokens=37, progress=False)
     calls = 0
 
-    def stop_after_two(self, position, real=store_mod._ShardWriter.close):
+    def stop_after_two(self, position, real=tokenise._ShardWriter.close):
         nonlocal calls
         calls += 1
         if calls == 3:
             raise KeyboardInterrupt
         real(self, position)
 
-    monkeypatch.setattr(store_mod._ShardWriter, "close", stop_after_two)
+    monkeypatch.setattr(tokenise._ShardWriter, "close", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         data.prepare(str(spec), tmp_path / "s", tok, workers=1, shard_tokens=37, progress=False)
     progress = json.loads((tmp_path / "s" / "progress.json").read_text())
     assert progress["documents"] == 0 and progress["offset"] == 74  # stopped inside the long document
     monkeypatch.undo()
-    monkeypatch.setattr(store_mod, "PIECE_CHARS", 32)
+    monkeypatch.setattr(tokenise, "PIECE_CHARS", 32)
     resumed = data.prepare(str(spec), tmp_path / "s", tok, workers=1, shard_tokens=37, progress=False)
     assert [s["sha256"] for s in resumed.shards] == [s["sha256"] for s in straight.shards]
     assert np.asarray(resumed.tokens()).tolist() == expected_tokens(tok, docs)
@@ -325,7 +325,7 @@ def test_the_trainers_worker_count_is_the_usable_cores(tmp_path, monkeypatch):
     big = tmp_path / "big.txt"
     with open(big, "wb") as f:
         f.truncate(32 << 20)  # sparse: large enough for the parallel path
-    assert inputs._workers(str(big)) == 3 and data.store.usable_cores() == 3
+    assert inputs._workers(str(big)) == 3 and data.tokenise.usable_cores() == 3
     with pytest.raises(data.DataError, match="--workers 4 is more than the 3 core"):
         data.prepare("stdlib", tmp_path / "s", None, workers=4)
 
@@ -342,7 +342,7 @@ def test_a_full_disk_while_writing_a_shard_is_one_line_and_leaves_no_temporary(t
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(store_mod.os, "fsync", fsync)
+    monkeypatch.setattr(tokenise.os, "fsync", fsync)
     spec = str(jsonl(tmp_path / "c.jsonl", ["some words here\n" * 10] * 20))
     with pytest.raises(data.DataError, match="no space left on the device holding") as info:
         data.prepare(spec, tmp_path / "s", tok, workers=1, shard_tokens=64, progress=False)

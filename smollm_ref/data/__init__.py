@@ -5,7 +5,8 @@ processes, into memory-mapped shards) -> windows read in a seeded order.
               chat records (stdlib-chat, .jsonl or hf: with `messages`)
     conversations  chat data for fine-tuning: encoded, held out, packed into rows
     stdlib_chat    the embedded chat set
-    store     token stores: `prepare` (parallel, bounded memory, resumable), `Store`, the trainer's cache
+    store     token stores: their format, `Store` (opened, verified, memory-mapped)
+    tokenise  `prepare` a token store (parallel, bounded memory, resumable), the trainer's cache
     batches   the validation split, windows of seq_len + 1 tokens, their order
 
 `python -m smollm_ref.data prepare SPEC --out DIR` builds a store; `--data DIR` trains from it. Every
@@ -25,19 +26,8 @@ from .sources import (
     read_documents,
     source_key,
 )
-from .store import (
-    DEFAULT_SHARD_TOKENS,
-    ShardedTokens,
-    Store,
-    cached_store,
-    is_store,
-    prepare,
-    prepare_or_open,
-    separator_id,
-    store_dir,
-    token_dtype,
-    tokenizer_fingerprint,
-)
+from .store import ShardedTokens, Store, is_store, separator_id, token_dtype, tokenizer_fingerprint
+from .tokenise import DEFAULT_SHARD_TOKENS, cached_store, prepare, prepare_or_open, store_dir
 
 __all__ = [
     "CHAT_DATA",

@@ -10,7 +10,8 @@ import time
 
 from ..arguments import ArgumentParser, whole_number
 from .sources import DataError
-from .store import DEFAULT_SHARD_TOKENS, Store, check_workers, prepare, usable_cores
+from .store import Store
+from .tokenise import DEFAULT_SHARD_TOKENS, check_workers, prepare, usable_cores
 
 
 def _positive(text: str) -> int:

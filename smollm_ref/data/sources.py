@@ -15,7 +15,8 @@ A data *spec* is one of:
   - a directory written by `python -m smollm_ref.data prepare` (a token store; see `store.py`).
 
 `source_key` identifies a spec's content without reading it (file names, sizes and modification times;
-a Hub id by name), so every rank agrees on the token store without streaming the corpus.
+a Hub id by name), so every rank agrees on the token store without streaming the corpus. Chat specs
+(`stdlib-chat`, a .jsonl file or hf:...) are read as records instead (`iter_records`).
 """
 
 from __future__ import annotations
@@ -41,9 +42,6 @@ CODE_SUFFIXES = frozenset(".py .pyi .c .h .cc .cpp .hpp .rs .go .java .js .ts .r
 
 class DataError(ValueError):
     """Unusable training data; the message says what is wrong and what to do."""
-
-
-# ---- documents ---------------------------------------------------------------------------------------------
 
 
 def _stdlib_documents() -> list[str]:
@@ -292,9 +290,6 @@ def source_key(spec: str, text_field: str = "text") -> str:
         st = path.stat()
         h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()[:32]
-
-
-# ---- chat records -------------------------------------------------------------------------------------------
 
 
 def iter_records(spec: str) -> Iterator[object]:

@@ -15,15 +15,9 @@ import warnings
 from pathlib import Path
 
 from .. import metrics_file
+from ..console import say
 from .evaluator import brief
 from .options import TrainConfig
-
-
-def say(message: str) -> None:
-    """A console line that does not break the progress bar."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(message, file=sys.stderr)
 
 
 class NullLogger:

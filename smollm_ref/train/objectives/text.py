@@ -133,7 +133,7 @@ def _workers(spec: str) -> int:
     path = Path(spec).expanduser()
     if path.is_file() and path.stat().st_size < 16 << 20:
         return 1
-    return data.store.usable_cores()
+    return data.tokenise.usable_cores()
 
 
 class TextObjective:

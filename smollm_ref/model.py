@@ -263,12 +263,15 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
+IGNORE_INDEX = -100  # a label the loss skips: PyTorch's cross_entropy default, and transformers' convention
+
+
 class CausalLMOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, V), or (B, logits_to_keep, V)
     loss: torch.Tensor | None = None
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean next-token cross-entropy; position t predicts labels[t + 1]. Logits are upcast to float32 and
     labels shifted by padding, in the same order as transformers' `ForCausalLMLoss`."""
     logits = logits.float()
@@ -276,7 +279,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=ignore_index)
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the next-token cross-entropies, number of tokens scored), with `causal_lm_loss`'s shift:
     sum / count is its mean. An optimizer step over several micro-batches (or ranks) adds both up and
     divides once, so every trained token weighs the same however the tokens fall into micro-batches."""

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
+from ..model import IGNORE_INDEX
 from ..storage import shown
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 TOOL_KEYS = ("tool_calls", "function_call")  # OpenAI's tool calls, current and older
 

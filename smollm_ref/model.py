@@ -279,7 +279,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=ignore_index)
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the next-token cross-entropies, number of tokens scored), with `causal_lm_loss`'s shift:
     sum / count is its mean. An optimizer step over several micro-batches (or ranks) adds both up and
     divides once, so every trained token weighs the same however the tokens fall into micro-batches."""

@@ -14,7 +14,6 @@ whose manifest is missing or whose files do not match it is skipped with a warni
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,7 +29,6 @@ import numpy as np
 import torch
 
 from . import storage
-from .weights import _sha256
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
@@ -53,7 +51,7 @@ def _fsync(path: Path) -> None:
 
 def file_entry(path: Path) -> dict:
     """A manifest's record of one file: its SHA-256 and size."""
-    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    return {"sha256": storage.sha256_file(path), "bytes": path.stat().st_size}
 
 
 def step_dir_name(step: int) -> str:
@@ -184,12 +182,8 @@ def _verify_file(directory: Path, name, entry) -> None:
             raise CheckpointError(
                 f"checkpoint {directory}: {name} has {st.st_size} bytes, its manifest says {size} (corrupt or half-written)"
             )
-        h = hashlib.sha256()
-        left = st.st_size
-        while left > 0 and (chunk := f.read(min(left, 1 << 20))):
-            h.update(chunk)
-            left -= len(chunk)
-    if h.hexdigest() != entry["sha256"]:
+        digest = storage.sha256_file(f, limit=st.st_size)
+    if digest != entry["sha256"]:
         raise CheckpointError(f"checkpoint {directory}: {name} does not match its checksum (corrupt or half-written)")
 
 
@@ -242,14 +236,6 @@ def load_latest(path: str | Path, load: Callable[[Path], T]) -> tuple[Path, T]:
             f"checkpoint {found} was removed while it was being read ({e.filename or e}), twice; a trainer "
             "is pruning this run's checkpoints: pass one it keeps, or try again"
         ) from None
-
-
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device=None):
-    """(checkpoint directory, model) of the checkpoint `find(path)` picks: verified against its manifest,
-    then loaded with `weights.from_directory`, retried once if pruned in between (`load_latest`)."""
-    from .weights import from_directory
-
-    return load_latest(path, lambda directory: from_directory(directory, dtype=dtype, device=device))
 
 
 def load_state(directory: Path) -> dict:

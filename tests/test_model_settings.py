@@ -138,7 +138,7 @@ def test_every_other_gguf_llama_key_with_a_non_neutral_value_is_refused_naming_i
 
 
 def test_the_keys_the_reader_knows_are_gguf_keys():
-    from smollm_ref.weights import _GGUF_NEUTRAL, _GGUF_READ
+    from smollm_ref.weights.gguf import _GGUF_NEUTRAL, _GGUF_READ
 
     known = set(_gguf_llama_keys())
     assert {f"llama.{k}" for k in _GGUF_READ | set(_GGUF_NEUTRAL)} <= known

@@ -258,7 +258,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_it_is_built(tmp_pat
     if case == "1e11":
         batch = 100_000_000_000
     else:
-        monkeypatch.setattr("smollm_ref.weights.available_memory", lambda: 1 << 20)
+        monkeypatch.setattr("smollm_ref.storage.available_memory", lambda: 1 << 20)
         batch = 256  # 256 x 32 tokens x (2 layers x 32 x 2 bytes + 16) = 1.2 MB
     opts = options(tmp_path, batch_size=batch)
     assert train.main(argv(opts)) == 2

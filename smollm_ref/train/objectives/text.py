@@ -90,7 +90,7 @@ def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | N
         store = data.Store(cfg.data)
         store.check_tokenizer(tokenizer)
     else:
-        from ...weights import cache_dir
+        from ...storage import cache_dir
 
         directory = data.store_dir(cfg.data, tokenizer, cache_dir() / "tokens", cfg.text_field, budget)
         if d.is_main:

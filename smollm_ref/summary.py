@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .arguments import ArgumentParser, whole_number
-from .config import ModelConfig, preset_names
+from .config import preset_names
 from .model import LlamaForCausalLM
 
 
@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             ours = from_pretrained(args.model)
             config = ours.config
         else:
-            config = ModelConfig.from_name(args.config or "smollm2-135m")
+            from .weights import read_config
+
+            config = read_config(args.config or "smollm2-135m")
             torch.manual_seed(0)
             ours = LlamaForCausalLM(config).eval()
     except (ValueError, OSError) as e:  # SourceError and CheckpointError among them

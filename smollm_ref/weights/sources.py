@@ -96,7 +96,7 @@ def pypi_gguf_path(download: bool = True) -> Path:
     return cached
 
 
-def _looks_like_hub_id(source: str) -> bool:
+def looks_like_hub_id(source: str) -> bool:
     parts = source.split("/")
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~")) and not source.endswith(".gguf")
 
@@ -153,7 +153,7 @@ def resolve(source: str | os.PathLike, files: str = "model") -> tuple[str, Path]
         )
     if path.exists():  # a FIFO or a device: reading it would hang or never end
         raise SourceError(f"model source {path} is not a regular file or a directory; pass a .gguf file or a model directory")
-    if _looks_like_hub_id(source):
+    if looks_like_hub_id(source):
         patterns = ["*.json", "*.safetensors"] if files == "model" else ["*.json", "*.txt", "*.model"]
         snapshot = _hub_snapshot(source, patterns)
         if files == "model" and not any(snapshot.glob("*.safetensors")):

@@ -20,9 +20,9 @@ from ..model import LlamaForCausalLM
 from .sources import SourceError
 
 
-def _check_regular(path: Path, what: str) -> None:
+def check_regular(path: Path, what: str) -> None:
     """Weights are read from regular files only: opening a FIFO blocks until a writer comes, and a device
-    such as /dev/zero never ends. FileNotFoundError passes through (see `_reading`)."""
+    such as /dev/zero never ends. FileNotFoundError passes through (see `reading`)."""
     info = os.stat(path)
     if not stat.S_ISREG(info.st_mode):
         raise SourceError(f"{path} is not a regular file (a FIFO, device or directory); give a {what} that is one")
@@ -40,25 +40,25 @@ def read_state_dict(directory: Path, config: ModelConfig | None = None) -> dict[
         check_fits_memory(config)
     files = sorted(directory.glob("*.safetensors"))
     for f in files:
-        _check_regular(f, "safetensors file")
+        check_regular(f, "safetensors file")
     if files:
         if config is not None:
             shapes = {}
             for f in files:
-                with _reading(f, "safetensors file"), safe_open(f, "pt") as sf:
+                with reading(f, "safetensors file"), safe_open(f, "pt") as sf:
                     shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
             check_shapes(config, shapes, directory)
         state = {}
         for f in files:
-            with _reading(f, "safetensors file"):
+            with reading(f, "safetensors file"):
                 state.update(load_file(f))
         return state
     bins = sorted(directory.glob("pytorch_model*.bin"))
     if bins:
         state = {}
         for f in bins:
-            _check_regular(f, "PyTorch weights file")
-            with _reading(f, "PyTorch weights file"):
+            check_regular(f, "PyTorch weights file")
+            with reading(f, "PyTorch weights file"):
                 state.update(torch.load(f, map_location="cpu", weights_only=True))
         if config is not None:
             check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, directory)
@@ -69,7 +69,7 @@ def read_state_dict(directory: Path, config: ModelConfig | None = None) -> dict[
 
 
 @contextlib.contextmanager
-def _reading(path: Path, what: str):
+def reading(path: Path, what: str):
     """Whatever a weights reader raises on a damaged or hostile file becomes a one-line SourceError.
     FileNotFoundError passes through: a checkpoint pruned under a reader is retried (`checkpoint.load_latest`)."""
     try:
@@ -155,7 +155,7 @@ def from_directory(
     """A model from a transformers directory (config.json and weights), its config checked against the
     weights' headers and the free memory before the model is allocated (see `read_state_dict`)."""
     config = ModelConfig.from_json(Path(directory) / "config.json")
-    return _to_model(config, read_state_dict(Path(directory), config), dtype, device)
+    return to_model(config, read_state_dict(Path(directory), config), dtype, device)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device=None) -> tuple[Path, LlamaForCausalLM]:
@@ -164,7 +164,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device=None) 
     return checkpoint.load_latest(path, lambda directory: from_directory(directory, dtype=dtype, device=device))
 
 
-def _to_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype, device) -> LlamaForCausalLM:
+def to_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype, device) -> LlamaForCausalLM:
     model = LlamaForCausalLM(config)
     load_into(model, state)
     model.to(device=device or "cpu", dtype=dtype or torch.float32)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import smollm_ref.fast
-from smollm_ref.fast import FastGenerator
+from smollm_ref.fast import FastGenerator, fast_generate
 from smollm_ref.generate import TextStream, generate, sample_next, stream
 from smollm_ref.model import LlamaForCausalLM
 from tests.conftest import tiny_config
@@ -65,6 +65,40 @@ def test_stops_at_eos_and_pads_finished_rows():
     assert out == [until_eos(r, stop) for r in free]
     single = generate(model, ids[:1], 10, eos_token_id=eos)[0, 5:].tolist()
     assert single == free[0][: free[0].index(eos) + 1]  # stopped as soon as the only row finished
+
+
+def ended_at_eos(free, eos, length):
+    """What a decode with EOS ids `eos` must give, from the rows `free` gave without EOS: each row up to and
+    including its first token that is any EOS id, then EOS padding (the first id); the decode stops when every
+    row has ended, after `length` tokens at most."""
+    cuts = [next((j + 1 for j, token in enumerate(row) if token in eos), len(row)) for row in free]
+    stop = min(length, max(cuts))
+    return [(row[:cut] + [eos[0]] * length)[:stop] for row, cut in zip(free, cuts)]
+
+
+NEW_TOKENS = {  # each decoder's new tokens (B, n)
+    "generate": lambda model, ids, n, **kw: generate(model, ids, n, **kw)[:, ids.shape[1] :],
+    "fast_generate": lambda model, ids, n, **kw: fast_generate(model, ids, n, **kw)[:, ids.shape[1] :],
+    "stream": lambda model, ids, n, **kw: torch.stack(list(stream(model, ids, n, **kw)), 1),
+}
+
+
+@pytest.mark.parametrize("decoder", sorted(NEW_TOKENS))
+@pytest.mark.parametrize("sampled", [False, True])
+def test_each_row_ends_at_its_first_eos_and_is_padded_with_the_first_id(decoder, sampled):
+    """The EOS rule both decode loops share (`sampling.Sampler`), held against a run without EOS rather
+    than one loop against the other. Sampled: one row, so that its draws are those of the run without EOS."""
+    model, decode = varied_model(), NEW_TOKENS[decoder]
+    ids = torch.randint(3, 256, (1 if sampled else 2, 5), generator=torch.Generator().manual_seed(0))
+    options = dict(temperature=1.0, top_k=50) if sampled else {}
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    free = decode(model, ids, 12, eos_token_id=[], generator=g(), **options).tolist()
+    eos = [free[-1][6], free[0][2]]  # the first id ends the last row, the second ends row 0 earlier
+    expected = ended_at_eos(free, eos, 12)
+    assert eos[0] != eos[1] and len(expected[0]) < 12 and expected[0][2] == eos[1]  # the check can fail
+    if not sampled:
+        assert expected[0][-1] == eos[0]  # row 0 is padded, with the first id, not the one it ended on
+    assert decode(model, ids, 12, eos_token_id=eos, generator=g(), **options).tolist() == expected
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model):

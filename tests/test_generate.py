@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import smollm_ref.fast
 from smollm_ref.fast import FastGenerator, fast_generate
-from smollm_ref.generate import TextStream, generate, sample_next, stream
+from smollm_ref.generate import SamplingParams, TextStream, generate, sample_next, stream
 from smollm_ref.model import LlamaForCausalLM
 from tests.conftest import tiny_config
 
@@ -348,6 +348,66 @@ def test_every_decoder_refuses_a_bad_sampling_option_by_name(model, option, valu
     for call in calls:
         with pytest.raises(ValueError, match=option):
             call()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_new_tokens", -1), ("max_new_tokens", 2.0), ("temperature", 1e-4), ("temperature", float("inf"))]
+    + [("temperature", None), ("top_k", 0), ("top_k", True), ("top_p", 0.0), ("top_p", 1.5), ("top_p", "0.9")],
+)
+def test_sampling_params_refuse_a_bad_value_naming_the_field_first(field, value):
+    """The demo puts "Settings." before these messages: each starts with the field's name."""
+    with pytest.raises(ValueError, match=f"^{field} must be "):
+        SamplingParams(**{"max_new_tokens": 3, field: value})
+
+
+def test_sampling_params_are_frozen_and_name_generation_configs_fields():
+    from dataclasses import FrozenInstanceError, fields
+
+    from transformers import GenerationConfig
+
+    params = SamplingParams(5)
+    assert (params.temperature, params.top_k, params.top_p) == (0.0, None, None)
+    with pytest.raises(FrozenInstanceError):
+        params.temperature = 1.0
+    assert all(hasattr(GenerationConfig(), f.name) for f in fields(SamplingParams))
+
+
+def text_stream_tokens(model, ids, **kwargs):
+    out = TextStream(model, ByteTokenizer(), ids, **kwargs)
+    list(out)
+    return torch.tensor([out.tokens])
+
+
+@pytest.mark.parametrize(
+    "decoder",
+    [
+        lambda model, ids, **kw: generate(model, ids, **kw)[:, ids.shape[1] :],
+        lambda model, ids, **kw: generate(model, ids, fast=True, **kw)[:, ids.shape[1] :],
+        lambda model, ids, **kw: fast_generate(model, ids, **kw)[:, ids.shape[1] :],
+        lambda model, ids, **kw: FastGenerator(model).generate(ids, **kw)[:, ids.shape[1] :],
+        lambda model, ids, **kw: torch.stack(list(stream(model, ids, **kw)), 1),
+        text_stream_tokens,
+    ],
+    ids=["generate", "generate-fast", "fast_generate", "FastGenerator", "stream", "TextStream"],
+)
+def test_every_decoder_takes_its_options_as_keywords_or_as_sampling_params_alone(decoder):
+    model = varied_model()
+    ids = torch.randint(3, 256, (1, 4), generator=torch.Generator().manual_seed(1))
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    keywords = dict(max_new_tokens=9, temperature=0.9, top_k=40, top_p=0.95)
+    params = SamplingParams(**keywords)
+    by_keywords = decoder(model, ids, **keywords, eos_token_id=[], generator=g())
+    assert by_keywords.shape == (1, 9) and len(set(by_keywords[0].tolist())) > 3  # sampled: the check can fail
+    assert torch.equal(decoder(model, ids, sampling=params, eos_token_id=[], generator=g()), by_keywords)
+    # Both ways at once could disagree: refused, even with a keyword at its default value.
+    for name, value in [("max_new_tokens", 9), ("temperature", 0.0), ("top_k", None), ("top_p", None)]:
+        with pytest.raises(ValueError, match=f"sampling= came with {name}=; .* not both"):
+            decoder(model, ids, sampling=params, **{name: value})
+    with pytest.raises(ValueError, match="sampling must be a SamplingParams, got {'max_new_tokens': 9"):
+        decoder(model, ids, sampling=keywords)
+    with pytest.raises(TypeError, match="max_new_tokens is required"):
+        decoder(model, ids, temperature=0.9)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..model import LlamaForCausalLM
-from ..sampling import check_args, eos_ids, left_align, sample_next
+from ..sampling import MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Sampler, SamplingParams, check_args, eos_ids, left_align
 from .forward import causal_attention, decoder_layer, elementwise_rope, refuse_unsupported, rms_norm, rope_table
 from .packing import PackCache, PackedWeights, linear
 
@@ -182,44 +182,44 @@ class FastGenerator:
     def generate(
         self,
         input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        temperature: float = TEMPERATURE,
+        top_k: int | None = TOP_K,
+        top_p: float | None = TOP_P,
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
+        *,
+        sampling: SamplingParams | None = None,
     ) -> torch.Tensor:
-        """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n); ValueError for an
-        argument no decode can run with, checked the same way (`sampling.check_args`), for padding, and where
-        the model in its present mode computes something the fast decoder does not (attention dropout in
-        training mode, `forward.unsupported`)."""
+        """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n); the sampling options
+        as keywords or as one `sampling=SamplingParams(...)`, not both; ValueError for an argument no decode
+        can run with, checked the same way (`sampling.check_args`), for padding, and where the model in its
+        present mode computes something the fast decoder does not (attention dropout in training mode,
+        `forward.unsupported`)."""
         refuse_unsupported(self.model, "FastGenerator")
-        check_args(self.model, input_ids, max_new_tokens, temperature, top_k, top_p)
+        params = check_args(self.model, input_ids, sampling, max_new_tokens, temperature, top_k, top_p)
         eos = eos_ids(eos_token_id, self.config.eos_token_id)
         if attention_mask is not None and left_align(input_ids, attention_mask)[1] is not None:
             raise ValueError("FastGenerator does not take padded batches; use smollm_ref.generate.generate for those")
+        max_new_tokens = params.max_new_tokens
         if max_new_tokens == 0:
             return input_ids
         packed = self.packed(input_ids.shape[0])
         device = input_ids.device
-        stop_ids = torch.tensor(eos, device=device, dtype=torch.long)
         b, t = input_ids.shape
         max_len = t + max_new_tokens
         # The residual stream runs in the embedding's dtype; cos/sin follow it, as in the reference.
         tables = self._rope(max_len, device, packed.embed.dtype)
         cache = self._cache(b, max_len, packed.dtype, device)
         logits = forward_cached(packed, self.config, cache, input_ids, 0, tables)
-        unfinished = torch.ones(b, dtype=torch.bool, device=device)
+        pick = Sampler(params, eos, b, device, generator)
         steps = []
         pos = torch.tensor(t, device=device) if self.compiled else t
         for i in range(max_new_tokens):
-            next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
-            if stop_ids.numel():
-                next_tokens = torch.where(unfinished, next_tokens, stop_ids[0])
-                unfinished &= ~torch.isin(next_tokens, stop_ids)
+            next_tokens = pick(logits)
             steps.append(next_tokens)
-            if i == max_new_tokens - 1 or (stop_ids.numel() and not unfinished.any()):
+            if i == max_new_tokens - 1 or pick.finished:
                 break
             if self.compiled:
                 logits = self._step(packed, self.config, cache, next_tokens[:, None], pos, tables[0], tables[1])
@@ -241,9 +241,12 @@ def _tensors(packed: PackedWeights) -> list[torch.Tensor]:
 _GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def fast_generate(model: LlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+def fast_generate(
+    model: LlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int = MAX_NEW_TOKENS, **kwargs
+) -> torch.Tensor:
     """`FastGenerator(model).generate(...)` with one eager FastGenerator kept per model (packed weights and
-    cache reused across calls, repacked when the weights change). Same arguments as `generate.generate`."""
+    cache reused across calls, repacked when the weights change). Same arguments as `generate.generate`
+    (`sampling=` among them), less `fast`."""
     if model not in _GENERATORS:
         _GENERATORS[model] = FastGenerator(model)
     return _GENERATORS[model].generate(input_ids, max_new_tokens, **kwargs)

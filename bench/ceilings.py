@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from smollm_ref import metrics
 from smollm_ref.config import ModelConfig
 from smollm_ref.fast import tuning
-from smollm_ref.fast.packing import _linear, choose_layouts, onednn_available, pack_weights, relayout
+from smollm_ref.fast.packing import choose_layouts, linear, onednn_available, pack_weights, relayout
 
 # What the CPU has for matmuls; recorded in the JSON beside every figure.
 CPU_FLAGS = (
@@ -315,7 +315,7 @@ def _gemv_pass(packed, repeats: int) -> tuple[int, float]:
 
     def gemv_pass():
         for w in matrices:
-            _linear(xs[w.shape[1]], w)
+            linear(xs[w.shape[1]], w)
 
     return weight_bytes, weight_bytes / _best_seconds(gemv_pass, packed.lm_head.device, repeats)
 

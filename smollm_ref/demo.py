@@ -26,7 +26,7 @@ from .arguments import ArgumentParser, whole_number
 from .checkpoint import step_of
 from .generate import TextStream, check_device
 from .model import LlamaForCausalLM
-from .sampling import check_sampling
+from .sampling import SamplingParams
 from .storage import is_int, shown
 from .weights import PYPI_SOURCE, SourceError
 
@@ -79,18 +79,21 @@ class Settings:
 
     def __post_init__(self):
         # The page's own conventions first (0 and 1 mean off, at least one token), then the check every
-        # decoder makes (`sampling.check_sampling`), so the page refuses what `generate` refuses.
+        # decoder makes (`SamplingParams`), so the page refuses what `generate` refuses.
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"Settings.max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
         if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"Settings.top_k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
         if self.top_p is None:
             raise ValueError("Settings.top_p must be a number in (0, 1] (1 = off), got None")
-        check_sampling(self.max_new_tokens, self.temperature, self.top_k or None, self.top_p, where="Settings.")
+        try:
+            SamplingParams(self.max_new_tokens, self.temperature, self.top_k or None, self.top_p)
+        except ValueError as e:  # its messages start with the field's name
+            raise ValueError(f"Settings.{e}") from None
 
-    def sampling(self) -> dict:
-        """The keyword arguments `generate`, `stream` and `TextStream` take for these settings."""
-        return dict(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p if self.top_p < 1.0 else None)
+    def sampling(self) -> SamplingParams:
+        """What `generate`, `stream` and `TextStream` take as `sampling=` for these settings."""
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_k or None, self.top_p if self.top_p < 1.0 else None)
 
     @classmethod
     def from_page(cls, *controls) -> Settings:
@@ -183,8 +186,8 @@ class Demo:
         rng = torch.Generator(device=device)
         rng.seed()
         notice = "".join(f"  \n⚠️ {n}" for n in notes)
-        out = TextStream(self.model, self.tokenizer, torch.tensor([ids], device=device), settings.max_new_tokens, eos_ids,
-                         generator=rng, **settings.sampling())  # fmt: skip
+        prompt = torch.tensor([ids], device=device)
+        out = TextStream(self.model, self.tokenizer, prompt, eos_token_id=eos_ids, generator=rng, sampling=settings.sampling())
         for text in out:
             yield text, f"{len(out.tokens)} tokens · {out.rate:.1f} tokens/s" + notice
         end = "end of text" if out.hit_eos else "max new tokens"

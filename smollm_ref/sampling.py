@@ -1,4 +1,4 @@
-"""What every decoder shares: the check of its arguments and the choice of the next token from logits.
+"""What every decoder shares: its sampling options, the check of its arguments and the choice of the next tokens.
 
 `generate` (the reference loop) and `fast` (the static-cache loop) both import this module and nothing
 from each other, so a decode loop's contract lives in one place.
@@ -7,28 +7,88 @@ from each other, so a decode loop's contract lives in one place.
 from __future__ import annotations
 
 import math
+from dataclasses import MISSING, dataclass
 
 import torch
 
-from .storage import is_int, is_number
+from .storage import is_int, is_number, shown
 
 # Below this, logits / temperature overflows float32 for ordinary logits (1e-45 turns every one into inf and
 # the softmax into NaN); 0 asks for greedy decoding, which is what a tiny temperature would approach.
 MIN_TEMPERATURE = 1e-3
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, where: str = "") -> None:
-    """Raise ValueError naming the sampling option that no decode can run with, and its valid range: what
-    every decoder (`generate`, `FastGenerator`, the demo's `Settings`) accepts. A value of the wrong type
-    (None, text, a bool, NaN) is refused by name too. `where` prefixes the option's name in the message."""
-    if not is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"{where}max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not is_number(temperature) or not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
-        raise ValueError(f"{where}temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature!r}")
-    if top_k is not None and (not is_int(top_k) or top_k <= 0):
-        raise ValueError(f"{where}top_k must be a positive integer or None (off), got {top_k!r}")
-    if top_p is not None and not (is_number(top_p) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"{where}top_p must be in (0, 1] (a number) or None (off), got {top_p!r}")
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a decode picks its tokens, named as transformers' `GenerationConfig` names them: at most
+    `max_new_tokens` new tokens per row; temperature 0 is greedy (argmax), a positive one samples, from the
+    `top_k` most likely tokens and the smallest set of probability >= `top_p` when those are not None.
+    Every decoder (`generate`, `stream`, `TextStream`, `FastGenerator`, the demo's page) takes these.
+
+    Raises ValueError naming the first field no decode can run with, and its valid range: max_new_tokens an
+    integer >= 0; temperature 0 or a finite number >= MIN_TEMPERATURE; top_k an integer > 0 or None; top_p
+    a number in (0, 1] or None. A value of the wrong type (None, text, a bool, NaN) is refused by name too.
+    Every message starts with the field's name."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        t = self.temperature
+        if not is_number(t) or not (t == 0 or MIN_TEMPERATURE <= t < math.inf):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {t!r}")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k <= 0):
+            raise ValueError(f"top_k must be a positive integer or None (off), got {self.top_k!r}")
+        if self.top_p is not None and not (is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (a number) or None (off), got {self.top_p!r}")
+
+
+class Unset:
+    """The default of a decoder's sampling keyword (`max_new_tokens`, `temperature`, `top_k`, `top_p`): the
+    caller did not pass it. The keyword then means SamplingParams' default, or the field of `sampling=` when
+    that is given; passing both is refused (`sampling_params`), as the two could disagree. Its repr is that
+    default, so a signature reads as a plain one."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        default = SamplingParams.__dataclass_fields__[self.name].default
+        return "<required>" if default is MISSING else repr(default)
+
+
+MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P = (Unset(name) for name in ("max_new_tokens", "temperature", "top_k", "top_p"))
+
+
+def sampling_params(
+    sampling: SamplingParams | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_k: int | None = TOP_K,
+    top_p: float | None = TOP_P,
+) -> SamplingParams:
+    """The options a decoder was given, as one SamplingParams: `sampling` itself, or one built from the
+    keywords that were passed. ValueError when `sampling` is not a SamplingParams or comes with any of the
+    keywords, and for a keyword no decode can run with (`SamplingParams`); TypeError when neither
+    `sampling` nor `max_new_tokens` is given."""
+    keywords = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    given = {name: value for name, value in keywords.items() if not isinstance(value, Unset)}
+    if sampling is None:
+        if "max_new_tokens" not in given:
+            raise TypeError("max_new_tokens is required, or sampling=SamplingParams(max_new_tokens, ...)")
+        return SamplingParams(**given)
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be a SamplingParams, got {shown(sampling)}")
+    if given:
+        raise ValueError(
+            f"sampling= came with {', '.join(f'{name}=' for name in given)}; pass the sampling options in the "
+            "SamplingParams or as keywords, not both"
+        )
+    return sampling
 
 
 def eos_ids(eos_token_id, default) -> list[int]:
@@ -81,8 +141,18 @@ def left_align(input_ids: torch.Tensor, attention_mask) -> tuple[torch.Tensor, t
     return input_ids.gather(1, source), real.gather(1, source).to(torch.long)
 
 
-def check_args(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k, top_p) -> None:
-    """Raise ValueError naming the argument a decode loop cannot run with."""
+def check_args(
+    model,
+    input_ids: torch.Tensor,
+    sampling: SamplingParams | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_k: int | None = TOP_K,
+    top_p: float | None = TOP_P,
+) -> SamplingParams:
+    """The SamplingParams a decode of `input_ids` (B, T) runs with (`sampling_params`); ValueError naming the
+    argument it cannot run with: ids that are not a non-empty (B, T) tensor of the model's token ids, a
+    sampling option (`SamplingParams`), or a prompt and max_new_tokens beyond the model's positions."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
         raise ValueError(
             f"input_ids must be a tensor of token ids (integers), got {getattr(input_ids, 'dtype', type(input_ids))}"
@@ -93,13 +163,14 @@ def check_args(model, input_ids: torch.Tensor, max_new_tokens: int, temperature:
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab:
         raise ValueError(f"input_ids hold the id {low if low < 0 else high}, outside the model's vocabulary of {vocab}")
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    params = sampling_params(sampling, max_new_tokens, temperature, top_k, top_p)
     limit = model.config.max_position_embeddings
-    if input_ids.shape[1] + max_new_tokens > limit:
+    if input_ids.shape[1] + params.max_new_tokens > limit:
         raise ValueError(
-            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
             f"{limit} positions; shorten the prompt or ask for fewer tokens"
         )
+    return params
 
 
 def sample_next(
@@ -123,3 +194,29 @@ def sample_next(
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Sampler:
+    """The next tokens of a batch of `batch_size` rows, one step at a time, as every decode loop picks them:
+    drawn from the last position's logits as `sampling` says (`sample_next`, with `generator`), and then,
+    with end-of-sequence ids `eos` (a list, possibly empty), EOS (its first id) for every row that has
+    already produced one of them. `finished` says when every row has."""
+
+    def __init__(self, sampling: SamplingParams, eos: list[int], batch_size: int, device, generator=None):
+        self.sampling, self.generator = sampling, generator
+        self.eos = torch.tensor(eos, device=device, dtype=torch.long)
+        self.unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits -> (B,) next tokens."""
+        s = self.sampling
+        next_tokens = sample_next(logits, s.temperature, s.top_k, s.top_p, self.generator)
+        if self.eos.numel():
+            next_tokens = torch.where(self.unfinished, next_tokens, self.eos[0])
+            self.unfinished &= ~torch.isin(next_tokens, self.eos)
+        return next_tokens
+
+    @property
+    def finished(self) -> bool:
+        """Whether every row has produced an EOS (never without EOS ids: then no device sync is spent on it)."""
+        return bool(self.eos.numel()) and not bool(self.unfinished.any())

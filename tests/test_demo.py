@@ -12,6 +12,7 @@ from smollm_ref import checkpoint
 from smollm_ref.demo import Demo, DemoError, Settings, latest_checkpoint, load_demo, main
 from smollm_ref.generate import generate
 from smollm_ref.model import LlamaForCausalLM
+from smollm_ref.sampling import SamplingParams
 from smollm_ref.tokenizer import load_tokenizer
 from smollm_ref.weights import save_pretrained
 
@@ -119,6 +120,14 @@ def test_settings_name_the_bad_field():
     ]:
         with pytest.raises(ValueError, match=f"Settings.{field}"):
             Settings(**bad)
+
+
+def test_settings_give_the_decoders_sampling_params_with_the_page_conventions_undone():
+    """0 (top-k) and 1 (top-p) mean off on the page; the decoders say off with None."""
+    assert Settings(12, 0.7, 0, 1.0).sampling() == SamplingParams(12, 0.7, None, None)
+    assert Settings(12, 0.0, 5, 0.8).sampling() == SamplingParams(12, 0.0, 5, 0.8)
+    with pytest.raises(ValueError, match=r"^Settings\.temperature must be 0 \(greedy\) or a finite number >= 0\.001, got -1$"):
+        Settings(temperature=-1)
 
 
 # ---- what the page does ----------------------------------------------------------------------------------------
@@ -270,7 +279,7 @@ def test_every_demo_entry_point_answers_bad_input_in_one_line(tokenizer, call, e
     ],
 )
 def test_settings_refuse_what_generate_refuses_with_its_name(changes, field):
-    """The page's settings are checked by the same rule as `generate`'s options (`sampling.check_sampling`)."""
+    """The page's settings are checked by the same rule as `generate`'s options (`sampling.SamplingParams`)."""
     with pytest.raises(ValueError, match=f"Settings.{field}"):
         Settings(**changes)
 

@@ -14,11 +14,11 @@ from smollm_ref.fast import (
     PackCache,
     StaticKVCache,
     Workspace,
-    _forward_cached,
     _SwiGLUDown,
     chunked_cross_entropy,
     decode_step,
     fast_generate,
+    forward_cached,
     linear_cross_entropy,
     pack_weights,
     rope_matrices,
@@ -384,12 +384,12 @@ def test_bf16_decode_logits_inside_envelope(model):
         cos, sin = tables[0], tables[1]
         eager_cache = StaticKVCache(model.config, 2, 12, torch.bfloat16, "cpu")
         static_cache = StaticKVCache(model.config, 2, 12, torch.bfloat16, "cpu")
-        fast_logits.append(_forward_cached(packed, model.config, eager_cache, tokens[:, :6], 0, tables))
-        _forward_cached(packed, model.config, static_cache, tokens[:, :6], 0, tables)
+        fast_logits.append(forward_cached(packed, model.config, eager_cache, tokens[:, :6], 0, tables))
+        forward_cached(packed, model.config, static_cache, tokens[:, :6], 0, tables)
         static_logits = [fast_logits[0]]
         for t in range(6, 12):
             step = tokens[:, t : t + 1]
-            fast_logits.append(_forward_cached(packed, model.config, eager_cache, step, t, tables))
+            fast_logits.append(forward_cached(packed, model.config, eager_cache, step, t, tables))
             static_logits.append(decode_step(packed, model.config, static_cache, step, torch.tensor(t), cos, sin))
     ref_err = rel_err(torch.stack(ref_logits[:-1], 1), logits32[:, :6])
     for path in (fast_logits, static_logits):  # eager decode and the fixed-shape step that compile takes

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import smollm_ref.fast
-from smollm_ref.fast import FastGenerator
-from smollm_ref.generate import TextStream, generate, sample_next, stream
+from smollm_ref.fast import FastGenerator, fast_generate
+from smollm_ref.generate import SamplingParams, TextStream, generate, sample_next, stream
 from smollm_ref.model import LlamaForCausalLM
 from tests.conftest import tiny_config
 
@@ -65,6 +65,40 @@ def test_stops_at_eos_and_pads_finished_rows():
     assert out == [until_eos(r, stop) for r in free]
     single = generate(model, ids[:1], 10, eos_token_id=eos)[0, 5:].tolist()
     assert single == free[0][: free[0].index(eos) + 1]  # stopped as soon as the only row finished
+
+
+def ended_at_eos(free, eos, length):
+    """What a decode with EOS ids `eos` must give, from the rows `free` gave without EOS: each row up to and
+    including its first token that is any EOS id, then EOS padding (the first id); the decode stops when every
+    row has ended, after `length` tokens at most."""
+    cuts = [next((j + 1 for j, token in enumerate(row) if token in eos), len(row)) for row in free]
+    stop = min(length, max(cuts))
+    return [(row[:cut] + [eos[0]] * length)[:stop] for row, cut in zip(free, cuts)]
+
+
+NEW_TOKENS = {  # each decoder's new tokens (B, n)
+    "generate": lambda model, ids, n, **kw: generate(model, ids, n, **kw)[:, ids.shape[1] :],
+    "fast_generate": lambda model, ids, n, **kw: fast_generate(model, ids, n, **kw)[:, ids.shape[1] :],
+    "stream": lambda model, ids, n, **kw: torch.stack(list(stream(model, ids, n, **kw)), 1),
+}
+
+
+@pytest.mark.parametrize("decoder", sorted(NEW_TOKENS))
+@pytest.mark.parametrize("sampled", [False, True])
+def test_each_row_ends_at_its_first_eos_and_is_padded_with_the_first_id(decoder, sampled):
+    """The EOS rule both decode loops share (`sampling.Sampler`), held against a run without EOS rather
+    than one loop against the other. Sampled: one row, so that its draws are those of the run without EOS."""
+    model, decode = varied_model(), NEW_TOKENS[decoder]
+    ids = torch.randint(3, 256, (1 if sampled else 2, 5), generator=torch.Generator().manual_seed(0))
+    options = dict(temperature=1.0, top_k=50) if sampled else {}
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    free = decode(model, ids, 12, eos_token_id=[], generator=g(), **options).tolist()
+    eos = [free[-1][6], free[0][2]]  # the first id ends the last row, the second ends row 0 earlier
+    expected = ended_at_eos(free, eos, 12)
+    assert eos[0] != eos[1] and len(expected[0]) < 12 and expected[0][2] == eos[1]  # the check can fail
+    if not sampled:
+        assert expected[0][-1] == eos[0]  # row 0 is padded, with the first id, not the one it ended on
+    assert decode(model, ids, 12, eos_token_id=eos, generator=g(), **options).tolist() == expected
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
@@ -314,6 +348,66 @@ def test_every_decoder_refuses_a_bad_sampling_option_by_name(model, option, valu
     for call in calls:
         with pytest.raises(ValueError, match=option):
             call()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_new_tokens", -1), ("max_new_tokens", 2.0), ("temperature", 1e-4), ("temperature", float("inf"))]
+    + [("temperature", None), ("top_k", 0), ("top_k", True), ("top_p", 0.0), ("top_p", 1.5), ("top_p", "0.9")],
+)
+def test_sampling_params_refuse_a_bad_value_naming_the_field_first(field, value):
+    """The demo puts "Settings." before these messages: each starts with the field's name."""
+    with pytest.raises(ValueError, match=f"^{field} must be "):
+        SamplingParams(**{"max_new_tokens": 3, field: value})
+
+
+def test_sampling_params_are_frozen_and_name_generation_configs_fields():
+    from dataclasses import FrozenInstanceError, fields
+
+    from transformers import GenerationConfig
+
+    params = SamplingParams(5)
+    assert (params.temperature, params.top_k, params.top_p) == (0.0, None, None)
+    with pytest.raises(FrozenInstanceError):
+        params.temperature = 1.0
+    assert all(hasattr(GenerationConfig(), f.name) for f in fields(SamplingParams))
+
+
+def text_stream_tokens(model, ids, **kwargs):
+    out = TextStream(model, ByteTokenizer(), ids, **kwargs)
+    list(out)
+    return torch.tensor([out.tokens])
+
+
+@pytest.mark.parametrize(
+    "decoder",
+    [
+        lambda model, ids, **kw: generate(model, ids, **kw)[:, ids.shape[1] :],
+        lambda model, ids, **kw: generate(model, ids, fast=True, **kw)[:, ids.shape[1] :],
+        lambda model, ids, **kw: fast_generate(model, ids, **kw)[:, ids.shape[1] :],
+        lambda model, ids, **kw: FastGenerator(model).generate(ids, **kw)[:, ids.shape[1] :],
+        lambda model, ids, **kw: torch.stack(list(stream(model, ids, **kw)), 1),
+        text_stream_tokens,
+    ],
+    ids=["generate", "generate-fast", "fast_generate", "FastGenerator", "stream", "TextStream"],
+)
+def test_every_decoder_takes_its_options_as_keywords_or_as_sampling_params_alone(decoder):
+    model = varied_model()
+    ids = torch.randint(3, 256, (1, 4), generator=torch.Generator().manual_seed(1))
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    keywords = dict(max_new_tokens=9, temperature=0.9, top_k=40, top_p=0.95)
+    params = SamplingParams(**keywords)
+    by_keywords = decoder(model, ids, **keywords, eos_token_id=[], generator=g())
+    assert by_keywords.shape == (1, 9) and len(set(by_keywords[0].tolist())) > 3  # sampled: the check can fail
+    assert torch.equal(decoder(model, ids, sampling=params, eos_token_id=[], generator=g()), by_keywords)
+    # Both ways at once could disagree: refused, even with a keyword at its default value.
+    for name, value in [("max_new_tokens", 9), ("temperature", 0.0), ("top_k", None), ("top_p", None)]:
+        with pytest.raises(ValueError, match=f"sampling= came with {name}=; .* not both"):
+            decoder(model, ids, sampling=params, **{name: value})
+    with pytest.raises(ValueError, match="sampling must be a SamplingParams, got {'max_new_tokens': 9"):
+        decoder(model, ids, sampling=keywords)
+    with pytest.raises(TypeError, match="max_new_tokens is required"):
+        decoder(model, ids, temperature=0.9)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from smollm_ref import storage
 from smollm_ref.fast import LAYOUTS, FastForward, FastGenerator, choose_layouts, pack_weights, relayout, to_layout, tuning
-from smollm_ref.fast.decode import StaticKVCache, _forward_cached, rope_matrices
+from smollm_ref.fast.decode import StaticKVCache, forward_cached, rope_matrices
 from smollm_ref.fast.forward import rope_table
 from smollm_ref.fast.packing import KINDS, STREAMING_ROWS, TIMED_ROWS, onednn_available
 from smollm_ref.generate import generate
@@ -289,8 +289,8 @@ def test_every_layout_gives_the_reference_logits(model, layout, dtype):
     for packed in (plain, laid):
         cache = StaticKVCache(model.config, 3, 10, dtype, "cpu")
         with torch.no_grad():
-            steps = [_forward_cached(packed, model.config, cache, tokens[:, :7], 0, tables)]
-            steps += [_forward_cached(packed, model.config, cache, tokens[:, t : t + 1], t, tables) for t in range(7, 10)]
+            steps = [forward_cached(packed, model.config, cache, tokens[:, :7], 0, tables)]
+            steps += [forward_cached(packed, model.config, cache, tokens[:, t : t + 1], t, tables) for t in range(7, 10)]
         outs.append(torch.stack(steps, 1))
     # Only the summation order differs: float32 rounding, or in bf16 an occasional one-ulp flip of a rounded
     # activation (2^-8 relative) carried through the later layers.

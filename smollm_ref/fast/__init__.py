@@ -30,18 +30,22 @@ is safe:
 Where a model computes something these paths do not (attention dropout in training mode), they refuse with
 a ValueError; `unsupported(model)` says why, and the trainer's `fast_step_unsupported` asks it.
 
+The pieces these paths are built from are public too, for benchmarks and tests that run one of them:
+`linear` (a matmul in any of the layouts), `rms_norm`, `elementwise_rope`, `causal_attention`, `decoder_layer`
+(one layer, its RoPE and attention passed in) and `forward_cached` (eager prefill or decode over a
+`StaticKVCache`).
+
 Mixed precision here means what `torch.autocast` means for this model: matmuls and attention in the
 low-precision dtype, norms, RoPE and the residual stream in float32, loss in float32.
 """
 
 from __future__ import annotations
 
-from .decode import FastGenerator, StaticKVCache, decode_step, fast_generate, rope_matrices
-from .decode import _forward_cached as _forward_cached  # for the tests
-from .forward import FastForward, rope_table, unsupported
+from .decode import FastGenerator, StaticKVCache, decode_step, fast_generate, forward_cached, rope_matrices
+from .forward import FastForward, causal_attention, decoder_layer, elementwise_rope, rms_norm, rope_table, unsupported
 from .forward import _SwiGLUDown as _SwiGLUDown  # for the tests
 from .loss import IGNORE_INDEX, Workspace, chunked_cross_entropy, linear_cross_entropy
-from .packing import LAYOUTS, PackCache, PackedLayer, PackedWeights, choose_layouts, pack_weights, relayout, to_layout
+from .packing import LAYOUTS, PackCache, PackedLayer, PackedWeights, choose_layouts, linear, pack_weights, relayout, to_layout
 
 __all__ = [
     "IGNORE_INDEX",
@@ -53,13 +57,19 @@ __all__ = [
     "PackedWeights",
     "StaticKVCache",
     "Workspace",
+    "causal_attention",
     "choose_layouts",
     "chunked_cross_entropy",
     "decode_step",
+    "decoder_layer",
+    "elementwise_rope",
     "fast_generate",
+    "forward_cached",
+    "linear",
     "linear_cross_entropy",
     "pack_weights",
     "relayout",
+    "rms_norm",
     "rope_matrices",
     "rope_table",
     "to_layout",

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..model import LlamaForCausalLM
-from ..sampling import check_args, eos_ids, left_align, sample_next
-from .forward import _causal_attention, _elementwise_rope, _layer, _rms_norm, refuse_unsupported, rope_table
-from .packing import PackCache, PackedWeights, _linear
+from ..sampling import MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, Sampler, SamplingParams, check_args, eos_ids, left_align
+from .forward import causal_attention, decoder_layer, elementwise_rope, refuse_unsupported, rms_norm, rope_table
+from .packing import PackCache, PackedWeights, linear
 
 
 class StaticKVCache:
@@ -51,7 +51,7 @@ def _attend_static(q, k, v, cache: StaticKVCache, i: int, index, valid):
 
 
 def _final_logits(x, packed: PackedWeights, config: ModelConfig):
-    return _linear(_rms_norm(x[:, -1], packed.norm, config.rms_norm_eps).to(packed.dtype), packed.lm_head)  # (B, V)
+    return linear(rms_norm(x[:, -1], packed.norm, config.rms_norm_eps).to(packed.dtype), packed.lm_head)  # (B, V)
 
 
 def decode_step(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache, tokens, pos, cos_table, sin_table):
@@ -60,35 +60,39 @@ def decode_step(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache
     x = F.embedding(tokens, packed.embed)  # (B, 1, C)
     index = pos.reshape(1)
     # index_select, not cos_table[pos]: a tensor index would make the shape depend on data for compile.
-    rotate = _elementwise_rope(cos_table.index_select(0, index), sin_table.index_select(0, index), packed.dtype)
+    rotate = elementwise_rope(cos_table.index_select(0, index), sin_table.index_select(0, index), packed.dtype)
     valid = torch.arange(cache.max_len, device=tokens.device) <= pos  # (S,)
     for i, p in enumerate(packed.layers):
-        x = _layer(x, p, config, packed.dtype, rotate, lambda q, k, v, i=i: _attend_static(q, k, v, cache, i, index, valid))
+        x = decoder_layer(
+            x, p, config, packed.dtype, rotate, lambda q, k, v, i=i: _attend_static(q, k, v, cache, i, index, valid)
+        )
     return _final_logits(x, packed, config)
 
 
-def _forward_cached(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache, tokens, pos: int, tables):
+def forward_cached(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache, tokens, pos: int, tables):
     """Eager prefill (pos 0, T tokens) or decode (T == 1, `_decode_one`) at a Python-int position: keys and
-    values written to cache[..., pos:pos+T, :], attention over the filled prefix only. Returns (B, V) logits."""
+    values written to cache[..., pos:pos+T, :], attention over the filled prefix only. tokens (B, T); tables
+    (cos, sin, matrices): `rope_table`'s (S, D) pair and its float32 `rope_matrices` (S, D, D), S >= pos + T.
+    Returns the (B, V) logits of the last position."""
     cos_table, sin_table, matrices = tables
     t = tokens.shape[1]
     if t == 1:
         return _decode_one(packed, config, cache, tokens[:, 0], pos, matrices[pos])
     x = F.embedding(tokens, packed.embed)  # (B, T, C)
-    rotate = _elementwise_rope(cos_table[pos : pos + t], sin_table[pos : pos + t], packed.dtype)
+    rotate = elementwise_rope(cos_table[pos : pos + t], sin_table[pos : pos + t], packed.dtype)
     for i, p in enumerate(packed.layers):
 
         def attend(q, k, v, i=i):
             cache.k[i, :, :, pos : pos + t] = k
             cache.v[i, :, :, pos : pos + t] = v
-            return _causal_attention(q, cache.k[i, :, :, : pos + t], cache.v[i, :, :, : pos + t])
+            return causal_attention(q, cache.k[i, :, :, : pos + t], cache.v[i, :, :, : pos + t])
 
-        x = _layer(x, p, config, packed.dtype, rotate, attend)
+        x = decoder_layer(x, p, config, packed.dtype, rotate, attend)
     return _final_logits(x, packed, config)
 
 
 def _decode_one(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache, tokens, pos: int, r):
-    """`_layer`'s arithmetic for one token per row, with as few ops as it takes. A decode step reads every
+    """`decoder_layer`'s arithmetic for one token per row, with as few ops as it takes. A decode step reads every
     weight once and is bound by memory, but on CPU each op also costs a few microseconds of dispatch, ~60 ops
     a layer: so rows stay (B, C) with no time axis to transpose or copy, q and k are rotated by one matmul
     with r (D, D), the float32 RoPE matrix of `pos`, and keys and values are written to the cache by index."""
@@ -102,16 +106,16 @@ def _decode_one(packed: PackedWeights, config: ModelConfig, cache: StaticKVCache
     )
     x = F.embedding(tokens, packed.embed)  # (B, C), the residual dtype
     for i, p in enumerate(packed.layers):
-        qkv = _linear(_to(_rms_norm(x, p.ln1, eps), dtype), p.qkv, p.qkv_bias)  # (B, (H + 2K) D)
+        qkv = linear(_to(rms_norm(x, p.ln1, eps), dtype), p.qkv, p.qkv_bias)  # (B, (H + 2K) D)
         qk = qkv[:, : (h_ + k_) * d].view(b, h_ + k_, d)
         qk = qk @ r if qk.dtype == r.dtype else (qk.to(r.dtype) @ r).to(dtype)  # (B, H + K, D), rotated
         cache.k[i, :, :, pos] = qk[:, h_:]
         cache.v[i, :, :, pos] = qkv[:, (h_ + k_) * d :].view(b, k_, d)
-        y = _causal_attention(qk[:, :h_, None], cache.k[i, :, :, : pos + 1], cache.v[i, :, :, : pos + 1])  # (B, H, 1, D)
-        x = x + _linear(y.view(b, h_ * d), p.o, p.o_bias)
-        gate, up = _linear(_to(_rms_norm(x, p.ln2, eps), dtype), p.gate_up, p.gate_up_bias).chunk(2, dim=-1)
-        x = x + _linear(F.silu(gate) * up, p.down, p.down_bias)
-    return _linear(_to(_rms_norm(x, packed.norm, eps), dtype), packed.lm_head)  # (B, V)
+        y = causal_attention(qk[:, :h_, None], cache.k[i, :, :, : pos + 1], cache.v[i, :, :, : pos + 1])  # (B, H, 1, D)
+        x = x + linear(y.view(b, h_ * d), p.o, p.o_bias)
+        gate, up = linear(_to(rms_norm(x, p.ln2, eps), dtype), p.gate_up, p.gate_up_bias).chunk(2, dim=-1)
+        x = x + linear(F.silu(gate) * up, p.down, p.down_bias)
+    return linear(_to(rms_norm(x, packed.norm, eps), dtype), packed.lm_head)  # (B, V)
 
 
 def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -178,51 +182,51 @@ class FastGenerator:
     def generate(
         self,
         input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        temperature: float = TEMPERATURE,
+        top_k: int | None = TOP_K,
+        top_p: float | None = TOP_P,
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
+        *,
+        sampling: SamplingParams | None = None,
     ) -> torch.Tensor:
-        """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n); ValueError for an
-        argument no decode can run with, checked the same way (`sampling.check_args`), for padding, and where
-        the model in its present mode computes something the fast decoder does not (attention dropout in
-        training mode, `forward.unsupported`)."""
+        """Same contract as `generate.generate` (without padding): (B, T) -> (B, T + n); the sampling options
+        as keywords or as one `sampling=SamplingParams(...)`, not both; ValueError for an argument no decode
+        can run with, checked the same way (`sampling.check_args`), for padding, and where the model in its
+        present mode computes something the fast decoder does not (attention dropout in training mode,
+        `forward.unsupported`)."""
         refuse_unsupported(self.model, "FastGenerator")
-        check_args(self.model, input_ids, max_new_tokens, temperature, top_k, top_p)
+        params = check_args(self.model, input_ids, sampling, max_new_tokens, temperature, top_k, top_p)
         eos = eos_ids(eos_token_id, self.config.eos_token_id)
         if attention_mask is not None and left_align(input_ids, attention_mask)[1] is not None:
             raise ValueError("FastGenerator does not take padded batches; use smollm_ref.generate.generate for those")
+        max_new_tokens = params.max_new_tokens
         if max_new_tokens == 0:
             return input_ids
         packed = self.packed(input_ids.shape[0])
         device = input_ids.device
-        stop_ids = torch.tensor(eos, device=device, dtype=torch.long)
         b, t = input_ids.shape
         max_len = t + max_new_tokens
         # The residual stream runs in the embedding's dtype; cos/sin follow it, as in the reference.
         tables = self._rope(max_len, device, packed.embed.dtype)
         cache = self._cache(b, max_len, packed.dtype, device)
-        logits = _forward_cached(packed, self.config, cache, input_ids, 0, tables)
-        unfinished = torch.ones(b, dtype=torch.bool, device=device)
+        logits = forward_cached(packed, self.config, cache, input_ids, 0, tables)
+        pick = Sampler(params, eos, b, device, generator)
         steps = []
         pos = torch.tensor(t, device=device) if self.compiled else t
         for i in range(max_new_tokens):
-            next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
-            if stop_ids.numel():
-                next_tokens = torch.where(unfinished, next_tokens, stop_ids[0])
-                unfinished &= ~torch.isin(next_tokens, stop_ids)
+            next_tokens = pick(logits)
             steps.append(next_tokens)
-            if i == max_new_tokens - 1 or (stop_ids.numel() and not unfinished.any()):
+            if i == max_new_tokens - 1 or pick.finished:
                 break
             if self.compiled:
                 logits = self._step(packed, self.config, cache, next_tokens[:, None], pos, tables[0], tables[1])
                 if self.cuda_graphs:
                     logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
             else:
-                logits = _forward_cached(packed, self.config, cache, next_tokens[:, None], pos, tables)
+                logits = forward_cached(packed, self.config, cache, next_tokens[:, None], pos, tables)
             pos += 1
         return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
 
@@ -237,9 +241,12 @@ def _tensors(packed: PackedWeights) -> list[torch.Tensor]:
 _GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def fast_generate(model: LlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+def fast_generate(
+    model: LlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int = MAX_NEW_TOKENS, **kwargs
+) -> torch.Tensor:
     """`FastGenerator(model).generate(...)` with one eager FastGenerator kept per model (packed weights and
-    cache reused across calls, repacked when the weights change). Same arguments as `generate.generate`."""
+    cache reused across calls, repacked when the weights change). Same arguments as `generate.generate`
+    (`sampling=` among them), less `fast`."""
     if model not in _GENERATORS:
         _GENERATORS[model] = FastGenerator(model)
     return _GENERATORS[model].generate(input_ids, max_new_tokens, **kwargs)

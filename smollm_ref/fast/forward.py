@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..model import LlamaForCausalLM, rotate_half
 from .loss import Workspace, chunked_cross_entropy, linear_cross_entropy
-from .packing import PackCache, PackedLayer, PackedWeights, _linear, pack_weights
+from .packing import PackCache, PackedLayer, PackedWeights, linear, pack_weights
 
 
 def unsupported(model: LlamaForCausalLM, training: bool | None = None) -> str | None:
@@ -40,7 +40,8 @@ def refuse_unsupported(model: LlamaForCausalLM, who: str) -> None:
         )
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`LlamaRMSNorm` of x (..., C) with weight (C,), in x's dtype: x / sqrt(mean(x^2) + eps) * weight."""
     # torch's fused RMSNorm: one kernel forward and one backward where the reference's seven element-wise
     # ops make fourteen (4x faster on CPU at 4x512x576). Float32 inputs (the mixed-precision residual)
     # give the reference's values to rounding; bf16 inputs are normalised in float32 inside the kernel and
@@ -63,18 +64,18 @@ def rope_table(config: ModelConfig, length: int, dtype: torch.dtype, device) -> 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _layer(x, p: PackedLayer, config: ModelConfig, dtype: torch.dtype, rotate, attend):
+def decoder_layer(x, p: PackedLayer, config: ModelConfig, dtype: torch.dtype, rotate, attend):
     """One decoder layer. x (B, T, C) in the residual dtype; rotate(q, k) applies RoPE to the (B, H, T, D)
     and (B, K, T, D) heads; attend(q, k, v) returns (B, H, T, D) and is where a cache gets written."""
     b, t, _ = x.shape
     h_, k_, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    h = _rms_norm(x, p.ln1, config.rms_norm_eps).to(dtype)
-    q, k, v = _linear(h, p.qkv, p.qkv_bias).split([h_ * d, k_ * d, k_ * d], dim=-1)
+    h = rms_norm(x, p.ln1, config.rms_norm_eps).to(dtype)
+    q, k, v = linear(h, p.qkv, p.qkv_bias).split([h_ * d, k_ * d, k_ * d], dim=-1)
     q, k = rotate(q.view(b, t, h_, d).transpose(1, 2), k.view(b, t, k_, d).transpose(1, 2))
     y = attend(q, k, v.view(b, t, k_, d).transpose(1, 2))  # (B, H, T, D)
-    x = x + _linear(y.transpose(1, 2).reshape(b, t, h_ * d), p.o, p.o_bias)
-    h = _rms_norm(x, p.ln2, config.rms_norm_eps).to(dtype)
-    return x + _mlp_out(_linear(h, p.gate_up, p.gate_up_bias), p.down, p.down_bias)
+    x = x + linear(y.transpose(1, 2).reshape(b, t, h_ * d), p.o, p.o_bias)
+    h = rms_norm(x, p.ln2, config.rms_norm_eps).to(dtype)
+    return x + _mlp_out(linear(h, p.gate_up, p.gate_up_bias), p.down, p.down_bias)
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -111,14 +112,18 @@ def _mlp_out(gate_up: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor 
     if torch.is_grad_enabled() and (gate_up.requires_grad or down.requires_grad):
         return _SwiGLUDown.apply(gate_up, down, down_bias)
     gate, up = gate_up.chunk(2, dim=-1)
-    return _linear(F.silu(gate) * up, down, down_bias)
+    return linear(F.silu(gate) * up, down, down_bias)
 
 
-def _elementwise_rope(cos, sin, dtype):
+def elementwise_rope(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
+    """The `rotate(q, k)` that `decoder_layer` takes: `apply_rotary_pos_emb` with cos, sin (T, D), computed in
+    their dtype and returned in `dtype`, for q (B, H, T, D) and k (B, K, T, D)."""
     return lambda q, k: (_rope(q, cos, sin).to(dtype), _rope(k, cos, sin).to(dtype))
 
 
-def _causal_attention(q, k, v):
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, H, T, D) over k, v (B, K, S, D), causal when T > 1 (the last
+    T of the S positions are q's), the K key/value heads shared by H / K query heads each: (B, H, T, D)."""
     # SDPA's grouped-query mode reads each KV head for its G query heads: no repeat_kv copies.
     t, d = q.shape[2], q.shape[3]
     return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=d**-0.5, enable_gqa=k.shape[1] != q.shape[1])
@@ -126,7 +131,7 @@ def _causal_attention(q, k, v):
 
 def _block(x, p: PackedLayer, cos, sin, config: ModelConfig, dtype: torch.dtype):
     """One decoder layer without a cache (training and scoring); cos/sin (T, D). The unit that compiles."""
-    return _layer(x, p, config, dtype, _elementwise_rope(cos, sin, dtype), _causal_attention)
+    return decoder_layer(x, p, config, dtype, elementwise_rope(cos, sin, dtype), causal_attention)
 
 
 class FastForward:
@@ -179,14 +184,14 @@ class FastForward:
         cos, sin = self._rope_for(input_ids.shape[1], input_ids.device, x.dtype)
         for p in packed.layers:
             x = self.block(x, p, cos, sin, self.config, self.dtype)
-        return _rms_norm(x, packed.norm, self.config.rms_norm_eps).to(self.dtype)
+        return rms_norm(x, packed.norm, self.config.rms_norm_eps).to(self.dtype)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T, V) logits in the compute dtype, as the reference gives under autocast. Without
         grad (eager), each weight in the layout measured fastest here for B x T rows (row-major under compile)."""
         rows = None if self.compiled else input_ids.numel()
         packed = self.packed(rows)
-        return _linear(self.hidden(input_ids, packed), packed.lm_head)
+        return linear(self.hidden(input_ids, packed), packed.lm_head)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The reference's `model(input_ids, labels=labels).loss`, without the float32 logits."""

@@ -37,7 +37,7 @@ class PackedWeights:
     padding_idx: int | None = None
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or oneDNN's matmul when the weight is in oneDNN's layout (`to_layout(w, "onednn")`). A
     column-major weight needs nothing special: F.linear reads it as the contiguous (in, out) matrix it is."""
     if weight.is_mkldnn:
@@ -111,7 +111,7 @@ def to_layout(w: torch.Tensor, layout: str) -> torch.Tensor:
     column-major: the same (out, in) tensor with the in dimension outermost (`w.t().contiguous().t()`):
     F.linear then multiplies by a contiguous (in, out) matrix, a different BLAS kernel, which at one row
     streams wide matrices (q|k|v, gate|up, the lm_head) 10-25% faster than row-major on some CPUs.
-    onednn: reordered once into oneDNN's blocked layout (CPU only); read by `_linear` through oneDNN's
+    onednn: reordered once into oneDNN's blocked layout (CPU only); read by `linear` through oneDNN's
     matmul. What inductor's `freezing` does for compiled CPU models.
     Values differ between layouts only by summation order."""
     w = w.detach()
@@ -157,7 +157,7 @@ class _Trial:
         if self.converted is None:
             self.converted = [to_layout(w, self.layout) for w in self.weights]
         for w in self.converted:
-            _linear(self.x, w)
+            linear(self.x, w)
 
 
 def choose_layouts(packed: PackedWeights, rows: int) -> dict[str, str]:

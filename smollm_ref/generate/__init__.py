@@ -18,50 +18,61 @@ import torch
 
 from ..arguments import ArgumentParser, whole_number
 from ..model import LlamaForCausalLM
-from ..sampling import check_args, check_sampling, eos_ids, left_align, sample_next
+from ..sampling import (
+    MAX_NEW_TOKENS,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    Sampler,
+    SamplingParams,
+    check_args,
+    eos_ids,
+    left_align,
+)
+from ..sampling import sample_next as sample_next  # importable from here, as it was before `Sampler` took it over
 
 
 def stream(
     model: LlamaForCausalLM,
     input_ids: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     attention_mask: torch.Tensor | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    temperature: float = TEMPERATURE,
+    top_k: int | None = TOP_K,
+    top_p: float | None = TOP_P,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    *,
+    sampling: SamplingParams | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the (B,) next tokens, row i's for prompt i, one step at a time; stops after max_new_tokens or
     when every row has produced an EOS. Rows that finished early receive EOS (the first id given) as padding.
     attention_mask (B, T), 1 for tokens and 0 for padding, may pad each row on the left or the right
     (`sampling.left_align`); each row continues after its own last token, as it would alone.
+    The sampling options come as keywords or as one `sampling=SamplingParams(...)`, not both.
     Raises ValueError for an argument no decode can run with (`sampling.check_args`, `left_align`)."""
-    _, _, steps = _start(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id)
+    params = check_args(model, input_ids, sampling, max_new_tokens, temperature, top_k, top_p)
+    _, _, steps = _start(model, input_ids, attention_mask, eos_token_id, params)
     return steps(generator)
 
 
-def _start(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id):
-    """Every argument checked now, before the first token is asked for: (left-aligned ids, their mask or
-    None without padding, the step loop taking the generator)."""
-    check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
-    eos = torch.tensor(eos_ids(eos_token_id, model.config.eos_token_id), device=input_ids.device, dtype=torch.long)
+def _start(model, input_ids, attention_mask, eos_token_id, params: SamplingParams):
+    """The rest of the arguments checked now, before the first token is asked for: (left-aligned ids, their
+    mask or None without padding, the step loop taking the generator)."""
+    eos = eos_ids(eos_token_id, model.config.eos_token_id)
     mask = None
     if attention_mask is not None:
         input_ids, mask = left_align(input_ids, attention_mask)
 
     def steps(generator):
         cache = model.new_kv_cache()
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        pick = Sampler(params, eos, input_ids.shape[0], input_ids.device, generator)
         tokens, attention = input_ids, mask
-        for _ in range(max_new_tokens):
+        for _ in range(params.max_new_tokens):
             logits = model(tokens, attention_mask=attention, kv_cache=cache, logits_to_keep=1).logits[:, -1]
-            next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos.numel():
-                next_tokens = torch.where(unfinished, next_tokens, eos[0])
-                unfinished &= ~torch.isin(next_tokens, eos)
+            next_tokens = pick(logits)
             yield next_tokens
-            if not unfinished.any():
+            if pick.finished:
                 return
             tokens = next_tokens[:, None]
             if attention is not None:
@@ -73,18 +84,21 @@ def _start(model, input_ids, max_new_tokens, attention_mask, temperature, top_k,
 def generate(
     model: LlamaForCausalLM,
     input_ids: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     attention_mask: torch.Tensor | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    temperature: float = TEMPERATURE,
+    top_k: int | None = TOP_K,
+    top_p: float | None = TOP_P,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
     fast: bool = False,
+    *,
+    sampling: SamplingParams | None = None,
 ) -> torch.Tensor:
     """(B, T) prompt -> (B, T + n), n <= max_new_tokens (shorter when every row hit EOS), like transformers'
     `generate`: out[:, T:] holds each row's new tokens, and out[:, :T] the prompts, left-padded.
-    Greedy when temperature is 0; otherwise sampled with top-k/top-p.
+    Greedy when temperature is 0; otherwise sampled with top-k/top-p. max_new_tokens, temperature, top_k
+    and top_p come as keywords or as one `sampling=SamplingParams(...)`; passing both is a ValueError.
 
     attention_mask (B, T): 1 for tokens, 0 for padding, on either side of each row: a right-padded batch
     (what `tokenizer(prompts, padding=True)` gives for SmolLM2) has its padding moved to the left first, so
@@ -92,12 +106,12 @@ def generate(
     A mask with padding between a row's tokens, or a row of padding only, is a ValueError.
     fast=True decodes with `smollm_ref.fast` (static cache, fewer ops per token; same tokens in float32)
     when the batch has no padding, and falls back to this path when it has."""
-    input_ids, mask, steps = _start(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, eos_token_id)
+    params = check_args(model, input_ids, sampling, max_new_tokens, temperature, top_k, top_p)
+    input_ids, mask, steps = _start(model, input_ids, attention_mask, eos_token_id, params)
     if fast and mask is None:
         from ..fast import fast_generate  # only this path needs it
 
-        return fast_generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             eos_token_id=eos_token_id, generator=generator)  # fmt: skip
+        return fast_generate(model, input_ids, sampling=params, eos_token_id=eos_token_id, generator=generator)
     out = list(steps(generator))
     if not out:
         return input_ids
@@ -108,28 +122,30 @@ class TextStream:
     """One prompt's continuation as text, a token at a time: iterating yields the text so far after each new
     token (a multi-byte character shows once its last byte has come). It ends after max_new_tokens or at an
     end-of-sequence token, which is not part of the text. Then `text`, `tokens`, `hit_eos`, `seconds` and
-    `rate` say what came and how fast. The command line and the demo both stream through one of these."""
+    `rate` say what came and how fast, and `sampling` the SamplingParams it decodes with (given as keywords
+    or as `sampling=`, not both). The command line and the demo both stream through one of these."""
 
     def __init__(
         self,
         model: LlamaForCausalLM,
         tokenizer,
         input_ids: torch.Tensor,
-        max_new_tokens: int,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         eos_token_id: int | list[int] | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        temperature: float = TEMPERATURE,
+        top_k: int | None = TOP_K,
+        top_p: float | None = TOP_P,
         generator: torch.Generator | None = None,
+        *,
+        sampling: SamplingParams | None = None,
     ):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(
                 f"TextStream takes one prompt, input_ids of shape (1, length); got {tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}"
             )
-        check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
-        self.model, self.tokenizer, self.input_ids, self.max_new_tokens = model, tokenizer, input_ids, max_new_tokens
+        self.sampling = check_args(model, input_ids, sampling, max_new_tokens, temperature, top_k, top_p)
+        self.model, self.tokenizer, self.input_ids, self.generator = model, tokenizer, input_ids, generator
         self.eos_ids = eos_ids(eos_token_id, model.config.eos_token_id)
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         self.tokens: list[int] = []
         self.text = ""
         self.hit_eos = False
@@ -137,7 +153,8 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
-        for token in stream(self.model, self.input_ids, self.max_new_tokens, eos_token_id=self.eos_ids, **self.sampling):
+        steps = stream(self.model, self.input_ids, eos_token_id=self.eos_ids, generator=self.generator, sampling=self.sampling)
+        for token in steps:
             token = token.item()
             if token in self.eos_ids:
                 self.hit_eos = True
@@ -210,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:  # every option is checked before anything is loaded or printed
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         if not 0 <= args.seed < 2**32:  # the trainer's --seed range
             raise ValueError(f"--seed must be an integer from 0 to {2**32 - 1}, got {args.seed}")
         check_device(args.device)
@@ -228,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--prompt is empty; give text for the model to continue")
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if args.chat else None
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
-        check_args(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # the prompt's length
+        check_args(model, ids, sampling)  # the prompt's length
         if not args.chat:
             sys.stdout.write(args.prompt)
-        out = TextStream(model, tokenizer, ids, args.max_new_tokens, eos, args.temperature, args.top_k, args.top_p, gen)
+        out = TextStream(model, tokenizer, ids, eos_token_id=eos, generator=gen, sampling=sampling)
         printed = ""
         for so_far in out:
             sys.stdout.write(so_far[len(printed) :])

@@ -45,16 +45,15 @@ def draw(model, ids: torch.Tensor, max_new_tokens: int, autocast, sampling: Samp
     """The new tokens of a KV-cached sample continuing `ids` (1, T), up to `stop_id`; the model is in eval mode
     meanwhile. Raises ValueError when prompt and max_new_tokens together exceed the model's positions."""
     from ..generate import generate
+    from ..sampling import SamplingParams
 
+    params = SamplingParams(max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k)
     was_training = model.training
     model.eval()
     g = torch.Generator(device=ids.device).manual_seed(sampling.seed)
     try:
         with autocast:
-            out = generate(
-                model, ids, max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k, eos_token_id=stop_id,
-                generator=g,
-            )  # fmt: skip
+            out = generate(model, ids, sampling=params, eos_token_id=stop_id, generator=g)
     finally:
         model.train(was_training)
     return out[0, ids.shape[1] :].tolist()

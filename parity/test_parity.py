@@ -47,7 +47,7 @@ def expectation(bit_identical_expected: bool) -> str:
     return "identical" if bit_identical_expected else "close"
 
 
-# ---- 1. float32 forward ----------------------------------------------------------------------------------
+# 1. float32 forward
 
 
 @pytest.mark.parametrize("length", list(LENGTHS))
@@ -84,7 +84,7 @@ def test_float32_forward_left_padded(ours, theirs, tokenizer, report, bit_identi
     check(checks.float32_forward(ours, theirs, ids, expect, title, info, attention_mask=mask, position_ids=positions), report)
 
 
-# ---- 2. bfloat16 -----------------------------------------------------------------------------------------
+# 2. bfloat16
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_bfloat16(mode, load, low_precision_reference, report):
     assert argmax.clear >= argmax.positions // 4, f"only {argmax.clear}/{argmax.positions} positions have a clear next token"
 
 
-# ---- 3. gradients ----------------------------------------------------------------------------------------
+# 3. gradients
 
 
 def test_gradients(ours, theirs, tokenizer, report, bit_identical_expected):
@@ -125,7 +125,7 @@ def test_gradients(ours, theirs, tokenizer, report, bit_identical_expected):
     )
 
 
-# ---- 4. generation ---------------------------------------------------------------------------------------
+# 4. generation
 
 
 def chat_text(tokenizer, message: str) -> str:
@@ -221,7 +221,7 @@ def test_left_padded_batch_generation(theirs, ours, prompt_ids, ours_alone, eos_
     assert not failures, "; ".join(failures)
 
 
-# ---- 5. training -----------------------------------------------------------------------------------------
+# 5. training
 
 TRAIN_STEPS = 20
 
@@ -266,7 +266,7 @@ def test_training_steps(tmp_path, report):
     assert not bad, f"losses differ beyond float32 tolerance at steps {bad}"
 
 
-# ---- 6. saved directories --------------------------------------------------------------------------------
+# 6. saved directories
 
 
 @pytest.mark.parametrize("writer", ["smollm_ref", "transformers"])

@@ -35,7 +35,7 @@ class DemoError(Exception):
     """Why the demo cannot start, in one line that says what to do."""
 
 
-# ---- which model ------------------------------------------------------------------------------------------
+# which model
 
 
 def latest_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
@@ -65,7 +65,7 @@ def _load_checkpoint(path: str | os.PathLike, load):
                 print(f"note: {w.message}", file=sys.stderr)
 
 
-# ---- what the page does -----------------------------------------------------------------------------------
+# what the page does
 
 
 @dataclass(frozen=True)
@@ -342,7 +342,7 @@ def load_demo(
         raise DemoError(f"{e}; pass --tokenizer with the tokenizer this model was trained with") from None
 
 
-# ---- the page ---------------------------------------------------------------------------------------------
+# the page
 
 CSS = """
 .gradio-container { width: 100% !important; max-width: 1180px !important; margin: 0 auto !important; }

@@ -135,7 +135,7 @@ def test_transformers_assistant_mask_is_empty_for_this_template(tok):
     assert any(label != IGNORE_INDEX for label in encode(tok, messages)[1])
 
 
-# ---- bad input: a ChatError with a one-line message naming the problem ----------------------------------
+# bad input: a ChatError with a one-line message naming the problem
 
 USER, ASSISTANT = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
 
@@ -238,7 +238,7 @@ def test_a_template_that_is_consistent_works_beyond_smollm2(tok):
     assert other.decode([i for i, label in zip(input_ids, labels) if label != IGNORE_INDEX]) == "yo<|im_end|>bye<|im_end|>"
 
 
-# ---- bounded work: a conversation cut to max_tokens renders only the prefixes before the cut (issue 18 item 9) ---
+# bounded work: a conversation cut to max_tokens renders only the prefixes before the cut (issue 18 item 9)
 
 
 def prefix_rendering_encode(tok, messages):
@@ -314,7 +314,7 @@ def test_a_ten_thousand_message_record_renders_only_the_prefixes_before_the_cut(
     assert chat.counts["truncated"] == 1 and chat.train.input_ids[0] == ids
 
 
-# ---- tool calls are refused, not trained as empty replies (issue 18 item 15) -----------------------------------
+# tool calls are refused, not trained as empty replies (issue 18 item 15)
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ def smollm_tok():
     return load_tokenizer()
 
 
-# ---- text fields: a string or a refusal, never a repr ------------------------------------------------------
+# text fields: a string or a refusal, never a repr
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_a_parquet_text_field_that_is_not_a_string_is_refused_naming_the_record(
     assert data.read_documents(f"hf:{tmp_path / 'numbers'}", text_field="body") == ["one", "two"]
 
 
-# ---- bad lines: one error naming the file and the line --------------------------------------------------------
+# bad lines: one error naming the file and the line
 
 
 def test_a_non_utf8_byte_names_the_file_and_the_line(tmp_path):
@@ -113,7 +113,7 @@ def test_a_data_path_that_is_not_a_regular_file_is_not_called_missing(tmp_path, 
     assert str(e.value).startswith(f"data path {path} is not a regular file or a directory; pass a file")
 
 
-# ---- the same through prepare and the trainer: exit 2, one line ------------------------------------------
+# the same through prepare and the trainer: exit 2, one line
 
 
 def test_prepare_refuses_a_deep_line_and_a_null_text_in_one_line(tmp_path):
@@ -144,7 +144,7 @@ def test_the_trainer_refuses_a_deep_line_in_one_line(tmp_path, capsys, kind):
     assert not (tmp_path / "run").exists()
 
 
-# ---- token stores: the index and the progress file, read bounded and checked value by value -----------------
+# token stores: the index and the progress file, read bounded and checked value by value
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +306,7 @@ def test_a_corpus_of_empty_documents_is_refused_not_stored_as_separators(tmp_pat
     )
 
 
-# ---- the same kinds, elsewhere: a number too long to convert, a line that is not an object, long values quoted ---
+# the same kinds, elsewhere: a number too long to convert, a line that is not an object, long values quoted
 
 
 def test_a_number_too_long_to_read_names_the_file_and_the_line(tmp_path, smollm_tok):
@@ -376,7 +376,7 @@ def test_jsonl_files_in_a_directory_or_a_glob_give_their_text_fields_not_their_j
         data.read_documents(str(tmp_path / "d"))
 
 
-# ---- token ids the model cannot embed (issue 18 item 4): refused by verify and by the trainer, before any write ----
+# token ids the model cannot embed (issue 18 item 4): refused by verify and by the trainer, before any write
 
 
 def forge_ids(store: Path, *, keep_vocab: bool) -> None:
@@ -429,7 +429,7 @@ def test_the_trainer_refuses_a_store_of_ids_beyond_the_model_before_writing(stor
     assert not (tmp_path / "run").exists()  # no metrics.jsonl, no train_config.json
 
 
-# ---- a corpus of only empty documents leaves nothing behind (issue 18 item 15) ---------------------------------
+# a corpus of only empty documents leaves nothing behind (issue 18 item 15)
 
 
 def test_prepare_of_empty_documents_removes_what_it_wrote(tmp_path, tiny_tok):

@@ -36,7 +36,7 @@ def final(events):
     return events[-1], len(events) - 1
 
 
-# ---- checkpoints and start-up --------------------------------------------------------------------------------
+# checkpoints and start-up
 
 
 def write_checkpoint(run: Path, step: int, model: LlamaForCausalLM, spoil=None) -> Path:
@@ -130,7 +130,7 @@ def test_settings_give_the_decoders_sampling_params_with_the_page_conventions_un
         Settings(temperature=-1)
 
 
-# ---- what the page does ----------------------------------------------------------------------------------------
+# what the page does
 
 
 def test_continuation_streams_exactly_what_generate_produces(tokenizer):
@@ -293,7 +293,7 @@ def test_load_demo_checks_its_arguments(tmp_path):
         load_demo(str(tmp_path), tokenizer=1)
 
 
-# ---- the page, in a browser ---------------------------------------------------------------------------------------
+# the page, in a browser
 
 
 def test_page_in_a_browser_streams_stops_and_chats(tmp_path):

@@ -66,7 +66,7 @@ def ids():
     return torch.randint(0, 256, (2, 24))
 
 
-# ---- float32: the same function ---------------------------------------------------------------------
+# float32: the same function
 
 
 def test_fast_forward_logits_match_reference_fp32(model, ids):
@@ -307,7 +307,7 @@ def test_pack_weights_shares_one_cast_of_the_tied_head(model):
     assert model.model.embed_tokens.weight.grad is not None
 
 
-# ---- bf16 mixed precision: inside the reference's own envelope --------------------------------------
+# bf16 mixed precision: inside the reference's own envelope
 
 
 def test_bf16_mixed_loss_logits_and_gradients_inside_autocast_envelope(model, ids):
@@ -332,7 +332,7 @@ def test_bf16_mixed_loss_logits_and_gradients_inside_autocast_envelope(model, id
         assert rel_err(fg[name], ref32[name]) <= GRAD_ENVELOPE * rel_err(ac[name], ref32[name]), name
 
 
-# ---- generation -------------------------------------------------------------------------------------
+# generation
 
 
 def test_fast_generate_greedy_equals_reference_fp32(model):
@@ -431,7 +431,7 @@ def test_fast_generate_refuses_padding_and_bad_arguments(model):
     assert torch.equal(fast_generate(model, prompt, 0), prompt)
 
 
-# ---- compiled and CUDA paths ------------------------------------------------------------------------
+# compiled and CUDA paths
 
 
 @pytest.mark.slow

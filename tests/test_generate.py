@@ -199,7 +199,7 @@ def test_package_exports_the_generate_function_whatever_is_imported_first():
     assert module is not generate and smollm_ref.generate is generate is module.generate
 
 
-# ---- padded batches: each row gets what it gets alone, whichever side is padded ---------------------------
+# padded batches: each row gets what it gets alone, whichever side is padded
 
 
 def varied_model():
@@ -312,7 +312,7 @@ def test_real_right_padded_batch_continues_each_prompt_as_alone():
     assert tok.decode(out[0, width:]).startswith(" Rome")
 
 
-# ---- sampling options: every decoder refuses the same values the same way ---------------------------------
+# sampling options: every decoder refuses the same values the same way
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from smollm_ref.weights import SourceError, from_pretrained, gguf_config, read_c
 from tests.conftest import tiny_config
 from tests.trainer_runs import argv, tiny_options
 
-# ---- GGUF ---------------------------------------------------------------------------------------------------
+# GGUF
 
 # The metadata of a 2-layer llama GGUF (width 16, 2 heads of 8, 1 key/value head), as `gguf_metadata` reads it.
 BASE = {
@@ -242,7 +242,7 @@ def test_gguf_without_a_required_key_names_it(tmp_path, key):
         from_pretrained(write_gguf(tmp_path / "m.gguf", drop=(key,)))
 
 
-# ---- config.json, wherever it comes from ----------------------------------------------------------------------
+# config.json, wherever it comes from
 
 
 REFUSED_CONFIG = [
@@ -372,7 +372,7 @@ def test_a_recipe_model_config_asking_for_a_sliding_window_is_refused_before_tra
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-# ---- item 8: the files that describe a model are small regular files ------------------------------------------
+# item 8: the files that describe a model are small regular files
 
 
 _WRITER = """

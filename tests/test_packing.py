@@ -198,7 +198,7 @@ def test_random_splits_of_a_row_change_nothing(models, cuts, seed):
             torch.testing.assert_close(logits, ours(part).logits, rtol=0, atol=PACKED_ATOL)
 
 
-# ---- pack(): rows of a fixed length --------------------------------------------------------------------------
+# pack(): rows of a fixed length
 
 PAD = 0
 

@@ -62,7 +62,7 @@ def token_ids(draw, config: ModelConfig, batch: int, length: int) -> torch.Tenso
 seeds = st.integers(0, 2**16)
 
 
-# ---- masking ---------------------------------------------------------------------------------------------
+# masking
 
 
 @given(configs(), seeds, st.data())
@@ -121,7 +121,7 @@ def test_kv_cached_decode_equals_full_forward_for_any_split(config, seed, data):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **F32)
 
 
-# ---- grouped-query attention -----------------------------------------------------------------------------
+# grouped-query attention
 
 
 def plain_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -183,7 +183,7 @@ def test_gqa_equals_multi_head_attention_with_each_kv_head_repeated_for_its_grou
         torch.testing.assert_close(gqa(ids).logits, mha(ids).logits, **F32)
 
 
-# ---- RoPE ------------------------------------------------------------------------------------------------
+# RoPE
 
 
 @st.composite

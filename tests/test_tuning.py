@@ -72,7 +72,7 @@ def _stored(key: str) -> dict:
     return json.loads(tuning.cache_path().read_text())[tuning.machine_key()][key]
 
 
-# ---- the choice -------------------------------------------------------------------------------------
+# the choice
 
 
 @given(st.dictionaries(st.sampled_from(["ref", "a", "b", "c"]), st.floats(1e-6, 10.0), min_size=1).filter(lambda d: "ref" in d))
@@ -271,7 +271,7 @@ def test_tuning_off_means_the_reference_without_timing(clock, monkeypatch):
         tuning.fastest("op v", {"ref": Counted(clock, 0.0)}, "nope")
 
 
-# ---- the layouts ------------------------------------------------------------------------------------
+# the layouts
 
 
 @pytest.mark.parametrize("layout", LAYOUTS_HERE)

@@ -34,7 +34,7 @@ def _rewrite_manifest(directory: Path, change) -> None:
     path.write_text(json.dumps(manifest))
 
 
-# ---- item 3: a manifest names files inside its checkpoint, regular ones, of the recorded size --------------
+# item 3: a manifest names files inside its checkpoint, regular ones, of the recorded size
 
 
 def _escape_dotdot(files, directory):
@@ -176,7 +176,7 @@ def test_reader_gives_up_after_the_second_pruning(tmp_path):
         checkpoint.load_latest(tmp_path, load)
 
 
-# ---- item 8: config values of the wrong type name the field ------------------------------------------------
+# item 8: config values of the wrong type name the field
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_integer_floats_in_config_json_are_read_as_floats():
         assert config == ModelConfig.from_dict(config.to_dict())
 
 
-# ---- tiny model directories and the generate CLI -----------------------------------------------------------
+# tiny model directories and the generate CLI
 
 
 def tiny_tokenizer(directory: Path):
@@ -269,7 +269,7 @@ def assert_one_line_error(result, *expected: str):
     assert "Traceback" not in err[0] and all(e in err[0] for e in expected), err
 
 
-# ---- item 4: a config is checked against its weights and the free memory before the model is allocated --------
+# item 4: a config is checked against its weights and the free memory before the model is allocated
 
 
 def test_config_that_does_not_describe_its_weights_is_refused_before_allocating(tmp_path, monkeypatch):
@@ -366,7 +366,7 @@ def test_from_pretrained_of_a_huge_config_under_a_memory_limit(tmp_path):
     assert proc.returncode == 1 and "88.1 GB in float32" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-# ---- item 8: damaged or hostile weights and tokenizers, impossible options: one line, exit != 0 -------------------
+# item 8: damaged or hostile weights and tokenizers, impossible options: one line, exit != 0
 
 
 def test_bad_safetensors_is_one_line(tmp_path):
@@ -431,7 +431,7 @@ def test_sampling_rejects_non_finite_and_tiny_temperatures():
             generate(model, torch.ones(1, 3, dtype=torch.long), 2, temperature=temperature)
 
 
-# ---- item 10: generate checks everything before it prints the prompt -------------------------------------------
+# item 10: generate checks everything before it prints the prompt
 
 
 def test_generate_prints_nothing_before_its_checks_pass(tmp_path):
@@ -442,7 +442,7 @@ def test_generate_prints_nothing_before_its_checks_pass(tmp_path):
     assert code == 0 and out.startswith("the cat")
 
 
-# ---- item 8: the demo's settings refuse NaN, inf and out-of-range values on the page ----------------------------
+# item 8: the demo's settings refuse NaN, inf and out-of-range values on the page
 
 
 @pytest.mark.parametrize(

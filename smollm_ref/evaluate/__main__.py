@@ -117,6 +117,43 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _say_notes(results: dict) -> None:
+    """A note for each task whose items had their contexts cut, or a choice's first token merged with the context."""
+    for name, r in results["results"].items():
+        if r["truncated"]:
+            print(
+                f"note: {name}: {_plural(r['truncated'], 'item')} had the context cut from the start to fit the model",
+                file=sys.stderr,
+            )
+        if r["merged"]:
+            print(
+                f"note: {name}: in {_plural(r['merged'], 'item')} a choice's first token merges with the context's last; "
+                "those choices are scored from the next token, as the harness does",
+                file=sys.stderr,
+            )
+
+
+def _config_record(args, source, tasks, device, seconds: float) -> dict:
+    """What --output keeps of how the figures were made: the options, the machine, torch, the time taken."""
+    return {
+        "model": str(source),
+        "tokenizer": args.tokenizer or "the model's own",
+        "tasks": [t.name for t in tasks],
+        "task_files": {t.name: str(t.path) for t in tasks if t.path is not None},
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "device": str(device),
+        "source": args.source,
+        "share_context": args.share_context,
+        "chat_template": args.chat_template,
+        "seconds": round(seconds, 1),
+        "torch": torch.__version__,
+        "machine": _machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..checkpoint import find
     from ..generate import check_device
@@ -176,36 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             f"[{sum(r['n'] for r in results['results'].values())} items in {seconds:.0f} s, {args.precision}, {device}]",
             file=sys.stderr,
         )
-        for name, r in results["results"].items():
-            if r["truncated"]:
-                print(
-                    f"note: {name}: {_plural(r['truncated'], 'item')} had the context cut from the start to fit the model",
-                    file=sys.stderr,
-                )
-            if r["merged"]:
-                print(
-                    f"note: {name}: in {_plural(r['merged'], 'item')} a choice's first token merges with the context's last; "
-                    "those choices are scored from the next token, as the harness does",
-                    file=sys.stderr,
-                )
+        _say_notes(results)
         if output is not None:
-            results["config"] = {
-                "model": str(source),
-                "tokenizer": args.tokenizer or "the model's own",
-                "tasks": [t.name for t in tasks],
-                "task_files": {t.name: str(t.path) for t in tasks if t.path is not None},
-                "limit": args.limit,
-                "batch_size": args.batch_size,
-                "precision": args.precision,
-                "device": str(device),
-                "source": args.source,
-                "share_context": args.share_context,
-                "chat_template": args.chat_template,
-                "seconds": round(seconds, 1),
-                "torch": torch.__version__,
-                "machine": _machine(),
-                "date": time.strftime("%Y-%m-%d"),
-            }
+            results["config"] = _config_record(args, source, tasks, device, seconds)
             _write(output, results)
             print(f"wrote {output}", file=sys.stderr)
     except (ValueError, OSError) as e:  # TaskError, SourceError, CheckpointError, FileNotFoundError among them

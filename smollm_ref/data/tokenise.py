@@ -594,37 +594,7 @@ def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progres
             )
         writer.close((index, at) if exhausted else (index + 1, 0))  # a document cut by the budget is consumed
         bar.close()
-        if not has_text:  # nothing new this time: what an interrupted prepare wrote before may hold some
-            has_text = any(
-                s["tokens"] and np.any(np.memmap(out / s["file"], dtype=state["dtype"], mode="r") != sep) for s in state["shards"]
-            )
-        if not has_text:  # no store to continue either: remove every shard and the progress file
-            for shard in state["shards"]:
-                (out / shard["file"]).unlink(missing_ok=True)
-            (out / PROGRESS).unlink(missing_ok=True)  # then `prepare` removes the directory if it created it
-            raise DataError(
-                f"{state['spec']} holds no text to train on (no tokens after tokenising, or only the separators of empty "
-                "documents); pass data that contains text"
-            )
-        if budget is not None and exhausted and written < budget:
-            _warn(
-                f"{state['spec']} ran out at {written:,} tokens, before the budget of {budget:,}; the store holds what there was"
-            )
-        if cuts.inexact:
-            _warn(
-                f"{cuts.inexact_docs:,} document(s) (the first: document {cuts.first_inexact:,}, counting from 0) were cut into pieces of at most "
-                f"{PIECE_CHARS:,} characters at {cuts.inexact:,} place(s) where "
-                + (
-                    "this tokenizer may tokenise a cut differently from the whole document"
-                    if not cuts.exact
-                    else "no whitespace came for more than half that; the tokens next to each such cut may differ from tokenising the document whole"
-                )
-            )
-        index_doc = {k: v for k, v in state.items() if k not in ("offset",)}
-        index_doc.update(tokens=written, exhausted=exhausted, seconds=round(time.perf_counter() - started, 3))
-        index_doc["tokenizer"] = {**state["tokenizer"], "vocab_size": vocab}
-        _write_json(out / INDEX, index_doc)
-        (out / PROGRESS).unlink(missing_ok=True)
+        _finish(out, state, cuts, has_text, exhausted, written, time.perf_counter() - started, vocab)
     except BaseException as e:
         writer.abandon()
         bar.close()
@@ -640,6 +610,43 @@ def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progres
             raise _unwritable(out, e) from None
         raise
     return Store(out)
+
+
+def _finish(
+    out: Path, state: dict, cuts: _Cuts, has_text: bool, exhausted: bool, written: int, seconds: float, vocab: int
+) -> None:
+    """After the last shard: refuse a store without text (removing its shards), warn of a short corpus or
+    inexact cuts, write the index and drop the progress record."""
+    sep, budget = state["separator"], state["budget"]
+    if not has_text:  # nothing new this time: what an interrupted prepare wrote before may hold some
+        has_text = any(
+            s["tokens"] and np.any(np.memmap(out / s["file"], dtype=state["dtype"], mode="r") != sep) for s in state["shards"]
+        )
+    if not has_text:  # no store to continue either: remove every shard and the progress file
+        for shard in state["shards"]:
+            (out / shard["file"]).unlink(missing_ok=True)
+        (out / PROGRESS).unlink(missing_ok=True)  # then `prepare` removes the directory if it created it
+        raise DataError(
+            f"{state['spec']} holds no text to train on (no tokens after tokenising, or only the separators of empty "
+            "documents); pass data that contains text"
+        )
+    if budget is not None and exhausted and written < budget:
+        _warn(f"{state['spec']} ran out at {written:,} tokens, before the budget of {budget:,}; the store holds what there was")
+    if cuts.inexact:
+        _warn(
+            f"{cuts.inexact_docs:,} document(s) (the first: document {cuts.first_inexact:,}, counting from 0) were cut into pieces of at most "
+            f"{PIECE_CHARS:,} characters at {cuts.inexact:,} place(s) where "
+            + (
+                "this tokenizer may tokenise a cut differently from the whole document"
+                if not cuts.exact
+                else "no whitespace came for more than half that; the tokens next to each such cut may differ from tokenising the document whole"
+            )
+        )
+    index_doc = {k: v for k, v in state.items() if k not in ("offset",)}
+    index_doc.update(tokens=written, exhausted=exhausted, seconds=round(seconds, 3))
+    index_doc["tokenizer"] = {**state["tokenizer"], "vocab_size": vocab}
+    _write_json(out / INDEX, index_doc)
+    (out / PROGRESS).unlink(missing_ok=True)
 
 
 def cached_store(

@@ -369,7 +369,7 @@ def test_an_unwritable_cache_is_one_line_naming_where_to_move_it(tmp_path, monke
     (tmp_path / "file").write_text("not a directory")
     monkeypatch.setenv("SMOLLM_REF_CACHE", str(tmp_path / "file"))
     with pytest.raises(data.DataError, match="a part of its path is a file.*set SMOLLM_REF_CACHE") as info:
-        train.train(TrainConfig(**tiny_options(tmp_path)))
+        train.train(TrainConfig.from_options(**tiny_options(tmp_path)))
     assert "\n" not in str(info.value) and (tmp_path / "file").read_text() == "not a directory"
 
 

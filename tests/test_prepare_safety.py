@@ -318,14 +318,14 @@ def test_more_workers_than_usable_cores_is_refused_in_one_line(tmp_path):
 
 
 def test_the_trainers_worker_count_is_the_usable_cores(tmp_path, monkeypatch):
-    from smollm_ref.train import inputs
+    from smollm_ref.train.objectives import text
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     big = tmp_path / "big.txt"
     with open(big, "wb") as f:
         f.truncate(32 << 20)  # sparse: large enough for the parallel path
-    assert inputs._workers(str(big)) == 3 and data.tokenise.usable_cores() == 3
+    assert text._workers(str(big)) == 3 and data.tokenise.usable_cores() == 3
     with pytest.raises(data.DataError, match="--workers 4 is more than the 3 core"):
         data.prepare("stdlib", tmp_path / "s", None, workers=4)
 

@@ -254,7 +254,7 @@ def forward_fns(models: dict, mode: Mode, ids, device) -> dict[str, Side]:
 
 def trainer_config(mode: Mode) -> TrainConfig:
     """The trainer's options for `mode` (its defaults otherwise: fast step on, grad_clip 1.0)."""
-    return TrainConfig(precision=mode.precision, compile=mode.compiled)
+    return TrainConfig.from_options(precision=mode.precision, compile=mode.compiled)
 
 
 def bench_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
@@ -292,7 +292,7 @@ def train_fns(models: dict, mode: Mode, ids, device) -> dict[str, Side]:
         autocast = autocast_context(device, mode.precision)
         step = None
         if name == "smollm_ref":
-            fast, _ = fast_forward(model, cfg, 1, mode.precision)
+            fast, _ = fast_forward(model, cfg.model, 1, mode.precision)
             if fast is not None:
                 loss_fn, autocast, step = fast.lm_loss, None, "fast"  # the fast step does its own mixed precision
             else:
@@ -302,7 +302,7 @@ def train_fns(models: dict, mode: Mode, ids, device) -> dict[str, Side]:
         opt = bench_optimizer(model)
 
         def fn(model=model, loss_fn=loss_fn, opt=opt, autocast=autocast, batch=(ids, targets)):
-            train_step(model, [batch], opt, grad_clip=cfg.grad_clip, autocast=autocast, loss_fn=loss_fn)
+            train_step(model, [batch], opt, grad_clip=cfg.optim.grad_clip, autocast=autocast, loss_fn=loss_fn)
 
         # Eager modes warm up on one row (the same kernels, the optimizer state built; a full step is 10-40 s
         # on 2 CPU cores); compiled modes on the full batch, the shape their graph is built for.

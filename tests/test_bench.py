@@ -372,7 +372,7 @@ def test_train_figure_times_the_step_the_trainer_runs_in_that_mode(mode, expecte
     ids = torch.randint(0, config.vocab_size, (2, 8))
     side = bench.train_fns(models, bench.Mode(mode), ids, torch.device("cpu"))["smollm_ref"]
     fast, _ = train_module().step.fast_forward(
-        models["smollm_ref"], bench.trainer_config(bench.Mode(mode)), 1, bench.Mode(mode).precision
+        models["smollm_ref"], bench.trainer_config(bench.Mode(mode)).model, 1, bench.Mode(mode).precision
     )
     trainer_uses_fast = fast is not None
     assert trainer_uses_fast == (expected == "fast") and side.step == expected

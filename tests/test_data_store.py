@@ -295,8 +295,8 @@ def test_training_on_a_multi_shard_store_resumes_exactly_across_a_shard_boundary
         str(jsonl(tmp_path / "c.jsonl", docs)), tmp_path / "store", tok, shard_tokens=97, workers=1, progress=False
     )
     assert len(store.shards) > 20  # every 2 x 33-token window spans shards, most of them a boundary
-    straight = train.train(TrainConfig(**options(store.dir, tmp_path / "a")))
-    half = train.train(TrainConfig(**options(store.dir, tmp_path / "b", max_steps=3)))
+    straight = train.train(TrainConfig.from_options(**options(store.dir, tmp_path / "a")))
+    half = train.train(TrainConfig.from_options(**options(store.dir, tmp_path / "b", max_steps=3)))
     cfg, found = train.resolve_config({"resume": str(half.run_dir), "max_steps": 6, "progress": False})
     train.train(cfg, found)
 
@@ -322,7 +322,7 @@ def test_training_refuses_a_store_of_another_tokenizer_and_an_unfinished_one(tok
 
 def test_a_streamed_spec_reads_what_the_run_needs_and_says_so(corpus_folder, tmp_path, capsys):
     opts = options(f"hf:{corpus_folder}:cosmopedia-v2", tmp_path / "run", max_steps=2, checkpoint_every=2, val_fraction=0.2)
-    train.train(TrainConfig(**opts))
+    train.train(TrainConfig.from_options(**opts))
     needed = -(-(2 * 2 * 32 + 1) * 10 // 8)  # 2 steps x 2 sequences x 32 tokens + 1, over (1 - 0.2)
     assert f"streaming hf:{corpus_folder}:cosmopedia-v2 until {needed / 1e6:.1f} M tokens" in capsys.readouterr().err
     state = checkpoint.load_state(checkpoint.find(tmp_path / "run"))

@@ -318,14 +318,14 @@ def test_more_workers_than_usable_cores_is_refused_in_one_line(tmp_path):
 
 
 def test_the_trainers_worker_count_is_the_usable_cores(tmp_path, monkeypatch):
-    from smollm_ref.train import inputs
+    from smollm_ref.train.objectives import text
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     big = tmp_path / "big.txt"
     with open(big, "wb") as f:
         f.truncate(32 << 20)  # sparse: large enough for the parallel path
-    assert inputs._workers(str(big)) == 3 and data.tokenise.usable_cores() == 3
+    assert text._workers(str(big)) == 3 and data.tokenise.usable_cores() == 3
     with pytest.raises(data.DataError, match="--workers 4 is more than the 3 core"):
         data.prepare("stdlib", tmp_path / "s", None, workers=4)
 
@@ -369,7 +369,7 @@ def test_an_unwritable_cache_is_one_line_naming_where_to_move_it(tmp_path, monke
     (tmp_path / "file").write_text("not a directory")
     monkeypatch.setenv("SMOLLM_REF_CACHE", str(tmp_path / "file"))
     with pytest.raises(data.DataError, match="a part of its path is a file.*set SMOLLM_REF_CACHE") as info:
-        train.train(TrainConfig(**tiny_options(tmp_path)))
+        train.train(TrainConfig.from_options(**tiny_options(tmp_path)))
     assert "\n" not in str(info.value) and (tmp_path / "file").read_text() == "not a directory"
 
 

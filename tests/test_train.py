@@ -3,6 +3,7 @@ checkpoints (corruption, signals, transformers), WandB offline, DDP on gloo, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from waiting import logged_steps, wait_until
 
 from smollm_ref import checkpoint, train
 from smollm_ref.configs import preset_path
-from smollm_ref.train import TrainConfig
+from smollm_ref.train import ModelOptions, OptimOptions, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,7 +72,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def finished_run(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
-    result = train.train(TrainConfig(**options(corpus, out, eval_every=2)))
+    result = train.train(TrainConfig.from_options(**options(corpus, out, eval_every=2)))
     assert result.step == 4 and result.checkpoint == out / "checkpoints" / "step_000004"
     return out
 
@@ -96,7 +97,7 @@ def finished_run(corpus, tmp_path_factory) -> Path:
 )
 def test_config_validation_names_the_field(changes, field):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
-        TrainConfig(**changes)
+        TrainConfig.from_options(**changes)
 
 
 def test_recipe_unknown_keys_are_errors_and_cli_overrides_recipe(tmp_path, corpus):
@@ -131,17 +132,17 @@ def test_help_describes_every_option(capsys):
 
 
 def test_lr_schedules():
-    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, lr_schedule="cosine")
+    cfg = OptimOptions(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, lr_schedule="cosine")
     assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
     assert train.lr_at(10, cfg) == pytest.approx(1.0) and train.lr_at(60, cfg) == pytest.approx(0.55)
     assert train.lr_at(110, cfg) == pytest.approx(0.1) and train.lr_at(500, cfg) == pytest.approx(0.1)
-    wsd = cfg.replace(lr_schedule="wsd", wsd_decay_fraction=0.2, max_steps=100)
+    wsd = dataclasses.replace(cfg, lr_schedule="wsd", wsd_decay_fraction=0.2, max_steps=100)
     assert (
         train.lr_at(79, wsd) == 1.0
         and train.lr_at(90, wsd) == pytest.approx(0.55)
         and train.lr_at(100, wsd) == pytest.approx(0.1)
     )
-    assert train.lr_at(50, cfg.replace(lr_schedule="constant")) == 1.0
+    assert train.lr_at(50, dataclasses.replace(cfg, lr_schedule="constant")) == 1.0
 
 
 def test_optimizer_does_not_decay_norms_or_the_tied_embedding():
@@ -149,7 +150,7 @@ def test_optimizer_does_not_decay_norms_or_the_tied_embedding():
     from smollm_ref.model import LlamaForCausalLM
 
     model = LlamaForCausalLM(ModelConfig.from_name("smollm2-tiny"))
-    opt = train.make_optimizer(model, TrainConfig(weight_decay=0.1))
+    opt = train.make_optimizer(model, OptimOptions(weight_decay=0.1))
     decay, no_decay = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -158,7 +159,7 @@ def test_optimizer_does_not_decay_norms_or_the_tied_embedding():
     }
     assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 2 * 7
     assert opt.defaults["fused"] is True  # CPU has a fused AdamW kernel (3-5x faster than foreach at 135M parameters)
-    sharded = train.make_optimizer(model, TrainConfig(weight_decay=0.1, fsdp=True))
+    sharded = train.make_optimizer(model, OptimOptions(weight_decay=0.1), sharded=True)
     assert sharded.defaults["foreach"] is True and not sharded.defaults["fused"]  # FSDP2's DTensors: foreach
 
 
@@ -166,7 +167,7 @@ def test_optimizer_does_not_decay_norms_or_the_tied_embedding():
 
 
 def test_overfitting_one_batch_drives_the_loss_near_zero(corpus, tmp_path):
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_options(
         **options(
             corpus,
             tmp_path / "run",
@@ -192,7 +193,7 @@ def test_fast_step_trains_like_the_reference_step(corpus, tmp_path, capsys):
     for fast in (True, False):
         out = tmp_path / f"fast-{fast}"
         opts = options(corpus, out, max_steps=5, checkpoint_every=1, keep_last=0, optimizer_state="latest")
-        train.train(TrainConfig(**opts, precision="bf16-mixed", device="cpu", fast=fast))
+        train.train(TrainConfig.from_options(**opts, precision="bf16-mixed", device="cpu", fast=fast))
         curves[fast] = losses(out)
         weights[fast] = [load_file(out / "checkpoints" / f"step_{s:06d}" / "model.safetensors") for s in (1, 5)]
     assert list(curves[True]) == list(curves[False]) == [1, 2, 3, 4, 5]
@@ -229,7 +230,7 @@ def test_attention_dropout_run_takes_the_reference_step(tmp_path, capsys):
     for fast in (True, False):
         out = tmp_path / f"fast-{fast}"
         opts = tiny_options(tmp_path, model_config=str(_dropout_config(tmp_path, 0.3)), out_dir=str(out), checkpoint_every=1000)
-        train.train(TrainConfig(**opts, precision="bf16-mixed", device="cpu", fast=fast))
+        train.train(TrainConfig.from_options(**opts, precision="bf16-mixed", device="cpu", fast=fast))
         curves[fast] = losses(out)
     assert list(curves[True]) == [1, 2, 3, 4] and curves[True] == curves[False]
     log = capsys.readouterr()
@@ -243,15 +244,15 @@ def test_fast_step_unsupported_is_the_one_choice_and_says_why(tmp_path):
     from smollm_ref.train.step import fast_forward, fast_step_unsupported
 
     model = LlamaForCausalLM(ModelConfig.from_json(_dropout_config(tmp_path, 0.0)))
-    cfg = TrainConfig()
+    cfg = ModelOptions()
     assert fast_step_unsupported(model, cfg, 1, "bf16-mixed") is None
     fast, why = fast_forward(model, cfg, 1, "fp16-mixed")
     assert why is None and fast.dtype == torch.float16
     cases = [
-        ((model, TrainConfig(fast=False), 1, "bf16-mixed"), "--no-fast"),
+        ((model, ModelOptions(fast=False), 1, "bf16-mixed"), "--no-fast"),
         ((model, cfg, 1, "fp32"), "fp32"),
         ((model, cfg, 2, "bf16-mixed"), "several processes"),
-        ((model, TrainConfig(fsdp=True), 1, "bf16-mixed"), "FSDP"),
+        ((model, ModelOptions(fsdp=True), 1, "bf16-mixed"), "FSDP"),
         ((model, cfg, 1, "bf16-mixed", ChatObjective.fast_step_unsupported), "chat rows"),
     ]
     dropout = LlamaForCausalLM(ModelConfig.from_json(_dropout_config(tmp_path, 0.3))).eval()
@@ -371,7 +372,7 @@ def test_resume_in_a_new_process_is_exact(corpus, tmp_path, extra):
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path):
     out = tmp_path / "run"
-    train.train(TrainConfig(**options(corpus, out)))
+    train.train(TrainConfig.from_options(**options(corpus, out)))
     weights = out / "checkpoints" / "step_000004" / "model.safetensors"
     blob = bytearray(weights.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
@@ -379,7 +380,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_pa
     with pytest.warns(UserWarning, match="step_000004.*checksum.*falling back"):
         cfg, found = train.resolve_config({"resume": "auto", "out_dir": str(out)})
     # the model comes from the checkpoint's own config.json, not from a preset name or path the run recorded
-    assert found.name == "step_000002" and cfg.model_config is None and cfg.seq_len == 32
+    assert found.name == "step_000002" and cfg.model.model_config is None and cfg.data.seq_len == 32
     result = train.train(cfg, found)
     assert result.step == 4
     checkpoint.verify(out / "checkpoints" / "step_000004")  # rewritten whole
@@ -411,7 +412,7 @@ def test_wandb_offline_run_records_the_metrics_and_keeps_its_id(corpus, tmp_path
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    train.train(TrainConfig(**options(corpus, out, wandb=True, max_steps=2)))
+    train.train(TrainConfig.from_options(**options(corpus, out, wandb=True, max_steps=2)))
     run_id = checkpoint.load_state(out / "checkpoints" / "step_000002")["wandb_run_id"]
     assert run_id
     cfg, found = train.resolve_config({"resume": str(out), "additional_steps": 2})
@@ -516,7 +517,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_message(corpus, 
     from smollm_ref.model import LlamaForCausalLM
 
     model = LlamaForCausalLM(ModelConfig.from_name("smollm2-tiny"))
-    opt = train.make_optimizer(model, TrainConfig())
+    opt = train.make_optimizer(model, OptimOptions())
     with torch.no_grad():
         model.model.norm.weight[0] = float("nan")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -534,7 +535,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_message(corpus, 
 
 def test_continue_training_api_extends_a_run(corpus, tmp_path):
     out = tmp_path / "run"
-    train.train(TrainConfig(**options(corpus, out, max_steps=2)))
+    train.train(TrainConfig.from_options(**options(corpus, out, max_steps=2)))
     result = train.continue_training(out / "checkpoints" / "step_000002", additional_steps=2)
     assert result.step == 4 and result.checkpoint == out / "checkpoints" / "step_000004"
     assert sorted(losses(out)) == [1, 2, 3, 4]

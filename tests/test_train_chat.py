@@ -142,7 +142,7 @@ def test_two_gloo_ranks_with_uneven_rows_equal_one_process(tmp_path):
 
 def test_a_chat_run_trains_on_replies_and_keeps_the_chat_template(tmp_path, capsys):
     data = write_jsonl(tmp_path / "c.jsonl", [*conversations(30), {"messages": [{"role": "user", "content": "no reply"}]}])
-    result = train.train(TrainConfig(**chat_options(data, tmp_path / "run")))
+    result = train.train(TrainConfig.from_options(**chat_options(data, tmp_path / "run")))
     err = capsys.readouterr().err
     assert "chat data: 31 conversations, 24 to train and 6 held out; 1 without an assistant reply skipped; packed into" in err
     assert "reference step (the fast step does not take chat rows yet)" not in err  # fp32: the reference step anyway
@@ -167,7 +167,9 @@ def test_the_assistant_only_validation_loss_is_the_mean_over_reply_tokens(tok, t
 
     data = write_jsonl(tmp_path / "c.jsonl", conversations(10))
     result = train.train(
-        TrainConfig(**chat_options(data, tmp_path / "run", max_steps=1, checkpoint_every=1, eval_every=1, val_fraction=0.3))
+        TrainConfig.from_options(
+            **chat_options(data, tmp_path / "run", max_steps=1, checkpoint_every=1, eval_every=1, val_fraction=0.3)
+        )
     )
     from smollm_ref.weights import from_pretrained
 

@@ -125,7 +125,7 @@ def test_the_plot_draws_the_figures_in_a_panel_of_their_own(eval_run):
 
 def test_a_run_without_eval_tasks_records_and_plots_as_before(tmp_path):
     opts = tiny_options(tmp_path, max_steps=2, eval_every=2)
-    train.train(TrainConfig(**opts))
+    train.train(TrainConfig.from_options(**opts))
     run = Path(opts["out_dir"])
     assert all(not k.startswith("eval/") for r in records(run) for k in r)
     assert len(figure(run).axes) == 3
@@ -166,7 +166,7 @@ def test_wandb_gets_the_same_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     opts = tiny_options(tmp_path, max_steps=2, eval_every=2, wandb=True)
     task = corpus_task(tmp_path / "lines.jsonl", Path(opts["data"]), n=4)
-    train.train(TrainConfig(**{**opts, "eval_tasks": str(task)}))
+    train.train(TrainConfig.from_options(**{**opts, "eval_tasks": str(task)}))
     wandb_written()
     (log,) = (Path(opts["out_dir"]) / "wandb").glob("offline-run-*/run-*.wandb")
     blob = log.read_bytes()
@@ -206,7 +206,7 @@ def test_recipes_take_the_keys_and_check_their_values(tmp_path):
     recipe.write_text(json.dumps({"eval_tasks": "arc_eazy"}))
     with pytest.raises(train.TrainError, match=r"recipe .*r\.json: TrainConfig\.eval_tasks .*\(unknown task 'arc_eazy'"):
         train.read_recipe(recipe)
-    assert TrainConfig().eval_tasks == "" and "eval_tasks" not in FIXED_ON_RESUME and "eval_limit" not in FIXED_ON_RESUME
+    assert TrainConfig().eval.eval_tasks == "" and "eval_tasks" not in FIXED_ON_RESUME and "eval_limit" not in FIXED_ON_RESUME
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ from smollm_ref.config import ModelConfig
 from smollm_ref.evaluate import evaluate
 from smollm_ref.model import LlamaForCausalLM
 from smollm_ref.tokenizer import from_directory
-from smollm_ref.train import TrainConfig
+from smollm_ref.train import EvalOptions
 from smollm_ref.train.evaluator import Evaluator
 from smollm_ref.train import lm_loss
 
@@ -300,7 +300,7 @@ task, source = sys.argv[1], Path(sys.argv[2])
 dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0, world_size=1)
 model = LlamaForCausalLM(ModelConfig.from_json(source / "config.json"))
 tok = from_directory(source)
-evaluator = Evaluator.build(TrainConfig(eval_tasks=task, eval_limit=0), tok, model.config.max_position_embeddings)
+evaluator = Evaluator.build(EvalOptions(eval_tasks=task, eval_limit=0), tok, model.config.max_position_embeddings)
 distributed.wrap(model, distributed.Dist(0, 2, 0), True, torch.device("cpu"))
 x = torch.randint(0, 300, (2, 17))
 lm_loss(model, x[:, :-1], x[:, 1:]).backward()

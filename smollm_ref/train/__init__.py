@@ -7,7 +7,9 @@ load, metrics, samples, and DDP/FSDP2 under torchrun.
     torchrun --nproc_per_node 2 -m smollm_ref.train --recipe ... [--fsdp]
 
 One job per module, in the order data flows:
-    options       TrainConfig (every option with its help), the command line, recipes, what a resume inherits
+    options       TrainConfig: six sections of options, one per component that reads them (model, data, optim,
+                  checkpoint, log, eval), every option with its help; the command line generated from them,
+                  recipes, what a resume inherits
     objectives    what a run optimises, chosen once from the data: text (next-token loss) or chat (SFT); each
                   with its data, loss, validation and samples
     optim         the AdamW policy, the learning-rate schedule
@@ -32,15 +34,33 @@ from .loop import TrainResult, continue_training, fit, train
 from .objectives import ChatObjective, Objective, TextObjective, lm_loss
 from .objectives.text import evaluate, sample_text
 from .optim import adamw, lr_at, make_optimizer
-from .options import TrainConfig, TrainError, build_parser, read_recipe, resolve_config
+from .options import (
+    CheckpointOptions,
+    DataOptions,
+    EvalOptions,
+    LogOptions,
+    ModelOptions,
+    OptimOptions,
+    TrainConfig,
+    TrainError,
+    build_parser,
+    read_recipe,
+    resolve_config,
+)
 from .run import Diverged, Run
 from .state import RunState
 from .step import StepStats, train_step
 
 __all__ = [
     "ChatObjective",
+    "CheckpointOptions",
     "Checkpointer",
+    "DataOptions",
     "Diverged",
+    "EvalOptions",
+    "LogOptions",
+    "ModelOptions",
+    "OptimOptions",
     "Run",
     "RunState",
     "StepStats",

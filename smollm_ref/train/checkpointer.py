@@ -12,7 +12,7 @@ import torch
 from .. import checkpoint, distributed, storage
 from ..model import LlamaForCausalLM
 from .logger import say
-from .options import TrainConfig, TrainError
+from .options import CheckpointOptions, TrainError
 from .state import RunState
 
 
@@ -45,35 +45,48 @@ class Checkpointer:
     """Owns the decision to save and the contents of a checkpoint. Every rank calls `save` (FSDP gathers
     the full state collectively); rank 0 alone writes."""
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, d: distributed.Dist, model, optimizer, scaler, tokenizer):
+    def __init__(
+        self,
+        run_dir: Path,
+        options: CheckpointOptions,
+        d: distributed.Dist,
+        model,
+        optimizer,
+        scaler,
+        tokenizer,
+        *,
+        fsdp: bool,
+        schedule: dict,
+        run_options: dict,
+    ):
+        """`options`: the run's `cfg.checkpoint`. Besides the model, a checkpoint holds `schedule` (the
+        learning-rate schedule, `optim.schedule_record`) in its run state and `run_options` (every option, flat:
+        `TrainConfig.to_dict()`) as its train_config.json; `fsdp`: the model is sharded (--fsdp), its state gathered."""
         self.root = checkpoint.checkpoints_root(run_dir)
-        self.cfg, self.d = cfg, d
+        self.options, self.d = options, d
+        self.fsdp, self.schedule, self.run_options = fsdp, schedule, run_options
         self.model, self.optimizer, self.scaler, self.tokenizer = model, optimizer, scaler, tokenizer
         self.last: Path | None = None
 
     def due(self, step: int, max_steps: int) -> bool:
-        return step % self.cfg.checkpoint_every == 0 or step == max_steps
+        return step % self.options.checkpoint_every == 0 or step == max_steps
 
     def restore(self, saved: dict, horizon: int) -> RunState:
-        """Load the optimizer, scaler and RNG states of `saved` (a `trainer_state.pt`) and return its run state.
-        An extended run (--additional-steps without --lr-decay-steps) keeps the schedule it had."""
-        distributed.load_optimizer_state(self.optimizer, saved["optimizer"], self.cfg.fsdp)
+        """Load the optimizer, scaler and RNG states of `saved` (a `trainer_state.pt`) and return its run state,
+        with the schedule's `horizon` (the run's: an extended run keeps the one it had)."""
+        distributed.load_optimizer_state(self.optimizer, saved["optimizer"], self.fsdp)
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
-        if self.cfg.additional_steps is not None and self.cfg.lr_decay_steps is None:
-            horizon = int(saved["schedule"]["horizon"])
         checkpoint.set_rng_state(saved["rng"])
         return RunState.from_checkpoint(saved, horizon)
 
     def save(self, state: RunState) -> Path | None:
         """Write a checkpoint of `state` (on rank 0; other ranks return None) and apply --keep-last and
         --optimizer-state."""
-        cfg = self.cfg
-        schedule = {"kind": cfg.lr_schedule, "lr": cfg.lr, "warmup": cfg.warmup_steps, "min_lr_ratio": cfg.min_lr_ratio}
-        trainer_state = state.to_checkpoint(schedule, self.d.world_size, cfg.fsdp)
-        trainer_state["optimizer"] = distributed.full_optimizer_state(self.optimizer, cfg.fsdp)
+        trainer_state = state.to_checkpoint(self.schedule, self.d.world_size, self.fsdp)
+        trainer_state["optimizer"] = distributed.full_optimizer_state(self.optimizer, self.fsdp)
         trainer_state["scaler"] = self.scaler.state_dict() if self.scaler is not None else {}
-        model_state = distributed.full_model_state(self.model) if cfg.fsdp else None
+        model_state = distributed.full_model_state(self.model) if self.fsdp else None
         path = None
         if self.d.is_main:
 
@@ -81,31 +94,31 @@ class Checkpointer:
                 from ..weights import load_into, save_pretrained
 
                 cpu_model = self.model
-                if cfg.fsdp:  # sharded: rebuild the whole model on CPU from the gathered state
+                if self.fsdp:  # sharded: rebuild the whole model on CPU from the gathered state
                     cpu_model = LlamaForCausalLM(self.model.config)
                     load_into(cpu_model, model_state)
                 save_pretrained(cpu_model, tmp, self.tokenizer)
                 torch.save(trainer_state, tmp / checkpoint.STATE)
-                (tmp / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+                (tmp / checkpoint.TRAIN_CONFIG).write_text(json.dumps(self.run_options, indent=2) + "\n")
 
             path = self._write(state.step, write_files)
         distributed.barrier(self.d)
         return path
 
     def _write(self, step: int, write_files) -> Path | None:
-        cfg = self.cfg
+        options = self.options
         try:
-            path = checkpoint.write(self.root, step, write_files, cfg.keep_last or None)
+            path = checkpoint.write(self.root, step, write_files, options.keep_last or None)
         except (OSError, RuntimeError) as e:  # torch.save wraps ENOSPC in a RuntimeError without its errno
             if not storage.is_disk_full(e, self.root, self.bytes_needed()):
                 raise
             error = storage.disk_full_error(self.root, f"checkpoint {checkpoint.step_dir_name(step)}", self.bytes_needed())
             kept = f"the previous checkpoint {self.last} is kept" if self.last else "no checkpoint of this run was written"
-            if cfg.on_disk_full == "continue":
+            if options.on_disk_full == "continue":
                 say(f"warning: {error}; {kept}; training goes on and tries again at the next checkpoint")
                 return None
             raise CheckpointSpace(f"{error}; {kept}; free some space, then continue with --resume {self.root.parent}") from None
-        if cfg.optimizer_state == "latest":
+        if options.optimizer_state == "latest":
             for _, older in checkpoint.list_checkpoints(self.root)[:-1]:
                 drop_optimizer_state(older)
         self.last = path

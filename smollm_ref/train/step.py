@@ -1,6 +1,6 @@
 """One optimizer step, and the choice of how it is computed: the fast training forward or the reference model.
 
-    fast_forward(model, cfg, world_size, precision, objective_reason)   the fast step's forward, or why not
+    fast_forward(model, cfg.model, world_size, precision, objective_reason)   the fast step's forward, or why not
     train_step(model, micro_batches, optimizer, scaler, lr=..., grad_clip=...) -> StepStats
 
 What the step's loss is (text, chat) is the objective's (`smollm_ref.train.objectives`); the optimizer and
@@ -17,12 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from .objectives.text import lm_loss
-from .options import TrainConfig
+from .options import ModelOptions
 
 __all__ = ["StepStats", "fast_forward", "fast_step_unsupported", "train_step"]
 
 
-def fast_step_unsupported(model, cfg: TrainConfig, world_size: int, precision: str, objective: str | None = None) -> str | None:
+def fast_step_unsupported(
+    model, options: ModelOptions, world_size: int, precision: str, objective: str | None = None
+) -> str | None:
     """Why this run's step does not use the fast training forward (`smollm_ref.fast.FastForward`), as a phrase
     for the log, or None where it does. The one place that choice is made.
 
@@ -32,11 +34,11 @@ def fast_step_unsupported(model, cfg: TrainConfig, world_size: int, precision: s
     concatenation made a 4x128 CPU step ~9% slower than the reference's. And only where it computes the
     reference's training function for this model (`smollm_ref.fast.unsupported`: no attention dropout), for
     an objective it can train (`objective`: the objective's `fast_step_unsupported`, None where it can)."""
-    if not cfg.fast:
+    if not options.fast:
         return "--no-fast"
     if precision == "fp32":
         return "fp32: the fast step only pays in mixed precision"
-    if world_size > 1 or cfg.fsdp:
+    if world_size > 1 or options.fsdp:
         return "several processes or FSDP: the fast step reads the Parameters past the wrapper's gradient hooks"
     if objective is not None:
         return objective
@@ -45,16 +47,16 @@ def fast_step_unsupported(model, cfg: TrainConfig, world_size: int, precision: s
     return unsupported(model, training=True)
 
 
-def fast_forward(model, cfg: TrainConfig, world_size: int, precision: str, objective: str | None = None):
+def fast_forward(model, options: ModelOptions, world_size: int, precision: str, objective: str | None = None):
     """(the fast training forward, None) where `fast_step_unsupported` finds nothing against it, else (None,
     its reason). Compute dtype follows --precision (autocast-style: bf16/fp16 matmuls, float32 norms,
     residual and loss)."""
-    reason = fast_step_unsupported(model, cfg, world_size, precision, objective)
+    reason = fast_step_unsupported(model, options, world_size, precision, objective)
     if reason is not None:
         return None, reason
     from ..fast import FastForward
 
-    return FastForward(model, torch.bfloat16 if precision == "bf16-mixed" else torch.float16, compile=cfg.compile), None
+    return FastForward(model, torch.bfloat16 if precision == "bf16-mixed" else torch.float16, compile=options.compile), None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ objective (`Objective`) and never ask which one it is.
 from __future__ import annotations
 
 from ... import data
-from ..options import TrainConfig
+from ..options import DataOptions
 from .base import Objective, StepLoss
 from .chat import CHAT_SAMPLE_QUESTION, ChatObjective, sft_loss_sum, trained_tokens
 from .text import TextObjective, lm_loss
@@ -26,7 +26,11 @@ __all__ = [
 ]
 
 
-def choose(cfg: TrainConfig, tokenizer) -> Objective:
-    """The objective of --data-format: chat for records of `messages` (auto: when the data holds them), else text."""
-    chat = cfg.data_format == "chat" if cfg.data_format != "auto" else data.looks_like_chat(cfg.data)
-    return (ChatObjective if chat else TextObjective)(cfg, tokenizer)
+def choose(options: DataOptions, tokenizer, *, max_steps: int, progress: bool) -> Objective:
+    """The objective of --data-format (`options`: the run's `cfg.data`): chat for records of `messages` (auto: when
+    the data holds them), else text. `max_steps` (--max-steps) sizes what a streamed text corpus reads;
+    `progress` shows a bar while text data is prepared."""
+    chat = options.data_format == "chat" if options.data_format != "auto" else data.looks_like_chat(options.data)
+    if chat:
+        return ChatObjective(options, tokenizer)
+    return TextObjective(options, tokenizer, max_steps=max_steps, progress=progress)

@@ -11,7 +11,7 @@ from ... import distributed
 from ...data.chat import IGNORE_INDEX
 from ...data.conversations import ChatData
 from ...model import causal_lm_loss_sum
-from ..options import TrainConfig
+from ..options import DataOptions, LogOptions
 from ..samples import Sampling, draw, sample_prompt_text
 from .base import StepLoss, in_eval_mode, split_digest
 
@@ -60,11 +60,11 @@ def sample_chat(model, tokenizer, question: str, max_new_tokens: int, device, au
     return tokenizer.decode(draw(model, ids, max_new_tokens, autocast, sampling or Sampling(), end), skip_special_tokens=True)
 
 
-def chat_data(cfg: TrainConfig, tokenizer) -> ChatData:
+def chat_data(options: DataOptions, tokenizer) -> ChatData:
     """Conversations encoded with the tokenizer's chat template (every rank encodes them: a chat set is small)."""
     from ...data.conversations import chat_data
 
-    return chat_data(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, pack=cfg.pack, too_long=cfg.too_long)
+    return chat_data(options.data, tokenizer, options.seq_len, options.val_fraction, pack=options.pack, too_long=options.too_long)
 
 
 class ChatObjective:
@@ -80,12 +80,12 @@ class ChatObjective:
     rows = "rows"
     budget = None  # every conversation is read
 
-    def __init__(self, cfg: TrainConfig, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, options: DataOptions, tokenizer):
+        self.options, self.tokenizer = options, tokenizer
         self.data: ChatData | None = None
 
     def read(self, d: distributed.Dist, saved: dict | None, vocab_size: int) -> ChatData:
-        self.data = chat_data(self.cfg, self.tokenizer)
+        self.data = chat_data(self.options, self.tokenizer)
         return self.data
 
     def split_digest(self) -> dict:
@@ -102,7 +102,7 @@ class ChatObjective:
     def sample_prompt(self, option: str) -> str:
         """The question the samples ask: --sample-prompt, or a built-in one when it is left at its text default."""
         prompt = sample_prompt_text(option)
-        return CHAT_SAMPLE_QUESTION if prompt == TrainConfig.sample_prompt else prompt
+        return CHAT_SAMPLE_QUESTION if prompt == LogOptions.sample_prompt else prompt
 
     def sample_prompt_ids(self, prompt: str) -> torch.Tensor:
         return chat_prompt_ids(self.tokenizer, prompt)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ... import data, distributed
 from ..logger import say
-from ..options import TrainConfig, TrainError
+from ..options import DataOptions, TrainError
 from ..samples import Sampling, draw, sample_prompt_text
 from .base import StepLoss, in_eval_mode, split_digest
 
@@ -66,45 +66,48 @@ class TokenData:
     val_tokens: int
 
 
-def data_budget(cfg: TrainConfig, world_size: int, saved: dict | None) -> int | None:
+def data_budget(options: DataOptions, max_steps: int, world_size: int, saved: dict | None) -> int | None:
     """How many tokens of --data to read: --data-tokens; else what a resumed run read; else, for a streamed
-    hf: spec, what this run needs (every step's windows plus the validation share); else everything."""
-    if cfg.data_tokens is not None:
-        return cfg.data_tokens
+    hf: spec, what this run needs (every one of its `max_steps` steps' windows plus the validation share);
+    else everything."""
+    if options.data_tokens is not None:
+        return options.data_tokens
     if saved is not None:
         return saved.get("data_budget")
-    if not cfg.data.startswith("hf:"):
+    if not options.data.startswith("hf:"):
         return None
-    train_tokens = cfg.max_steps * world_size * cfg.batch_size * cfg.grad_accum * cfg.seq_len + 1
-    return math.ceil(train_tokens / (1 - cfg.val_fraction))
+    train_tokens = max_steps * world_size * options.batch_size * options.grad_accum * options.seq_len + 1
+    return math.ceil(train_tokens / (1 - options.val_fraction))
 
 
-def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | None, vocab_size: int) -> TokenData:
+def token_data(
+    options: DataOptions, tokenizer, d: distributed.Dist, budget: int | None, vocab_size: int, progress: bool
+) -> TokenData:
     """The token store of --data (a prepared store as is; any other spec prepared once into the cache by
     the main rank while the others wait), split into training and validation windows of --seq-len + 1.
     A store written earlier is verified, and refused (`TrainError`) if it holds a token id the model's
     `vocab_size` embeddings lack; one prepared just now holds only the tokenizer's ids, which the caller
-    has checked against the model."""
+    has checked against the model. `progress`: a bar while it is prepared."""
     fresh = False  # prepared just now: its shards were hashed as they were written
-    if data.is_store(cfg.data):
-        store = data.Store(cfg.data)
+    if data.is_store(options.data):
+        store = data.Store(options.data)
         store.check_tokenizer(tokenizer)
     else:
         from ...storage import cache_dir
 
-        directory = data.store_dir(cfg.data, tokenizer, cache_dir() / "tokens", cfg.text_field, budget)
+        directory = data.store_dir(options.data, tokenizer, cache_dir() / "tokens", options.text_field, budget)
         if d.is_main:
             fresh = not (directory / data.store.INDEX).is_file()
             if fresh and budget is not None:
-                say(f"streaming {cfg.data} until {budget / 1e6:.1f} M tokens")
+                say(f"streaming {options.data} until {budget / 1e6:.1f} M tokens")
             store = data.prepare_or_open(
                 directory,
-                cfg.data,
+                options.data,
                 tokenizer,
-                text_field=cfg.text_field,
+                text_field=options.text_field,
                 budget=budget,
-                workers=_workers(cfg.data),
-                progress=cfg.progress,
+                workers=_workers(options.data),
+                progress=progress,
             )
         distributed.barrier(d)
         if not d.is_main:
@@ -116,10 +119,10 @@ def token_data(cfg: TrainConfig, tokenizer, d: distributed.Dist, budget: int | N
                 f"token store {store.dir} holds token id {top:,}, but the model's vocabulary has {vocab_size:,} tokens "
                 f"(ids 0 to {vocab_size - 1:,}); prepare the store again"
             )
-    split = data.split_tokens(store.tokens(), cfg.seq_len, cfg.val_fraction, key=store.key)
+    split = data.split_tokens(store.tokens(), options.seq_len, options.val_fraction, key=store.key)
     return TokenData(
-        data.Windows(split.train, cfg.seq_len),
-        data.Windows(split.val, cfg.seq_len),
+        data.Windows(split.train, options.seq_len),
+        data.Windows(split.val, options.seq_len),
         split.key,
         budget,
         len(split.train),
@@ -147,20 +150,22 @@ class TextObjective:
     fast_step_unsupported = None
     sample_prompt_name = "--sample-prompt"
 
-    def __init__(self, cfg: TrainConfig, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, options: DataOptions, tokenizer, *, max_steps: int, progress: bool):
+        self.options, self.tokenizer = options, tokenizer
+        self.max_steps, self.progress = max_steps, progress  # the run's length sizes a streamed corpus (`data_budget`)
         self.data: TokenData | None = None
 
     @property
     def rows(self) -> str:
-        return f"windows of --seq-len + 1 = {self.cfg.seq_len + 1} tokens"
+        return f"windows of --seq-len + 1 = {self.options.seq_len + 1} tokens"
 
     @property
     def budget(self) -> int | None:
         return self.data.budget
 
     def read(self, d: distributed.Dist, saved: dict | None, vocab_size: int) -> TokenData:
-        self.data = token_data(self.cfg, self.tokenizer, d, data_budget(self.cfg, d.world_size, saved), vocab_size)
+        budget = data_budget(self.options, self.max_steps, d.world_size, saved)
+        self.data = token_data(self.options, self.tokenizer, d, budget, vocab_size, self.progress)
         return self.data
 
     def split_digest(self) -> dict:

@@ -43,15 +43,16 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
+def size(nbytes: float) -> str:
+    """A size for a message, in decimal units: '1.23 GB' from 0.1 GB up, else '56.7 MB'."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 def disk_full_error(directory: Path, what: str, needed: int) -> DiskFull:
     return DiskFull(
         errno.ENOSPC,
-        f"no space left on the device holding {directory} while writing {what}; {gb(free_bytes(directory))} free, "
-        f"it needs about {gb(needed)}",
+        f"no space left on the device holding {directory} while writing {what}; {size(free_bytes(directory))} free, "
+        f"it needs about {size(needed)}",
     )
 
 

@@ -45,7 +45,7 @@ def expected_tokens(tok, docs: list[str]) -> list[int]:
     return [t for d in docs for t in tok(d, add_special_tokens=False).input_ids + [sep]]
 
 
-# ---- prepare tokenises as the tokenizer does ---------------------------------------------------------------
+# prepare tokenises as the tokenizer does
 
 
 @settings(deadline=None, max_examples=15)
@@ -103,7 +103,7 @@ def test_a_budget_larger_than_the_data_warns_and_keeps_what_there_is(tok, tmp_pa
     assert f"ran out at {store.num_tokens:,} tokens, before the budget of 10,000" in capsys.readouterr().err
 
 
-# ---- an interrupted prepare ---------------------------------------------------------------------------------
+# an interrupted prepare
 
 
 def test_a_killed_prepare_continues_to_the_store_an_uninterrupted_one_makes(tmp_path):
@@ -142,7 +142,7 @@ def test_a_killed_prepare_continues_to_the_store_an_uninterrupted_one_makes(tmp_
     assert not list(killed.glob("*.tmp*")) and not (killed / "progress.json").exists()
 
 
-# ---- hf: specs from a local folder laid out like smollm-corpus --------------------------------------------------
+# hf: specs from a local folder laid out like smollm-corpus
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,7 @@ def test_prepare_command_refuses_bad_numbers(tmp_path, args, message):
     assert not (tmp_path / "s").exists()
 
 
-# ---- bad stores -------------------------------------------------------------------------------------------------
+# bad stores
 
 
 def test_a_corrupt_shard_and_a_store_of_another_tokenizer_are_refused(tok, tmp_path):
@@ -282,7 +282,7 @@ def test_prepare_into_a_directory_that_is_not_a_store_is_refused(tok, tmp_path):
     assert (tmp_path / "s" / "keep.txt").read_text() == "mine" and [p.name for p in (tmp_path / "s").iterdir()] == ["keep.txt"]
 
 
-# ---- the trainer on a store ---------------------------------------------------------------------------------------
+# the trainer on a store
 
 
 def options(store: Path, out: Path, **changes) -> dict:

@@ -70,7 +70,7 @@ def names(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-# ---- one writer per store --------------------------------------------------------------------------------------
+# one writer per store
 
 
 def test_a_prepare_into_a_store_another_process_is_writing_is_refused_in_one_line(tok, tmp_path):
@@ -214,7 +214,7 @@ def test_progress_totals_that_disagree_with_the_shards_or_the_source_are_refused
     assert data.Store(out).index["documents"] == 2
 
 
-# ---- long documents in bounded pieces ---------------------------------------------------------------------------
+# long documents in bounded pieces
 
 # text where whitespace, digits, contractions, punctuation, added tokens and non-ASCII meet at every boundary
 _atoms = st.sampled_from(
@@ -300,7 +300,7 @@ def test_a_killed_prepare_continues_inside_a_long_document(tok, tmp_path, monkey
     assert np.asarray(resumed.tokens()).tolist() == expected_tokens(tok, docs)
 
 
-# ---- workers --------------------------------------------------------------------------------------------------------
+# workers
 
 
 def test_more_workers_than_usable_cores_is_refused_in_one_line(tmp_path):
@@ -330,7 +330,7 @@ def test_the_trainers_worker_count_is_the_usable_cores(tmp_path, monkeypatch):
         data.prepare("stdlib", tmp_path / "s", None, workers=4)
 
 
-# ---- a full disk, a read-only file system, --out under a file ----------------------------------------------------
+# a full disk, a read-only file system, --out under a file
 
 
 def test_a_full_disk_while_writing_a_shard_is_one_line_and_leaves_no_temporary(tok, tmp_path, monkeypatch):

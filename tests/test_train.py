@@ -77,7 +77,7 @@ def finished_run(corpus, tmp_path_factory) -> Path:
     return out
 
 
-# ---- configuration ------------------------------------------------------------------------------------------
+# configuration
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_optimizer_does_not_decay_norms_or_the_tied_embedding():
     assert sharded.defaults["foreach"] is True and not sharded.defaults["fused"]  # FSDP2's DTensors: foreach
 
 
-# ---- learning -----------------------------------------------------------------------------------------------
+# learning
 
 
 def test_overfitting_one_batch_drives_the_loss_near_zero(corpus, tmp_path):
@@ -334,7 +334,7 @@ def test_run_directory_records_metrics_samples_and_plots(finished_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# ---- resume ---------------------------------------------------------------------------------------------------
+# resume
 
 
 @pytest.mark.parametrize(
@@ -452,7 +452,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(corpus,
     assert differing < 2e-5 * sum(v.numel() for v in wa.values())
 
 
-# ---- bad input ----------------------------------------------------------------------------------------------
+# bad input
 
 
 def _other_shape(tmp_path: Path) -> Path:

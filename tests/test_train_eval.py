@@ -174,7 +174,7 @@ def test_wandb_gets_the_same_keys(tmp_path, monkeypatch):
         assert key in blob, key
 
 
-# ---- bad input: one line, exit 2, before anything is written ---------------------------------------------------
+# bad input: one line, exit 2, before anything is written
 
 
 @pytest.mark.parametrize(
@@ -209,7 +209,7 @@ def test_recipes_take_the_keys_and_check_their_values(tmp_path):
     assert TrainConfig().eval.eval_tasks == "" and "eval_tasks" not in FIXED_ON_RESUME and "eval_limit" not in FIXED_ON_RESUME
 
 
-# ---- resume ---------------------------------------------------------------------------------------------------------
+# resume
 
 
 def test_a_resume_keeps_the_tasks_or_changes_them(tmp_path):
@@ -245,7 +245,7 @@ def test_a_resume_keeps_the_tasks_or_changes_them(tmp_path):
     }
 
 
-# ---- other runs: a fine-tune's start, chat, FSDP ----------------------------------------------------------------
+# other runs: a fine-tune's start, chat, FSDP
 
 
 def test_a_fine_tune_is_scored_before_its_first_step(eval_run, tmp_path):

@@ -37,7 +37,7 @@ def one_line_error(err: str) -> str:
     return lines[-1]
 
 
-# ---- 1. a checkpoint never decides where the trainer writes ---------------------------------------------------
+# 1. a checkpoint never decides where the trainer writes
 
 
 def test_a_checkpoint_naming_another_directory_writes_nothing_there(tmp_path, capsys):
@@ -59,7 +59,7 @@ def test_a_checkpoint_naming_another_directory_writes_nothing_there(tmp_path, ca
     assert tree_digest(victim) == before
 
 
-# ---- 2. one trainer per run directory --------------------------------------------------------------------------
+# 2. one trainer per run directory
 
 
 def test_a_second_trainer_on_the_same_directory_is_refused_and_the_first_is_intact(tmp_path):
@@ -113,7 +113,7 @@ def test_the_lock_dies_with_its_process(tmp_path):
     assert train.train(cfg, found).step == checkpoint.load_state(found)["step"] + 1
 
 
-# ---- 5. a full disk -------------------------------------------------------------------------------------------
+# 5. a full disk
 
 
 def _fill_disk_on_step(monkeypatch, step: int):
@@ -185,7 +185,7 @@ def test_a_full_disk_while_writing_metrics_is_one_line(tmp_path, monkeypatch, ca
     assert "--resume" in line
 
 
-# ---- 6. a partial metrics line ------------------------------------------------------------------------------
+# 6. a partial metrics line
 
 
 def test_a_partial_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path):
@@ -200,7 +200,7 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_pat
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]
 
 
-# ---- 7. SIGINT before the first step ---------------------------------------------------------------------------
+# 7. SIGINT before the first step
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -226,7 +226,7 @@ def test_sigint_during_the_first_validation_removes_what_the_run_wrote(tmp_path,
     assert train.main(argv(opts)) == 0  # the same command is not refused
 
 
-# ---- 9. temporaries of killed runs -----------------------------------------------------------------------------
+# 9. temporaries of killed runs
 
 
 def test_temporaries_of_killed_runs_are_swept(tmp_path, capsys):

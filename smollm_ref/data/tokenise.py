@@ -600,10 +600,10 @@ def _tokenise(out: Path, state: dict, tokenizer_json: str, workers: int, progres
         bar.close()
         if isinstance(e, OSError):
             if storage.is_disk_full(e):
-                need = storage.gb(state["shard_tokens"] * np.dtype(state["dtype"]).itemsize)
+                need = storage.size(state["shard_tokens"] * np.dtype(state["dtype"]).itemsize)
                 kept = len(state["shards"])
                 raise DataError(
-                    f"no space left on the device holding {out} while writing the token store ({storage.gb(storage.free_bytes(out))} free, "
+                    f"no space left on the device holding {out} while writing the token store ({storage.size(storage.free_bytes(out))} free, "
                     f"a shard needs up to {need}); {kept} finished shard(s) are kept: free some space, or pass a smaller --shard-tokens, "
                     "and run the same command again to continue"
                 ) from None

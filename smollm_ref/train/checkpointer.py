@@ -37,10 +37,6 @@ def check_compatible(saved: dict, resume_dir: Path, world_size: int, fsdp: bool)
         )
 
 
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
-
-
 class Checkpointer:
     """Owns the decision to save and the contents of a checkpoint. Every rank calls `save` (FSDP gathers
     the full state collectively); rank 0 alone writes."""
@@ -135,14 +131,14 @@ class Checkpointer:
         if free >= 2 * needed:
             return None
         return (
-            f"warning: {storage.gb(free)} free on the device holding {self.root.parent}, less than two checkpoints "
-            f"(about {storage.gb(needed)} each); free some space or lower --keep-last"
+            f"warning: {storage.size(free)} free on the device holding {self.root.parent}, less than two checkpoints "
+            f"(about {storage.size(needed)} each); free some space or lower --keep-last"
         )
 
     def describe(self, path: Path) -> str:
         total = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
         optimizer = (path / checkpoint.STATE).stat().st_size
-        return f"checkpoint {path} ({_size(total)}, of which {_size(optimizer)} optimizer and run state)"
+        return f"checkpoint {path} ({storage.size(total)}, of which {storage.size(optimizer)} optimizer and run state)"
 
 
 def drop_optimizer_state(directory: Path) -> None:

@@ -457,8 +457,8 @@ def _kind_of(value, allowed) -> type | None:
     for t in allowed:
         if (
             (t is bool and isinstance(value, bool))
-            or (t is int and isinstance(value, int) and not isinstance(value, bool))
-            or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (t is int and storage.is_int(value))
+            or (t is float and storage.is_number(value))
             or (t is str and isinstance(value, str))
         ):
             return t

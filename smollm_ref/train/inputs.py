@@ -8,7 +8,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from .. import checkpoint, distributed, storage
+from .. import checkpoint, distributed, metrics_file, storage
 from ..config import ModelConfig
 from ..storage import DirectoryLock, LockedError
 from .options import DEFAULT_MODEL, DEFAULT_TOKENIZER, CheckpointOptions, DataOptions, EvalOptions, ModelOptions, TrainError
@@ -28,7 +28,7 @@ def check_out_dir(options: CheckpointOptions, resuming: bool, d: distributed.Dis
             raise TrainError(
                 f"run directory {out} already exists; pass --resume auto to continue it, --overwrite to replace it, or another --out-dir"
             )
-        markers = ("metrics.jsonl", "checkpoints", checkpoint.TRAIN_CONFIG)
+        markers = (metrics_file.NAME, "checkpoints", checkpoint.TRAIN_CONFIG)
         if not any((out / m).exists() for m in markers):
             raise TrainError(f"--overwrite refused: {out} does not look like a run directory (no metrics.jsonl or checkpoints/)")
     distributed.barrier(d)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, data, distributed, metrics
+from .. import checkpoint, data, distributed, metrics, metrics_file
 from ..model import LlamaForCausalLM
 from ..precision import autocast_context, resolve_precision
 from ..storage import DirectoryLock
@@ -327,6 +327,6 @@ class Run:
         if self.created_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return f"removed {self.run_dir}, which this run had created; run the same command again to start over"
-        for name in ("metrics.jsonl", checkpoint.TRAIN_CONFIG):
+        for name in (metrics_file.NAME, checkpoint.TRAIN_CONFIG):
             (self.run_dir / name).unlink(missing_ok=True)
         return f"removed the metrics.jsonl and {checkpoint.TRAIN_CONFIG} this run had written in {self.run_dir}; run the same command again to start over"

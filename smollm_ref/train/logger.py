@@ -101,7 +101,7 @@ class RunLogger(NullLogger):
         say(f"step {step:>6} | val loss {loss:.4f}" + (f" | {shown}" if shown else ""))
 
     def sample(self, step: int, text: str, sampling=None) -> None:
-        """Print and record a sample, and how it was drawn (`step.Sampling`: temperature, top-k, seed)."""
+        """Print and record a sample, and how it was drawn (`samples.Sampling`: temperature, top-k, seed)."""
         how = f" ({sampling.describe()})" if sampling is not None else ""
         say(f"--- sample at step {step}{how} ---\n{text}\n---")
         self.log.log(step, {"sample": text, **(sampling.record() if sampling is not None else {})})

@@ -21,7 +21,7 @@ class RunState:
     wandb_run_id: str | None = None
     data_key: str = ""  # the token store the position refers to
     data_budget: int | None = None  # the token budget a streamed spec was read to (the store's identity with the spec)
-    data_split: dict | None = None  # rows to train and hold out, and a checksum of the held-out ones (inputs.split_digest)
+    data_split: dict | None = None  # rows to train and hold out, and a checksum of the held-out ones (Objective.split_digest)
 
     def advance(self, sequences: int, seq_len: int) -> None:
         self.step += 1

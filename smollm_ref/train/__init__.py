@@ -31,7 +31,7 @@ from ..precision import autocast_context, resolve_precision
 from .checkpointer import Checkpointer
 from .cli import main
 from .loop import TrainResult, continue_training, fit, train
-from .objectives import ChatObjective, Objective, TextObjective, lm_loss
+from .objectives import ChatObjective, Objective, PreferenceObjective, TextObjective, lm_loss
 from .objectives.text import evaluate, sample_text
 from .optim import adamw, lr_at, make_optimizer
 from .options import (
@@ -41,6 +41,7 @@ from .options import (
     LogOptions,
     ModelOptions,
     OptimOptions,
+    PreferenceOptions,
     TrainConfig,
     TrainError,
     build_parser,
@@ -61,6 +62,8 @@ __all__ = [
     "LogOptions",
     "ModelOptions",
     "OptimOptions",
+    "PreferenceObjective",
+    "PreferenceOptions",
     "Run",
     "RunState",
     "StepStats",

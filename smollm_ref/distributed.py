@@ -61,6 +61,14 @@ def mean(d: Dist, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def total(d: Dist, value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (the value itself for one process)."""
+    if d.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def any_rank(d: Dist, flag: bool, device) -> bool:
     """True if `flag` is true on any rank, so that all ranks take the same branch."""
     if not d.enabled:

@@ -49,7 +49,7 @@ def test_every_option_lives_in_one_section_and_has_one_flag():
     """Issue 20: each component reads its own section (cfg.model, cfg.data, ...); the command line is generated
     from the sections' fields, one flag per field, and no option is read from the whole config."""
     sections = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
-    assert list(sections) == ["model", "data", "optim", "checkpoint", "log", "eval"]
+    assert list(sections) == ["model", "data", "optim", "checkpoint", "log", "eval", "preference"]
     owners = {}
     for section, kind in sections.items():
         for f in dataclasses.fields(kind):
@@ -230,6 +230,7 @@ CHANGED_ON_RESUME = {
     "text_field": "body",
     "pack": False,
     "too_long": "drop",
+    "max_prompt_length": 8,
     "overfit_single_batch": True,
 }
 

@@ -4,6 +4,7 @@ processes, into memory-mapped shards) -> windows read in a seeded order.
     sources   data specs (stdlib, files, .jsonl, hf:PATH[:CONFIG][@SPLIT], a prepared store), streamed;
               chat records (stdlib-chat, .jsonl or hf: with `messages`)
     conversations  chat data for fine-tuning: encoded, held out, packed into rows
+    preferences    preference pairs (prompt, chosen, rejected) for DPO: encoded and cut as TRL does, held out
     stdlib_chat    the embedded chat set
     store     token stores: their format, `Store` (opened, verified, memory-mapped)
     tokenise  `prepare` a token store (parallel, bounded memory, resumable), the trainer's cache

@@ -7,11 +7,11 @@ load, metrics, samples, and DDP/FSDP2 under torchrun.
     torchrun --nproc_per_node 2 -m smollm_ref.train --recipe ... [--fsdp]
 
 One job per module, in the order data flows:
-    options       TrainConfig: six sections of options, one per component that reads them (model, data, optim,
-                  checkpoint, log, eval), every option with its help; the command line generated from them,
-                  recipes, what a resume inherits
-    objectives    what a run optimises, chosen once from the data: text (next-token loss) or chat (SFT); each
-                  with its data, loss, validation and samples
+    options       TrainConfig: seven sections of options, one per component that reads them (model, data, optim,
+                  checkpoint, log, eval, preference), every option with its help; the command line generated from
+                  them, recipes, what a resume inherits
+    objectives    what a run optimises, chosen once from the data: text (next-token loss), chat (SFT) or
+                  preference (DPO); each with its data, loss, validation and samples
     optim         the AdamW policy, the learning-rate schedule
     step          train_step: one optimizer step; the fast training forward or the reference model
     step_metrics  step time, tokens/s, MFU and epoch: computed in one place
@@ -31,7 +31,7 @@ from ..precision import autocast_context, resolve_precision
 from .checkpointer import Checkpointer
 from .cli import main
 from .loop import TrainResult, continue_training, fit, train
-from .objectives import ChatObjective, Objective, TextObjective, lm_loss
+from .objectives import ChatObjective, Objective, PreferenceObjective, TextObjective, lm_loss
 from .objectives.text import evaluate, sample_text
 from .optim import adamw, lr_at, make_optimizer
 from .options import (
@@ -41,6 +41,7 @@ from .options import (
     LogOptions,
     ModelOptions,
     OptimOptions,
+    PreferenceOptions,
     TrainConfig,
     TrainError,
     build_parser,
@@ -61,6 +62,8 @@ __all__ = [
     "LogOptions",
     "ModelOptions",
     "OptimOptions",
+    "PreferenceObjective",
+    "PreferenceOptions",
     "Run",
     "RunState",
     "StepStats",

@@ -54,13 +54,15 @@ class Checkpointer:
         fsdp: bool,
         schedule: dict,
         run_options: dict,
+        objective_state=dict,
     ):
         """`options`: the run's `cfg.checkpoint`. Besides the model, a checkpoint holds `schedule` (the
-        learning-rate schedule, `optim.schedule_record`) in its run state and `run_options` (every option, flat:
-        `TrainConfig.to_dict()`) as its train_config.json; `fsdp`: the model is sharded (--fsdp), its state gathered."""
+        learning-rate schedule, `optim.schedule_record`) and what `objective_state()` returns (the objective's
+        `checkpoint_state`) in its run state, and `run_options` (every option, flat: `TrainConfig.to_dict()`) as
+        its train_config.json; `fsdp`: the model is sharded (--fsdp), its state gathered."""
         self.root = checkpoint.checkpoints_root(run_dir)
         self.options, self.d = options, d
-        self.fsdp, self.schedule, self.run_options = fsdp, schedule, run_options
+        self.fsdp, self.schedule, self.run_options, self.objective_state = fsdp, schedule, run_options, objective_state
         self.model, self.optimizer, self.scaler, self.tokenizer = model, optimizer, scaler, tokenizer
         self.last: Path | None = None
 
@@ -79,7 +81,7 @@ class Checkpointer:
     def save(self, state: RunState) -> Path | None:
         """Write a checkpoint of `state` (on rank 0; other ranks return None) and apply --keep-last and
         --optimizer-state."""
-        trainer_state = state.to_checkpoint(self.schedule, self.d.world_size, self.fsdp)
+        trainer_state = {**self.objective_state(), **state.to_checkpoint(self.schedule, self.d.world_size, self.fsdp)}
         trainer_state["optimizer"] = distributed.full_optimizer_state(self.optimizer, self.fsdp)
         trainer_state["scaler"] = self.scaler.state_dict() if self.scaler is not None else {}
         model_state = distributed.full_model_state(self.model) if self.fsdp else None

@@ -1,4 +1,4 @@
-"""The trainer's options: `TrainConfig`, six sections of them, one per component that reads them (each
+"""The trainer's options: `TrainConfig`, seven sections of them, one per component that reads them (each
 field with its help text and valid values), the command line generated from the fields, recipe files, and
 what a resumed run inherits from its checkpoint.
 
@@ -8,6 +8,7 @@ what a resumed run inherits from its checkpoint.
     cfg.checkpoint  CheckpointOptions   run directory, resume, checkpoint cadence and policy
     cfg.log         LogOptions          log lines, progress bar, WandB, samples
     cfg.eval        EvalOptions         validation and benchmarks
+    cfg.preference  PreferenceOptions   preference tuning's loss (DPO, IPO, APO-zero) and its beta
 
 Each option's name is unique across the sections: flags (--seq-len), recipe keys and a checkpoint's
 train_config.json name them flat (`TrainConfig.from_options`, `TrainConfig.to_dict`)."""
@@ -61,6 +62,7 @@ FIXED_ON_RESUME = {
     "text_field": "the text read from each record",
     "pack": "how conversations are laid into rows",
     "too_long": "which conversations are kept",
+    "max_prompt_length": "how much of each prompt is kept, and so which tokens a pair trains on",
     "overfit_single_batch": "whether every step reads the first batch only",
 }
 INT64_MAX = 2**63 - 1
@@ -170,7 +172,8 @@ class DataOptions:
         "training text: 'stdlib' (default: the Python standard library, no download), a text file, a directory, "
         "a glob, a .jsonl file, hf:PATH[:CONFIG][@SPLIT] (a Hub dataset or a local datasets folder, streamed), a "
         "token store written by python -m smollm_ref.data prepare, or chat data: stdlib-chat (questions on the standard "
-        "library answered from its docs, no download), .jsonl or hf: records holding `messages`",
+        "library answered from its docs, no download), .jsonl or hf: records holding `messages`, or preference pairs: "
+        ".jsonl or hf: records holding `prompt`, `chosen` and `rejected`",
         "SPEC",
         check=_not_empty,
     )
@@ -182,9 +185,11 @@ class DataOptions:
     )
     data_format: str = _opt(
         "auto",
-        "text (next-token loss on every token) or chat (records of OpenAI/TRL `messages`: loss on the assistant's replies "
-        "only, through the tokenizer's chat template); auto: chat when the records hold `messages` (default auto)",
-        choices=("auto", "text", "chat"),
+        "text (next-token loss on every token), chat (records of OpenAI/TRL `messages`: loss on the assistant's replies "
+        "only, through the tokenizer's chat template) or preference (TRL's records of `prompt`, `chosen` and `rejected`, "
+        "strings or message lists: DPO against the initial model, see --loss-type); auto: preference when the records "
+        "hold `chosen` and `rejected`, else chat when they hold `messages`, else text (default auto)",
+        choices=("auto", "text", "chat", "preference"),
     )
     pack: bool = _opt(
         True,
@@ -195,6 +200,13 @@ class DataOptions:
         "truncate",
         "chat data: a conversation longer than --seq-len is cut to it, or dropped (default truncate)",
         choices=("truncate", "drop"),
+    )
+    max_prompt_length: int | None = _opt(
+        None,
+        "preference data: a prompt longer than N tokens keeps its last N (TRL 0.x's max_prompt_length), before prompt + "
+        "response is cut to --seq-len keeping its start; must be below --seq-len (default: prompts are not cut, and a pair "
+        "whose prompt leaves no room for a response is refused)",
+        low=1,
     )
     text_field: str = _opt(
         "text", "field holding the text in .jsonl / Hugging Face records (default text)", "FIELD", check=_not_empty
@@ -210,6 +222,11 @@ class DataOptions:
 
     def __post_init__(self):
         _check_fields(self)
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.seq_len:
+            raise ValueError(
+                f"TrainConfig.max_prompt_length (--max-prompt-length {self.max_prompt_length}) must be below seq_len "
+                f"(--seq-len {self.seq_len}): a pair's prompt and response share the --seq-len tokens"
+            )
 
 
 @dataclass(frozen=True)
@@ -256,7 +273,8 @@ class CheckpointOptions:
         "continue from a checkpoint directory, a run directory, or 'auto' (the latest in --out-dir, if any); "
         "the run goes on in the run directory holding that checkpoint unless --out-dir is given. Options not given "
         "come from the checkpoint's run; options that change the data a step reads (--seq-len, --batch-size, "
-        "--grad-accum, --seed, --val-fraction, --data-tokens, --data-format, --text-field, --pack, --too-long, and "
+        "--grad-accum, --seed, --val-fraction, --data-tokens, --data-format, --text-field, --pack, --too-long, "
+        "--max-prompt-length, and "
         "--data holding other tokens) are refused; every other option may change",
         "PATH|auto",
     )
@@ -354,6 +372,30 @@ class EvalOptions:
             )
 
 
+@dataclass(frozen=True)
+class PreferenceOptions:
+    """Preference tuning's loss (read by the preference objective, `--data-format preference`): TRL's DPOTrainer
+    losses of the same names, against the initial model as the reference."""
+
+    beta: float = _opt(
+        0.1,
+        "preference data: DPO's beta, how far the model may move from the reference (the initial model): the rewards are "
+        "beta x the log-probability ratios; for ipo the regularisation tau (TRL's beta) (default 0.1, as TRL; not AdamW's "
+        "--beta1/--beta2)",
+        low=0,
+        open_low=True,
+    )
+    loss_type: str = _opt(
+        "sigmoid",
+        "preference data: sigmoid (DPO), ipo (IPO, log-ratios averaged over each response's tokens, as TRL) or apo_zero "
+        "(APO-zero: raise the chosen response's likelihood, lower the rejected one's) (default sigmoid)",
+        choices=("sigmoid", "ipo", "apo_zero"),
+    )
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
 def _section(kind: type, title: str):
     return field(default_factory=kind, metadata={"title": title})
 
@@ -361,7 +403,7 @@ def _section(kind: type, title: str):
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of a training run, in sections by the component that reads them: `cfg.model`, `cfg.data`,
-    `cfg.optim`, `cfg.checkpoint`, `cfg.log`, `cfg.eval`. Each option's name is unique across the sections, so
+    `cfg.optim`, `cfg.checkpoint`, `cfg.log`, `cfg.eval`, `cfg.preference`. Each option's name is unique across the sections, so
     the command line, recipe files and checkpoints' train_config.json name options flat: build one from flat
     names with `TrainConfig.from_options(lr=..., seq_len=...)`, read them back with `to_dict()`."""
 
@@ -371,6 +413,7 @@ class TrainConfig:
     checkpoint: CheckpointOptions = _section(CheckpointOptions, "run directory and checkpoints")
     log: LogOptions = _section(LogOptions, "logging and samples")
     eval: EvalOptions = _section(EvalOptions, "evaluation")
+    preference: PreferenceOptions = _section(PreferenceOptions, "preference tuning (--data-format preference)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

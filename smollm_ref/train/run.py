@@ -51,7 +51,9 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     inputs.check_step_memory(cfg.data, model_config, device)
     tokenizer = inputs.load_tokenizer(cfg.model, resume_dir)
     model_config.check_vocab(len(tokenizer))
-    objective = objectives.choose(cfg.data, tokenizer, max_steps=cfg.optim.max_steps, progress=cfg.log.progress)
+    objective = objectives.choose(
+        cfg.data, tokenizer, max_steps=cfg.optim.max_steps, progress=cfg.log.progress, preference=cfg.preference
+    )
     # read once, before the data
     evaluator = Evaluator.build(cfg.eval, tokenizer, model_config.max_position_embeddings, objective.chat_template)
     _check_sample(cfg.log, objective, model_config)
@@ -113,6 +115,7 @@ class Run:
     created_dir: bool = False  # this run made its directory (an interruption before the first step removes it)
     lock: DirectoryLock | None = None  # the run directory's lock, held by the main rank
     why_not_fast: str | None = None  # why the step is the reference's (`step.fast_step_unsupported`), for the log
+    prepared: str | None = None  # what the objective took from the initial model (`Objective.prepare`), for the log
     evaluator: Evaluator | None = None  # --eval-tasks: benchmark figures at each validation
     bad_steps: int = 0
     last_loss: float | None = None
@@ -175,6 +178,7 @@ class Run:
         checkpointer = Checkpointer(
             run_dir, cfg.checkpoint, d, raw_model, optimizer, scaler, tokenizer,
             fsdp=cfg.model.fsdp, schedule=schedule_record(cfg.optim), run_options=cfg.to_dict(),
+            objective_state=objective.checkpoint_state,
         )  # fmt: skip
         horizon = _horizon(cfg, saved)  # an extended run keeps the horizon it had
         state = checkpointer.restore(saved, horizon) if saved is not None else RunState(horizon=horizon)
@@ -189,6 +193,8 @@ class Run:
             model = torch.compile(model)
         logger = RunLogger(run_dir, cfg.log, state.step, state.wandb_run_id, cfg.to_dict()) if d.is_main else NullLogger()
         state.wandb_run_id = logger.wandb_run_id
+        autocast = autocast_context(device, precision)
+        prepared = objective.prepare(raw_model, device, autocast, d)  # the initial model, before any step
         token_data = objective.data
         if saved is not None and not saved.get("data_split") and saved.get("data_key") != token_data.key:
             logger.say(  # a checkpoint from before split digests: the store's key is all there is to compare
@@ -203,18 +209,19 @@ class Run:
         step_metrics = StepMetrics(per_step * seq_len, metrics.flops_per_token(model_config, seq_len), peak, d.world_size)
         return cls(
             cfg=cfg, d=d, device=device, run_dir=run_dir, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
-            fast_loss=fast.lm_loss if fast is not None else None, autocast=autocast_context(device, precision), tokenizer=tokenizer,
+            fast_loss=fast.lm_loss if fast is not None else None, autocast=autocast, tokenizer=tokenizer,
             objective=objective, order=data.Order(len(token_data.train), cfg.data.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg.eval, cfg.data, d),
             state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, step_metrics=step_metrics, why_not_fast=why_not_fast,
+            prepared=prepared,
         )  # fmt: skip
 
     def _describe(self, precision: str, model_config) -> None:
         cfg, d = self.cfg, self.d
         peak = self.step_metrics.peak
         peak = f"{peak / 1e12:g} TFLOP/s per device" if peak else "unknown for this device: no MFU"
-        announce = self.objective.announce()
-        if announce:
-            self.logger.say(announce)
+        for line in (self.objective.announce(), self.prepared):
+            if line:
+                self.logger.say(line)
         data_line = self.objective.describe()
         if cfg.eval.eval_every:
             data_line += f" (validation on {len(self.eval_batches)} batches of --eval-batches {cfg.eval.eval_batches})"
@@ -267,6 +274,7 @@ class Run:
             "grad_norm": stats.grad_norm,
             **self.step_metrics.measure(self.state.tokens, self.order.epoch(self.state.data_position)),
             **step_loss.metrics,
+            **(step_loss.summary() if step_loss.summary is not None else {}),
         }
         if stats.skipped:
             values["skipped"] = True
@@ -292,8 +300,9 @@ class Run:
     def validate(self) -> None:
         if not self.eval_batches:
             return
-        self.last_val = self.objective.validate(self.raw_model, self.eval_batches, self.device, self.autocast, self.d)
-        figures = self.evaluator(self.raw_model, self.autocast) if self.evaluator is not None else {}
+        self.last_val, figures = self.objective.validate(self.raw_model, self.eval_batches, self.device, self.autocast, self.d)
+        if self.evaluator is not None:
+            figures = {**figures, **self.evaluator(self.raw_model, self.autocast)}
         self.logger.validation(self.state.step, self.last_val, figures)
 
     def sample(self) -> None:

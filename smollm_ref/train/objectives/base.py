@@ -16,11 +16,14 @@ from ... import distributed
 @dataclass(frozen=True)
 class StepLoss:
     """How one optimizer step's loss is computed (`step.train_step`): each micro-batch's `loss_fn(*batch)`,
-    divided by `divide_by`, summed over the micro-batches; `metrics` go into the step's record."""
+    divided by `divide_by`, summed over the micro-batches; `metrics` go into the step's record, and so does
+    what `summary()` returns once the micro-batches have run (figures of the whole step, reduced over ranks:
+    every rank calls it)."""
 
     loss_fn: Callable[..., torch.Tensor]
     divide_by: float
     metrics: dict
+    summary: Callable[[], dict] | None = None
 
 
 class Objective(Protocol):
@@ -36,14 +39,19 @@ class Objective(Protocol):
         sample_prompt_ids(prompt) -> (1, T) ids   its ids, to check that it fits the model's positions
         sample_prompt_name     what it is called in the error when it does not
     Reading the data:
-        read(d, saved, vocab_size) -> data     `data.train` / `data.val`: rows with `len` and `batch(indices)`
+        read(d, saved, vocab_size) -> data     `data.train` / `data.val`: rows with `len` and `batch(indices)`;
+                                               `saved`: a resumed run's checkpoint state (`checkpoint_state` in it)
         budget                 tokens of --data read (recorded in checkpoints), or None
         rows                   what one row is, for messages ("rows", "windows of ... tokens")
         split_digest() -> dict the split by content: train and val rows and a checksum of the held-out ones
         announce() -> str | None, describe() -> str   lines for the start-up log
     Training:
+        prepare(model, device, autocast, d) -> str | None   once the model is built, before the first step and
+                               validation: what the objective takes from the initial model (a line for the log)
+        checkpoint_state() -> dict   tensors and plain values a checkpoint keeps for the objective
         step_loss(model, fast_loss, micro_batches, d) -> StepLoss
-        validate(model, batches, device, autocast, d) -> float   the validation loss over all ranks
+        validate(model, batches, device, autocast, d) -> (loss, figures)   the validation loss over all ranks,
+                               and the objective's own figures on the held-out rows ({} for none)
         sample(model, prompt, max_new_tokens, device, autocast, sampling) -> str   the text the log shows
     """
 
@@ -60,10 +68,12 @@ class Objective(Protocol):
     def split_digest(self) -> dict: ...
     def announce(self) -> str | None: ...
     def describe(self) -> str: ...
+    def prepare(self, model, device, autocast, d: distributed.Dist) -> str | None: ...
+    def checkpoint_state(self) -> dict: ...
     def sample_prompt(self, option: str) -> str: ...
     def sample_prompt_ids(self, prompt: str) -> torch.Tensor: ...
     def step_loss(self, model, fast_loss, micro_batches: list, d: distributed.Dist) -> StepLoss: ...
-    def validate(self, model, batches: list[list[int]], device, autocast, d: distributed.Dist) -> float: ...
+    def validate(self, model, batches: list[list[int]], device, autocast, d: distributed.Dist) -> tuple[float, dict]: ...
     def sample(self, model, prompt: str, max_new_tokens: int, device, autocast, sampling) -> str: ...
 
 

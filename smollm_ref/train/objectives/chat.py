@@ -99,6 +99,12 @@ class ChatObjective:
     def describe(self) -> str:
         return f"train {len(self.data.train):,} rows, val {len(self.data.val):,}"
 
+    def prepare(self, model, device, autocast, d: distributed.Dist) -> str | None:
+        return None
+
+    def checkpoint_state(self) -> dict:
+        return {}
+
     def sample_prompt(self, option: str) -> str:
         """The question the samples ask: --sample-prompt, or a built-in one when it is left at its text default."""
         prompt = sample_prompt_text(option)
@@ -113,10 +119,10 @@ class ChatObjective:
             functools.partial(sft_loss_sum, model), float(trained), {"trained_tokens": round(float(trained) * d.world_size)}
         )
 
-    def validate(self, model, batches: list[list[int]], device, autocast, d: distributed.Dist) -> float:
+    def validate(self, model, batches: list[list[int]], device, autocast, d: distributed.Dist) -> tuple[float, dict]:
         # assistant-only: summed over every rank's trained tokens, then divided once
         total, count = evaluate_chat(model, self.data.val, batches, device, autocast)
-        return float(distributed.mean(d, total)) / max(float(distributed.mean(d, count.float())), 1e-9)
+        return float(distributed.mean(d, total)) / max(float(distributed.mean(d, count.float())), 1e-9), {}
 
     def sample(self, model, prompt: str, max_new_tokens: int, device, autocast, sampling: Sampling) -> str:
         reply = sample_chat(model, self.tokenizer, prompt, max_new_tokens, device, autocast, sampling)

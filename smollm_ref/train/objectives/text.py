@@ -178,6 +178,12 @@ class TextObjective:
         d = self.data
         return f"train {d.train_tokens:,} tokens ({len(d.train):,} sequences), val {d.val_tokens:,}"
 
+    def prepare(self, model, device, autocast, d: distributed.Dist) -> str | None:
+        return None
+
+    def checkpoint_state(self) -> dict:
+        return {}
+
     def sample_prompt(self, option: str) -> str:
         return sample_prompt_text(option)
 
@@ -188,8 +194,8 @@ class TextObjective:
         # every micro-batch trains the same number of tokens, so the step's mean is the mean of their means
         return StepLoss(fast_loss or functools.partial(lm_loss, model), len(micro_batches), {})
 
-    def validate(self, model, batches: list[list[int]], device, autocast, d: distributed.Dist) -> float:
-        return float(distributed.mean(d, evaluate(model, self.data.val, batches, device, autocast)))
+    def validate(self, model, batches: list[list[int]], device, autocast, d: distributed.Dist) -> tuple[float, dict]:
+        return float(distributed.mean(d, evaluate(model, self.data.val, batches, device, autocast))), {}
 
     def sample(self, model, prompt: str, max_new_tokens: int, device, autocast, sampling: Sampling) -> str:
         stop_id = data.separator_id(self.tokenizer)

@@ -321,6 +321,9 @@ def test_a_preference_run_logs_trls_metrics_and_resumes_bit_for_bit(tmp_path, ca
     ):
         assert abs(loss - math.log(2)) <= start and abs(margin) <= 2 * start
     assert straight[2]["rewards/margins"] > 0 and straight[2]["loss"] < math.log(2)  # it learned
+    # a step reads batch 2 x accumulation 2 pairs, each two sequences of --seq-len 64: tokens/s and MFU count them all
+    assert [straight[n]["tokens"] for n in (1, 2)] == [2 * 2 * 2 * 64, 2 * 2 * 2 * 2 * 64]
+    assert "8 x 64 tokens per step" in err
     for n in (1, 2):
         assert {k: straight[n][k] for k in (*step, *val)} == {k: resumed[n][k] for k in (*step, *val)}  # bit for bit
 

@@ -123,8 +123,13 @@ class Run:
 
     @property
     def per_step(self) -> int:
-        """Sequences (rows) per optimizer step, all ranks."""
+        """Rows of the data (windows, conversations rows, pairs) per optimizer step, all ranks."""
         return self.d.world_size * self.cfg.data.batch_size * self.cfg.data.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on, all ranks: its rows' sequences x --seq-len (a pair is two)."""
+        return self.per_step * self.objective.sequences_per_row * self.cfg.data.seq_len
 
     @property
     def data(self):
@@ -204,9 +209,10 @@ class Run:
         state.data_key, state.data_budget, state.data_split = token_data.key, objective.budget, split
         if d.is_main:
             (run_dir / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        seq_len, per_step = cfg.data.seq_len, d.world_size * cfg.data.batch_size * cfg.data.grad_accum  # sequences
+        seq_len = cfg.data.seq_len
+        sequences = d.world_size * cfg.data.batch_size * cfg.data.grad_accum * objective.sequences_per_row
         peak = metrics.peak_flops(metrics.device_name(device), precision) if device.type == "cuda" else None
-        step_metrics = StepMetrics(per_step * seq_len, metrics.flops_per_token(model_config, seq_len), peak, d.world_size)
+        step_metrics = StepMetrics(sequences * seq_len, metrics.flops_per_token(model_config, seq_len), peak, d.world_size)
         return cls(
             cfg=cfg, d=d, device=device, run_dir=run_dir, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
             fast_loss=fast.lm_loss if fast is not None else None, autocast=autocast, tokenizer=tokenizer,
@@ -228,7 +234,7 @@ class Run:
         step_kind = "fast step" if self.fast_loss is not None else f"reference step ({self.why_not_fast})"
         self.logger.say(
             f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(self.device)} x{d.world_size} | {precision}, "
-            f"{step_kind} | {self.per_step} x {cfg.data.seq_len} tokens per step | {data_line} | MFU peak {peak} | run dir {self.run_dir}"
+            f"{step_kind} | {self.per_step * self.objective.sequences_per_row} x {cfg.data.seq_len} tokens per step | {data_line} | MFU peak {peak} | run dir {self.run_dir}"
         )
         warning = self.checkpointer.space_warning() if d.is_main else None
         if warning:
@@ -267,7 +273,7 @@ class Run:
             divide_by=step_loss.divide_by,
         )
         loss = float(distributed.mean(self.d, stats.loss))
-        self.state.advance(self.per_step, self.cfg.data.seq_len)
+        self.state.advance(self.per_step, self.tokens_per_step)
         values = {
             "loss": loss,
             "lr": lr,

@@ -23,10 +23,11 @@ class RunState:
     data_budget: int | None = None  # the token budget a streamed spec was read to (the store's identity with the spec)
     data_split: dict | None = None  # rows to train and hold out, and a checksum of the held-out ones (Objective.split_digest)
 
-    def advance(self, sequences: int, seq_len: int) -> None:
+    def advance(self, rows: int, tokens: int) -> None:
+        """One step done: `rows` more of the data order read (all ranks), `tokens` more tokens trained on."""
         self.step += 1
-        self.data_position += sequences
-        self.tokens += sequences * seq_len
+        self.data_position += rows
+        self.tokens += tokens
 
     def to_checkpoint(self, schedule: dict, world_size: int, fsdp: bool) -> dict:
         """The plain values of `trainer_state.pt` (format 1), RNG states included; the optimizer and scaler

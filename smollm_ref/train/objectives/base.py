@@ -42,7 +42,8 @@ class Objective(Protocol):
         read(d, saved, vocab_size) -> data     `data.train` / `data.val`: rows with `len` and `batch(indices)`;
                                                `saved`: a resumed run's checkpoint state (`checkpoint_state` in it)
         budget                 tokens of --data read (recorded in checkpoints), or None
-        rows                   what one row is, for messages ("rows", "windows of ... tokens")
+        rows                   what one row is, for messages ("rows", "windows of ... tokens", "pairs")
+        sequences_per_row      model sequences one row trains on (a pair: 2), for tokens/s and MFU
         split_digest() -> dict the split by content: train and val rows and a checksum of the held-out ones
         announce() -> str | None, describe() -> str   lines for the start-up log
     Training:
@@ -63,6 +64,7 @@ class Objective(Protocol):
     data: object
     budget: int | None
     rows: str
+    sequences_per_row: int
 
     def read(self, d: distributed.Dist, saved: dict | None, vocab_size: int): ...
     def split_digest(self) -> dict: ...

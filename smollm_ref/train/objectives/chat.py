@@ -73,6 +73,7 @@ class ChatObjective:
     reply counts the same whichever micro-batch it lands in; samples answer a question in the chat template."""
 
     name = "chat"
+    sequences_per_row = 1
     chat_template = True
     sample_at_start = True  # a reply before fine-tuning, to compare with the ones after
     fast_step_unsupported = "the fast step does not take chat rows yet"

@@ -122,6 +122,7 @@ class PreferenceObjective:
     chat template for conversations, continuing --sample-prompt for strings."""
 
     name = "preference"
+    sequences_per_row = 2  # the chosen and the rejected response
     sample_at_start = True  # a reply before tuning, to compare with the ones after
     fast_step_unsupported = "the fast step does not take preference pairs yet"
     rows = "pairs"

@@ -145,6 +145,7 @@ class TextObjective:
     separator."""
 
     name = "text"
+    sequences_per_row = 1
     chat_template = False
     sample_at_start = False
     fast_step_unsupported = None

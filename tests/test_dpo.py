@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -324,6 +325,9 @@ def test_a_preference_run_logs_trls_metrics_and_resumes_bit_for_bit(tmp_path, ca
     # a step reads batch 2 x accumulation 2 pairs, each two sequences of --seq-len 64: tokens/s and MFU count them all
     assert [straight[n]["tokens"] for n in (1, 2)] == [2 * 2 * 2 * 64, 2 * 2 * 2 * 2 * 64]
     assert "8 x 64 tokens per step" in err
+    # the log lines show the pairs' figures beside the losses
+    assert re.search(r"step +2 \| loss .* tok/s .* \| rewards/accuracies \S+ rewards/margins \S+\n", err)
+    assert re.search(r"step +2 \| val loss \S+ \| val_rewards/accuracies \S+ val_rewards/margins \S+\n", err)
     for n in (1, 2):
         assert {k: straight[n][k] for k in (*step, *val)} == {k: resumed[n][k] for k in (*step, *val)}  # bit for bit
 

@@ -32,10 +32,10 @@ class NullLogger:
     def start(self, step: int, max_steps: int) -> None:
         pass
 
-    def step(self, step: int, values: dict) -> None:
+    def step(self, step: int, values: dict, shown: tuple[str, ...] = ()) -> None:
         pass
 
-    def validation(self, step: int, loss: float, figures: dict[str, float] | None = None) -> None:
+    def validation(self, step: int, loss: float, figures: dict[str, float] | None = None, shown: tuple[str, ...] = ()) -> None:
         pass
 
     def sample(self, step: int, text: str, sampling=None) -> None:
@@ -79,7 +79,9 @@ class RunLogger(NullLogger):
             file=sys.stderr,
         )
 
-    def step(self, step: int, values: dict) -> None:
+    def step(self, step: int, values: dict, shown: tuple[str, ...] = ()) -> None:
+        """Record a step; every --log-every steps a line with the mean loss, and the objective's `shown` figures
+        of this step (e.g. rewards/margins)."""
         self.log.log(step, values)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_sec']:,.0f}", refresh=False)
@@ -92,13 +94,15 @@ class RunLogger(NullLogger):
             say(
                 f"step {step:>6} | loss {mean:.4f} (mean of {count}) | lr {values['lr']:.2e} | grad norm {values['grad_norm']:.3f}"
                 f" | {values['tokens_per_sec']:,.0f} tok/s (avg {values['avg_tokens_per_sec']:,.0f}){mfu}"
+                + _figures(values, shown)
             )
 
-    def validation(self, step: int, loss: float, figures: dict[str, float] | None = None) -> None:
-        """Record the validation loss and the benchmarks' figures (`evaluator.Evaluator`) in one record."""
+    def validation(self, step: int, loss: float, figures: dict[str, float] | None = None, shown: tuple[str, ...] = ()) -> None:
+        """Record the validation loss and the other figures (the objective's on the held-out rows, the benchmarks'
+        of `evaluator.Evaluator`) in one record; the line shows the loss, the `shown` ones and the benchmarks'."""
         self.log.log(step, {"val_loss": loss, **(figures or {})})
-        shown = brief(figures or {})
-        say(f"step {step:>6} | val loss {loss:.4f}" + (f" | {shown}" if shown else ""))
+        benchmarks = brief(figures or {})
+        say(f"step {step:>6} | val loss {loss:.4f}" + _figures(figures or {}, shown) + (f" | {benchmarks}" if benchmarks else ""))
 
     def sample(self, step: int, text: str, sampling=None) -> None:
         """Print and record a sample, and how it was drawn (`samples.Sampling`: temperature, top-k, seed)."""
@@ -179,3 +183,9 @@ def _start_wandb(project: str, config: dict, run_dir: Path, run_id: str | None):
         warnings.warn(f"wandb.init failed ({type(e).__name__}: {e}); logging to metrics.jsonl only", stacklevel=2)
         return None, run_id
     return run, run_id
+
+
+def _figures(values: dict, shown: tuple[str, ...]) -> str:
+    """' | rewards/accuracies 0.750 rewards/margins 0.012' for the `shown` keys `values` holds ('' for none)."""
+    said = [f"{k} {values[k]:.4g}" for k in shown if k in values]
+    return f" | {' '.join(said)}" if said else ""

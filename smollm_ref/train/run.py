@@ -296,7 +296,7 @@ class Run:
             )
         else:
             self.bad_steps, self.last_loss = 0, values["loss"]
-        self.logger.step(step, values)
+        self.logger.step(step, values, self.objective.shown_metrics)
         if self.bad_steps >= self.cfg.optim.max_bad_steps and self.scaler is None:
             raise Diverged(
                 f"training diverged: {self.bad_steps} non-finite steps in a row up to step {step}; lower --lr, raise --warmup-steps, "
@@ -309,7 +309,7 @@ class Run:
         self.last_val, figures = self.objective.validate(self.raw_model, self.eval_batches, self.device, self.autocast, self.d)
         if self.evaluator is not None:
             figures = {**figures, **self.evaluator(self.raw_model, self.autocast)}
-        self.logger.validation(self.state.step, self.last_val, figures)
+        self.logger.validation(self.state.step, self.last_val, figures, tuple(f"val_{k}" for k in self.objective.shown_metrics))
 
     def sample(self) -> None:
         """A sample of the model at this step, drawn as --sample-temperature and --sample-top-k say, from its own

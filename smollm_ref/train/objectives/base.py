@@ -44,6 +44,7 @@ class Objective(Protocol):
         budget                 tokens of --data read (recorded in checkpoints), or None
         rows                   what one row is, for messages ("rows", "windows of ... tokens", "pairs")
         sequences_per_row      model sequences one row trains on (a pair: 2), for tokens/s and MFU
+        shown_metrics          the step figures of its own that the log line shows (validation: with val_)
         split_digest() -> dict the split by content: train and val rows and a checksum of the held-out ones
         announce() -> str | None, describe() -> str   lines for the start-up log
     Training:
@@ -65,6 +66,7 @@ class Objective(Protocol):
     budget: int | None
     rows: str
     sequences_per_row: int
+    shown_metrics: tuple[str, ...]
 
     def read(self, d: distributed.Dist, saved: dict | None, vocab_size: int): ...
     def split_digest(self) -> dict: ...

@@ -74,6 +74,7 @@ class ChatObjective:
 
     name = "chat"
     sequences_per_row = 1
+    shown_metrics = ()
     chat_template = True
     sample_at_start = True  # a reply before fine-tuning, to compare with the ones after
     fast_step_unsupported = "the fast step does not take chat rows yet"

@@ -123,6 +123,7 @@ class PreferenceObjective:
 
     name = "preference"
     sequences_per_row = 2  # the chosen and the rejected response
+    shown_metrics = ("rewards/accuracies", "rewards/margins")
     sample_at_start = True  # a reply before tuning, to compare with the ones after
     fast_step_unsupported = "the fast step does not take preference pairs yet"
     rows = "pairs"

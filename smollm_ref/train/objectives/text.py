@@ -146,6 +146,7 @@ class TextObjective:
 
     name = "text"
     sequences_per_row = 1
+    shown_metrics = ()
     chat_template = False
     sample_at_start = False
     fast_step_unsupported = None

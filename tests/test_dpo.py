@@ -21,7 +21,7 @@ import torch
 from conftest import tiny_config
 from hypothesis import given
 from hypothesis import strategies as st
-from trainer_runs import argv
+from trainer_runs import GradientCapture, argv
 
 from smollm_ref import distributed, train
 from smollm_ref.config import ModelConfig
@@ -241,7 +241,7 @@ def test_a_step_is_the_mean_over_all_its_pairs(tok, tmp_path):
 
     def step(micro):
         model = copy.deepcopy(policy).train()
-        capture = _Capture(model.parameters())
+        capture = GradientCapture(model.parameters())
         step_loss = objective.step_loss(model, None, micro, ONE)
         stats = train_step(model, micro, capture, grad_clip=0.0, loss_fn=step_loss.loss_fn, divide_by=step_loss.divide_by)
         return float(stats.loss), step_loss.summary(), capture.grads
@@ -254,17 +254,6 @@ def test_a_step_is_the_mean_over_all_its_pairs(tok, tmp_path):
     means = PairLoss(policy, PreferenceOptions(beta=0.5))
     mean_of_means = (means(*rows.batch([0])) + means(*rows.batch([1, 2, 3])) / 3) / 2
     assert abs(float(mean_of_means) - whole[0]) > 1e-3  # the test can tell the two apart
-
-
-class _Capture(torch.optim.Optimizer):
-    """An optimizer that only records the gradients it is given."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.grads = None
-
-    def step(self, closure=None):
-        self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
 
 
 def test_cuts_keep_the_prompts_end_then_the_start_of_prompt_and_response():

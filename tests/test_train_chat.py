@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import FORMAT1, argv
+from trainer_runs import FORMAT1, GradientCapture, argv
 
 from smollm_ref import checkpoint, train
 from smollm_ref.config import ModelConfig
@@ -52,17 +52,6 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-class _Capture(torch.optim.Optimizer):
-    """An optimizer that only records the gradients it is given."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.grads = None
-
-    def step(self, closure=None):
-        self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
-
-
 @pytest.mark.parametrize("pack", [True, False])
 def test_uneven_micro_batches_give_the_gradients_of_one_batch(tok, tmp_path, pack):
     torch.manual_seed(0)
@@ -74,7 +63,7 @@ def test_uneven_micro_batches_give_the_gradients_of_one_batch(tok, tmp_path, pac
     assert len(set(counts)) == 3  # uneven: a mean of means would weigh them wrong
     whole = rows.batch(indices)
     loss_fn = lambda *b: sft_loss_sum(model, *b)  # noqa: E731
-    a, b = _Capture(model.parameters()), _Capture(model.parameters())
+    a, b = GradientCapture(model.parameters()), GradientCapture(model.parameters())
     stats = train_step(model, micro, a, grad_clip=0.0, loss_fn=loss_fn, divide_by=float(sum(counts)))
     one = train_step(model, [whole], b, grad_clip=0.0, loss_fn=loss_fn, divide_by=float(trained_tokens([whole])))
     assert float(trained_tokens([whole])) == sum(counts)
@@ -82,7 +71,7 @@ def test_uneven_micro_batches_give_the_gradients_of_one_batch(tok, tmp_path, pac
     for ga, gb in zip(a.grads, b.grads):
         torch.testing.assert_close(ga, gb)  # float32 rounding: the sums are taken in another order
     # the mean of the micro-batches' means is a different (wrong) gradient: the test can tell them apart
-    wrong = _Capture(model.parameters())
+    wrong = GradientCapture(model.parameters())
     mean_fn = lambda ids, labels, pos: sft_loss_sum(model, ids, labels, pos) / trained_tokens([(ids, labels, pos)])  # noqa: E731
     train_step(model, micro, wrong, grad_clip=0.0, loss_fn=mean_fn)
     assert max(float((x - y).abs().max()) for x, y in zip(wrong.grads, b.grads)) > 1e-4

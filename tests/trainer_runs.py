@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 FORMAT1 = Path(__file__).parent / "data" / "format1"
 
 
@@ -57,3 +59,14 @@ def wandb_written() -> None:
     import wandb
 
     wandb.teardown()
+
+
+class GradientCapture(torch.optim.Optimizer):
+    """An optimizer that only records the gradients it is given (`grads`, in parameter order)."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.grads = None
+
+    def step(self, closure=None):
+        self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]

@@ -1,6 +1,7 @@
 """Curves of a training run: `python -m smollm_ref.plot RUN_DIR` draws loss (and validation loss), learning
 rate and tokens/sec from RUN_DIR/metrics.jsonl into RUN_DIR/metrics.png, and, for a run with --eval-tasks, the
-benchmarks' accuracy at each validation (eval/TASK/acc_norm_nospace solid, eval/TASK/acc dashed)."""
+benchmarks' accuracy at each validation (eval/TASK/acc_norm_nospace solid, eval/TASK/acc dashed), and, for a
+preference (DPO) run, its rewards (TRL's rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from .storage import is_number, shown
 MAY_BE_NONFINITE = ("loss", "val_loss")
 TRAIN_KEYS = ("loss", "lr", "tokens_per_sec", "avg_tokens_per_sec")
 EVAL_FIGURES = ("acc_norm_nospace", "acc")  # the trainer's eval/TASK/FIGURE keys (smollm_ref.train.evaluator)
+# a preference run's step figures (smollm_ref.train.objectives.preference), and on held-out pairs with val_
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
 def _value(path: Path, number: int, record: dict, key: str) -> float:
@@ -88,9 +91,17 @@ def figure(run_dir: str | Path):
     train = [{"step": r["step"], **{k: _value(path, n, r, k) for k in TRAIN_KEYS}} for n, r in records if "loss" in r]
     val = [{"step": r["step"], "val_loss": _value(path, n, r, "val_loss")} for n, r in records if "val_loss" in r]
     evals = eval_series(path, records)
+    rewards = {
+        prefix: [
+            {"step": r["step"], **{k: _value(path, n, r, prefix + k) for k in REWARD_KEYS}}
+            for n, r in records
+            if prefix + REWARD_KEYS[0] in r
+        ]
+        for prefix in ("", "val_")
+    }
     if not train and not val:
         raise ValueError(f"{path} holds no loss records yet; plot again once the run has taken a step")
-    rows = 4 if evals else 3
+    rows = 3 + bool(evals) + bool(rewards[""] or rewards["val_"])
     fig, axes = plt.subplots(rows, 1, figsize=(8, 3 * rows), sharex=True)
     ax_loss, ax_lr, ax_tps = axes[:3]
     if train:
@@ -111,6 +122,8 @@ def figure(run_dir: str | Path):
     ax_tps.set_ylabel("tokens / second")
     if evals:
         _draw_evals(axes[3], evals)
+    if rewards[""] or rewards["val_"]:
+        _draw_rewards(axes[-1], rewards)
     axes[-1].set_xlabel("optimizer step")
     ax_loss.set_title(f"training run {run_dir.resolve().name}")
     for ax in axes:
@@ -132,11 +145,32 @@ def _draw_evals(ax, evals: dict[str, dict[str, list[tuple[int, float]]]]) -> Non
     ax.legend(fontsize="small", ncol=2)
 
 
+def _draw_rewards(ax, rewards: dict[str, list[dict]]) -> None:
+    """A preference run's rewards (beta x log-ratio to the reference; TRL's names): chosen, rejected and their margin
+    at each step (lines) and on the held-out pairs (points); the share of pairs ranked right on a second axis."""
+    for prefix, style, width in (("", "-", 1.0), ("val_", "o--", 1.2)):
+        points = rewards[prefix]
+        if not points:
+            continue
+        steps = [r["step"] for r in points]
+        where = "held out" if prefix else "train"
+        for i, key in enumerate(REWARD_KEYS[:3]):
+            ax.plot(steps, [r[key] for r in points], style, color=f"C{i}", lw=width, ms=4, label=f"{key} ({where})")
+    ax.set_ylabel("reward (beta x log-ratio)")
+    ax.legend(fontsize="small", ncol=2)
+    share = ax.twinx()
+    for prefix, style in (("", ":"), ("val_", "s:")):
+        points = rewards[prefix]
+        if points:
+            share.plot([r["step"] for r in points], [100 * r["rewards/accuracies"] for r in points], style, color="C3", ms=4)
+    share.set_ylabel("rewards/accuracies (%), dotted", color="C3")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python -m smollm_ref.plot",
-        description="Plot a training run's loss, validation loss, learning rate, tokens/sec and, with --eval-tasks, "
-        "its benchmarks' accuracy.",
+        description="Plot a training run's loss, validation loss, learning rate, tokens/sec, with --eval-tasks "
+        "its benchmarks' accuracy, and for a preference (DPO) run its rewards.",
     )
     parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/metrics.png)")

@@ -27,6 +27,7 @@ from smollm_ref import distributed, train
 from smollm_ref.config import ModelConfig
 from smollm_ref.data.preferences import Pair, PreferenceRows, cut, preference_data
 from smollm_ref.model import IGNORE_INDEX, LlamaForCausalLM
+from smollm_ref.plot import figure
 from smollm_ref.train.objectives import PreferenceObjective, choose
 from smollm_ref.train.objectives.preference import METRICS, PairLoss, pair_losses, reference_logps, sequence_logps
 from smollm_ref.train.options import DataOptions, PreferenceOptions
@@ -319,6 +320,12 @@ def test_a_preference_run_logs_trls_metrics_and_resumes_bit_for_bit(tmp_path, ca
     assert re.search(r"step +2 \| val loss \S+ \| val_rewards/accuracies \S+ val_rewards/margins \S+\n", err)
     for n in (1, 2):
         assert {k: straight[n][k] for k in (*step, *val)} == {k: resumed[n][k] for k in (*step, *val)}  # bit for bit
+    # the plot's fourth panel draws the rewards at each step and on the held-out pairs, at the logged values
+    panel = figure(tmp_path / "straight").axes[3]
+    lines = {line.get_label(): line for line in panel.get_lines()}
+    assert {"rewards/margins (train)", "rewards/margins (held out)", "rewards/chosen (train)"} <= set(lines)
+    assert list(lines["rewards/margins (train)"].get_ydata()) == [straight[n]["rewards/margins"] for n in (1, 2)]
+    assert list(lines["rewards/margins (held out)"].get_xdata()) == [0, 1, 2]
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):

@@ -29,7 +29,7 @@ from ..arguments import ArgumentParser, whole_number
 from ..configs import preset_names
 from ..evaluate.tasks import GROUPS, TASKS, TaskError, resolve_tasks
 from ..precision import PRECISIONS
-from ..sampling import MIN_TEMPERATURE
+from ..sampling import MIN_TEMPERATURE, SamplingParams
 
 SCHEDULES = ("constant", "cosine", "wsd")
 OPTIMIZER_STATES = ("all", "latest")
@@ -98,8 +98,11 @@ def _device_rule(value: str) -> str | None:
 
 
 def _temperature_rule(value: float) -> str | None:
-    ok = value == 0 or MIN_TEMPERATURE <= value < math.inf
-    return None if ok else f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}"
+    try:
+        SamplingParams(0, temperature=value)  # the one range check of a temperature
+    except ValueError:
+        return f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}"
+    return None
 
 
 def _not_empty(value: str) -> str | None:

@@ -127,11 +127,6 @@ class Run:
         return self.d.world_size * self.cfg.data.batch_size * self.cfg.data.grad_accum
 
     @property
-    def tokens_per_step(self) -> int:
-        """Tokens one optimizer step trains on, all ranks: its rows' sequences x --seq-len (a pair is two)."""
-        return self.per_step * self.objective.sequences_per_row * self.cfg.data.seq_len
-
-    @property
     def data(self):
         """The objective's data: `train` and `val` rows."""
         return self.objective.data
@@ -210,6 +205,7 @@ class Run:
         if d.is_main:
             (run_dir / checkpoint.TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         seq_len = cfg.data.seq_len
+        # the tokens a step trains on, all ranks: its rows' sequences (a pair is two) x --seq-len
         sequences = d.world_size * cfg.data.batch_size * cfg.data.grad_accum * objective.sequences_per_row
         peak = metrics.peak_flops(metrics.device_name(device), precision) if device.type == "cuda" else None
         step_metrics = StepMetrics(sequences * seq_len, metrics.flops_per_token(model_config, seq_len), peak, d.world_size)
@@ -234,7 +230,7 @@ class Run:
         step_kind = "fast step" if self.fast_loss is not None else f"reference step ({self.why_not_fast})"
         self.logger.say(
             f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(self.device)} x{d.world_size} | {precision}, "
-            f"{step_kind} | {self.per_step * self.objective.sequences_per_row} x {cfg.data.seq_len} tokens per step | {data_line} | MFU peak {peak} | run dir {self.run_dir}"
+            f"{step_kind} | {self.step_metrics.tokens_per_step // cfg.data.seq_len} x {cfg.data.seq_len} tokens per step | {data_line} | MFU peak {peak} | run dir {self.run_dir}"
         )
         warning = self.checkpointer.space_warning() if d.is_main else None
         if warning:
@@ -273,7 +269,7 @@ class Run:
             divide_by=step_loss.divide_by,
         )
         loss = float(distributed.mean(self.d, stats.loss))
-        self.state.advance(self.per_step, self.tokens_per_step)
+        self.state.advance(self.per_step, self.step_metrics.tokens_per_step)
         values = {
             "loss": loss,
             "lr": lr,

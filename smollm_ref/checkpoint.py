@@ -5,7 +5,10 @@
         trainer_state.pt    optimizer, GradScaler, schedule, step, tokens, RNG states, data position, WandB id:
                             tensors and plain values only, read back with torch.load(weights_only=True)
         train_config.json   the run's options
-        manifest.json       SHA-256 of every file above; written last, so no manifest means no checkpoint
+        optimizer/          FSDP2 runs: the AdamW state, sharded as the ranks held it, written by every rank
+                            with torch.distributed.checkpoint and resharded on load to any number of ranks
+        manifest.json       SHA-256 of every file above (a folder's files as `optimizer/NAME`); written last,
+                            so no manifest means no checkpoint
 
 A checkpoint is written into a temporary directory, every file fsynced, the manifest last, then renamed
 into place: a crash leaves either the previous state or a complete checkpoint. On resume a checkpoint
@@ -87,10 +90,12 @@ def write(root: Path, step: int, write_files, keep_last: int | None = None) -> P
     tmp.mkdir()
     try:
         write_files(tmp)
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {"step": step, "files": {p.name: file_entry(p) for p in files}}
+        files = payload_files(tmp)
+        manifest = {"step": step, "files": {p.relative_to(tmp).as_posix(): file_entry(p) for p in files}}
         for p in files:
             _fsync(p)
+        for folder in (p for p in tmp.iterdir() if p.is_dir()):
+            _fsync(folder)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _fsync(tmp / MANIFEST)
         _fsync(tmp)
@@ -109,6 +114,13 @@ def write(root: Path, step: int, write_files, keep_last: int | None = None) -> P
         for _, path in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def payload_files(directory: Path) -> list[Path]:
+    """The files a checkpoint's manifest records: those in `directory` and in its folders, one level deep
+    (`optimizer/`), in name order."""
+    top = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    return top + sorted(f for d in directory.iterdir() if d.is_dir() and not d.is_symlink() for f in d.iterdir() if f.is_file())
 
 
 def verify(directory: Path) -> None:
@@ -155,25 +167,40 @@ def _read_object(directory: Path, name: str, what: str) -> dict | None:
     return value
 
 
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
 def _verify_file(directory: Path, name, entry) -> None:
-    """One manifest entry: a plain file name in `directory`, a regular file (not a link, FIFO or device) of
-    the recorded size, then its hash. A manifest is read from disk and may come from anyone, so nothing
-    it names is opened outside the checkpoint, and nothing is read past the size it was checked to have."""
-    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+    """One manifest entry: a plain file name in `directory` or in one of its folders (`optimizer/NAME`, the
+    folder itself no link), a regular file (not a link, FIFO or device) of the recorded size, then its hash. A
+    manifest is read from disk and may come from anyone, so nothing it names is opened outside the checkpoint,
+    and nothing is read past the size it was checked to have."""
+    parts = name.split("/") if isinstance(name, str) else [name]
+    if not 1 <= len(parts) <= 2 or not all(_plain_name(part) for part in parts):
         raise CheckpointError(f"checkpoint {directory}: {MANIFEST} names {name!r}, which is not a file in the checkpoint")
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
         raise CheckpointError(f"checkpoint {directory}: {MANIFEST} has no sha256 for {name}")
     size = entry.get("bytes")  # manifests have always recorded it; a hand-made one may not
     if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
         raise CheckpointError(f"checkpoint {directory}: {MANIFEST} gives {name} a size of {size!r}, not a byte count")
+    folder = None
     try:
+        if len(parts) == 2:  # O_NOFOLLOW | O_DIRECTORY: a folder that is a link, or no folder, fails to open
+            folder = os.open(directory / parts[0], os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
         # O_NOFOLLOW: a symlink fails to open; O_NONBLOCK: a FIFO opens without waiting for a writer.
-        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(
+            parts[-1] if folder is not None else directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder
+        )
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {directory} is missing {name}") from None
     except OSError:
-        kind = "a symbolic link" if os.path.islink(directory / name) else "not readable"
+        link = any(os.path.islink(directory.joinpath(*parts[:i])) for i in range(1, len(parts) + 1))
+        kind = "a symbolic link" if link else "not readable"
         raise CheckpointError(f"checkpoint {directory}: {name} is {kind}, not a regular file") from None
+    finally:
+        if folder is not None:
+            os.close(folder)
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
@@ -238,8 +265,10 @@ def load_latest(path: str | Path, load: Callable[[Path], T]) -> tuple[Path, T]:
         ) from None
 
 
-def load_state(directory: Path) -> dict:
-    return torch.load(directory / STATE, map_location="cpu", weights_only=True)
+def load_state(directory: Path, mmap: bool = False) -> dict:
+    """A checkpoint's trainer_state.pt (tensors and plain values only); `mmap`: its tensors mapped, not read
+    (to look at its plain values)."""
+    return torch.load(directory / STATE, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def load_train_config(directory: Path) -> dict:

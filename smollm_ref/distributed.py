@@ -1,8 +1,9 @@
 """More than one process: DDP or FSDP2 under torchrun, gloo on CPU and NCCL on GPUs.
 
-`torchrun --nproc_per_node N -m smollm_ref.train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; without them
-everything here is a no-op for one process. Rank 0 alone logs and writes checkpoints; every rank takes
-part in the collectives that gather a sharded model's full state.
+`torchrun --nproc_per_node N -m smollm_ref.train ...` (on each of several nodes: `--nnodes N --node-rank R
+--rdzv-endpoint HOST:PORT`) sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything here is a no-op for
+one process. Global rank 0 alone logs and writes checkpoints (every rank writes its shard of an FSDP
+optimizer state); every rank takes part in the collectives that gather a sharded model's full state.
 """
 
 from __future__ import annotations
@@ -29,9 +30,15 @@ class Dist:
         return self.rank == 0
 
 
+def env_world_size() -> int:
+    """The number of processes torchrun started (all nodes), 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init(device_type: str) -> Dist:
-    """Join the process group torchrun describes (if any). CUDA ranks get their own GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group torchrun describes (if any): RANK is the global rank (rank 0 alone writes),
+    LOCAL_RANK the rank on this node, which picks the GPU. CUDA ranks get their own GPU."""
+    world = env_world_size()
     if world <= 1:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -106,19 +113,10 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: _full(v) for k, v in model.state_dict().items()}
 
 
-def full_optimizer_state(optimizer, fsdp: bool) -> dict:
-    """The optimizer's state dict with whole tensors, in the plain index-keyed layout either way, so that
-    a checkpoint reads the same whatever wrote it."""
-    state = optimizer.state_dict()
-    if not fsdp:
-        return state
-    return {
-        "state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()},
-        "param_groups": state["param_groups"],
-    }
-
-
 def load_optimizer_state(optimizer, state: dict, fsdp: bool) -> None:
+    """Load an optimizer state of whole tensors, index-keyed (`optimizer.state_dict()` of DDP or one process, or
+    of an FSDP run from before its state was saved in shards, `smollm_ref.train.sharded`): any number of ranks
+    reads it, each keeping the shard its parameters hold."""
     if fsdp:  # shard each whole tensor the way its parameter is sharded
         from torch.distributed.tensor import distribute_tensor
 

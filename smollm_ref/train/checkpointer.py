@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint, distributed, storage
 from ..model import LlamaForCausalLM
+from . import sharded
 from .logger import say
 from .options import CheckpointOptions, TrainError
 from .state import RunState
@@ -20,17 +22,21 @@ class CheckpointSpace(TrainError):
     """A checkpoint could not be written for lack of space; the message says where and what to do."""
 
 
-def check_compatible(saved: dict, resume_dir: Path, world_size: int, fsdp: bool) -> None:
-    """A checkpoint resumes exactly only with the process layout that wrote it."""
-    if saved.get("world_size", 1) != world_size:
+def check_compatible(saved: dict, resume_dir: Path, world_size: int, fsdp: bool, rows: int, saved_rows: int) -> None:
+    """A checkpoint resumes on any number of processes that keeps its global batch: `rows` a step (processes x
+    --batch-size x --grad-accum) must be the run's `saved_rows` (`options.saved_global_batch`); and the same way,
+    with or without --fsdp, with its optimizer state."""
+    if rows != saved_rows:
         raise TrainError(
-            f"checkpoint {resume_dir} was written by {saved['world_size']} process(es); resume it with the same number, not {world_size}"
+            f"checkpoint {resume_dir} trains {saved_rows} rows a step, this run {rows} ({world_size} process(es) x --batch-size "
+            "x --grad-accum); resume it through --resume, which keeps the global batch, or with sizes whose product is "
+            f"{saved_rows}"
         )
     if bool(saved.get("fsdp", False)) != fsdp:
         raise TrainError(
             f"checkpoint {resume_dir} was written {'with' if saved.get('fsdp') else 'without'} --fsdp; resume it the same way"
         )
-    if "optimizer" not in saved:
+    if "optimizer" not in saved and "optimizer_sharded" not in saved:
         raise TrainError(
             f"checkpoint {resume_dir} holds no optimizer state (--optimizer-state latest keeps it only in the newest "
             f"checkpoint); resume from the newest one, or start a new run from these weights with --init-from {resume_dir}"
@@ -38,8 +44,10 @@ def check_compatible(saved: dict, resume_dir: Path, world_size: int, fsdp: bool)
 
 
 class Checkpointer:
-    """Owns the decision to save and the contents of a checkpoint. Every rank calls `save` (FSDP gathers
-    the full state collectively); rank 0 alone writes."""
+    """Owns the decision to save and the contents of a checkpoint. Every rank calls `save`: under FSDP the
+    model's full state is gathered collectively and every rank writes its shard of the optimizer state
+    (`sharded`, into `optimizer/`); rank 0 alone writes the rest. DDP's optimizer state is one file, the same on
+    every rank."""
 
     def __init__(
         self,
@@ -55,13 +63,15 @@ class Checkpointer:
         schedule: dict,
         run_options: dict,
         objective_state=dict,
+        rows: int,
     ):
         """`options`: the run's `cfg.checkpoint`. Besides the model, a checkpoint holds `schedule` (the
-        learning-rate schedule, `optim.schedule_record`) and what `objective_state()` returns (the objective's
-        `checkpoint_state`) in its run state, and `run_options` (every option, flat: `TrainConfig.to_dict()`) as
-        its train_config.json; `fsdp`: the model is sharded (--fsdp), its state gathered."""
+        learning-rate schedule, `optim.schedule_record`), what `objective_state()` returns (the objective's
+        `checkpoint_state`) and `rows`, the global batch (rows a step, all ranks), in its run state, and
+        `run_options` (every option, flat: `TrainConfig.to_dict()`) as its train_config.json; `fsdp`: the model is
+        sharded (--fsdp), its state gathered and its optimizer state written in shards."""
         self.root = checkpoint.checkpoints_root(run_dir)
-        self.options, self.d = options, d
+        self.options, self.d, self.rows = options, d, rows
         self.fsdp, self.schedule, self.run_options, self.objective_state = fsdp, schedule, run_options, objective_state
         self.model, self.optimizer, self.scaler, self.tokenizer = model, optimizer, scaler, tokenizer
         self.last: Path | None = None
@@ -69,10 +79,16 @@ class Checkpointer:
     def due(self, step: int, max_steps: int) -> bool:
         return step % self.options.checkpoint_every == 0 or step == max_steps
 
-    def restore(self, saved: dict, horizon: int) -> RunState:
-        """Load the optimizer, scaler and RNG states of `saved` (a `trainer_state.pt`) and return its run state,
-        with the schedule's `horizon` (the run's: an extended run keeps the one it had)."""
-        distributed.load_optimizer_state(self.optimizer, saved["optimizer"], self.fsdp)
+    def restore(self, saved: dict, horizon: int, resume_dir: Path) -> RunState:
+        """Load the optimizer, scaler and RNG states of `saved` (the `trainer_state.pt` of `resume_dir`) and return
+        its run state, with the schedule's `horizon` (the run's: an extended run keeps the one it had). The
+        optimizer state is resharded to this run's ranks: DCP's shards (`sharded`), or one file (DDP, one process,
+        or an FSDP run from before sharded checkpoints)."""
+        if "optimizer_sharded" in saved:
+            where = resume_dir / saved["optimizer_sharded"]["dir"]
+            sharded.load_optimizer(self.model, self.optimizer, where, saved["optimizer_sharded"]["param_groups"])
+        else:
+            distributed.load_optimizer_state(self.optimizer, saved["optimizer"], self.fsdp)
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         checkpoint.set_rng_state(saved["rng"])
@@ -81,16 +97,27 @@ class Checkpointer:
     def save(self, state: RunState) -> Path | None:
         """Write a checkpoint of `state` (on rank 0; other ranks return None) and apply --keep-last and
         --optimizer-state."""
-        trainer_state = {**self.objective_state(), **state.to_checkpoint(self.schedule, self.d.world_size, self.fsdp)}
-        trainer_state["optimizer"] = distributed.full_optimizer_state(self.optimizer, self.fsdp)
+        trainer_state = {**self.objective_state(), **state.to_checkpoint(self.schedule, self.d.world_size, self.fsdp, self.rows)}
         trainer_state["scaler"] = self.scaler.state_dict() if self.scaler is not None else {}
         model_state = distributed.full_model_state(self.model) if self.fsdp else None
+        staged = None
+        if self.fsdp:
+            staged = self.root / f".tmp-{checkpoint.step_dir_name(state.step)}-{sharded.DIR}"
+            param_groups = self._save_sharded(staged, state.step)
+            if param_groups is None:  # no space, and --on-disk-full continue: every rank goes on
+                return None
+            trainer_state["optimizer_sharded"] = {"dir": sharded.DIR, "param_groups": param_groups}
+        else:
+            trainer_state["optimizer"] = self.optimizer.state_dict()
         path = None
         if self.d.is_main:
 
             def write_files(tmp: Path) -> None:
                 from ..weights import load_into, save_pretrained
 
+                if staged is not None:  # every rank's shard is there: check, then take the folder in
+                    sharded.read_metadata(staged)
+                    staged.rename(tmp / sharded.DIR)
                 cpu_model = self.model
                 if self.fsdp:  # sharded: rebuild the whole model on CPU from the gathered state
                     cpu_model = LlamaForCausalLM(self.model.config)
@@ -102,6 +129,33 @@ class Checkpointer:
             path = self._write(state.step, write_files)
         distributed.barrier(self.d)
         return path
+
+    def _save_sharded(self, staged: Path, step: int) -> list[dict] | None:
+        """Every rank writes its shard of the optimizer state into `staged` (a collective); the param groups, or
+        None when the disk is full and --on-disk-full continue says to go on (every rank sees the same failure:
+        DCP hands it to all)."""
+        from torch.distributed.checkpoint import CheckpointException
+
+        if self.d.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staged, ignore_errors=True)  # a killed run's, of the same step
+        distributed.barrier(self.d)
+        try:
+            return sharded.save_optimizer(self.model, self.optimizer, staged)
+        except CheckpointException as e:  # a BaseException: the loop's handlers would not see it
+            failure = e
+        if self.d.is_main:
+            shutil.rmtree(staged, ignore_errors=True)
+        what = f"checkpoint {checkpoint.step_dir_name(step)}"
+        if not storage.is_disk_full(failure):
+            raise RuntimeError(f"writing the sharded optimizer state of {what} failed: {failure}") from None
+        error = storage.disk_full_error(self.root, what, self.bytes_needed())
+        kept = f"the previous checkpoint {self.last} is kept" if self.last else "no checkpoint of this run was written"
+        if self.options.on_disk_full == "continue":
+            if self.d.is_main:
+                say(f"warning: {error}; {kept}; training goes on and tries again at the next checkpoint")
+            return None
+        raise CheckpointSpace(f"{error}; {kept}; free some space, then continue with --resume {self.root.parent}") from None
 
     def _write(self, step: int, write_files) -> Path | None:
         options = self.options
@@ -138,15 +192,17 @@ class Checkpointer:
         )
 
     def describe(self, path: Path) -> str:
-        total = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-        optimizer = (path / checkpoint.STATE).stat().st_size
+        files = checkpoint.payload_files(path)
+        total = sum(p.stat().st_size for p in files)
+        optimizer = sum(p.stat().st_size for p in files if p.name == checkpoint.STATE or p.parent.name == sharded.DIR)
         return f"checkpoint {path} ({storage.size(total)}, of which {storage.size(optimizer)} optimizer and run state)"
 
 
 def drop_optimizer_state(directory: Path) -> None:
     """Rewrite an older checkpoint's trainer_state.pt without its AdamW state (weights, run state and RNG
-    stay, so it still loads as a model and says why it cannot resume). The manifest is rewritten to match;
-    both replace their files by rename. A checkpoint already slimmed is left alone."""
+    stay, so it still loads as a model and says why it cannot resume), and remove its sharded optimizer folder.
+    The manifest is rewritten to match; both replace their files by rename, before the folder goes. A checkpoint
+    already slimmed is left alone."""
     state_path = directory / checkpoint.STATE
     try:
         manifest = checkpoint.read_manifest(directory)
@@ -156,13 +212,15 @@ def drop_optimizer_state(directory: Path) -> None:
         say(f"warning: {e}; its optimizer state is left in place")
         return
     saved = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
-    if "optimizer" not in saved:
+    if "optimizer" not in saved and "optimizer_sharded" not in saved:
         return
-    saved = {k: v for k, v in saved.items() if k not in ("optimizer", "scaler")}
+    saved = {k: v for k, v in saved.items() if k not in ("optimizer", "optimizer_sharded", "scaler")}
     tmp_state = directory / f".{checkpoint.STATE}.tmp{os.getpid()}"
     torch.save(saved, tmp_state)
     manifest["files"][checkpoint.STATE] = checkpoint.file_entry(tmp_state)
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(f"{sharded.DIR}/")}
     tmp_manifest = directory / f".{checkpoint.MANIFEST}.tmp{os.getpid()}"
     tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp_state.replace(state_path)
     tmp_manifest.replace(directory / checkpoint.MANIFEST)
+    shutil.rmtree(directory / sharded.DIR, ignore_errors=True)  # no longer in the manifest: a crash here leaves spare files

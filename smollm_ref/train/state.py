@@ -29,9 +29,10 @@ class RunState:
         self.data_position += rows
         self.tokens += tokens
 
-    def to_checkpoint(self, schedule: dict, world_size: int, fsdp: bool) -> dict:
+    def to_checkpoint(self, schedule: dict, world_size: int, fsdp: bool, global_batch: int) -> dict:
         """The plain values of `trainer_state.pt` (format 1), RNG states included; the optimizer and scaler
-        states are added by the checkpointer."""
+        states are added by the checkpointer. `global_batch`: rows a step, all ranks (processes x --batch-size x
+        --grad-accum), what a resume on another number of processes keeps."""
         return {
             "format": FORMAT,
             "step": self.step,
@@ -44,6 +45,7 @@ class RunState:
             "rng": checkpoint.rng_state(),
             "wandb_run_id": self.wandb_run_id or "",
             "world_size": world_size,
+            "global_batch": global_batch,
             "fsdp": fsdp,
         }
 

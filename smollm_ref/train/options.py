@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import checkpoint, data, storage
+from .. import checkpoint, data, distributed, storage
 from ..arguments import ArgumentParser, whole_number
 from ..configs import preset_names
 from ..evaluate.tasks import GROUPS, TASKS, TaskError, resolve_tasks
@@ -49,12 +49,12 @@ NOT_INHERITED = (
 # Options a resume refuses to change, with what each changes: the windows a step reads, their order, or the
 # held-out split (a new share or budget can move validation windows into training). An exact continuation
 # needs the run's own values; --data itself is compared by its tokens (the store's key), so a moved corpus
-# still resumes. Every other option may change on resume: steps, cadences, logging, samples, benchmarks,
-# checkpoint policy, precision, device, and the optimizer and schedule settings (which change the run from there on).
+# still resumes. --batch-size and --grad-accum may change with the number of processes as long as the global
+# batch stays (`keep_global_batch`): a step reads the same rows whoever reads them. Every other option may change
+# on resume: steps, cadences, logging, samples, benchmarks, checkpoint policy, precision, device, and the optimizer
+# and schedule settings (which change the run from there on).
 FIXED_ON_RESUME = {
     "seq_len": "the windows every sequence is cut from",
-    "batch_size": "which windows each step reads",
-    "grad_accum": "which windows each step reads",
     "seed": "the order the windows are read in",
     "val_fraction": "which windows are held out (a new share can move validation windows into training)",
     "data_tokens": "how much of --data is read, and so where the held-out split begins",
@@ -275,10 +275,10 @@ class CheckpointOptions:
         None,
         "continue from a checkpoint directory, a run directory, or 'auto' (the latest in --out-dir, if any); "
         "the run goes on in the run directory holding that checkpoint unless --out-dir is given. Options not given "
-        "come from the checkpoint's run; options that change the data a step reads (--seq-len, --batch-size, "
-        "--grad-accum, --seed, --val-fraction, --data-tokens, --data-format, --text-field, --pack, --too-long, "
-        "--max-prompt-length, and "
-        "--data holding other tokens) are refused; every other option may change",
+        "come from the checkpoint's run; options that change the data a step reads (--seq-len, --seed, --val-fraction, "
+        "--data-tokens, --data-format, --text-field, --pack, --too-long, --max-prompt-length, and --data holding "
+        "other tokens) are refused; on another number of processes --grad-accum follows to keep the global batch "
+        "(processes x --batch-size x --grad-accum; --batch-size may change too); every other option may change",
         "PATH|auto",
     )
     additional_steps: int | None = _opt(None, "with --resume: train N more steps past the checkpoint", low=1)
@@ -597,10 +597,12 @@ def run_dir_of(checkpoint_dir: Path) -> Path:
     return parent.parent if parent.name == "checkpoints" else parent
 
 
-def resolve_config(options: dict) -> tuple[TrainConfig, Path | None]:
+def resolve_config(options: dict, world_size: int | None = None) -> tuple[TrainConfig, Path | None]:
     """The run's TrainConfig and the checkpoint to resume from (None: a fresh run). When resuming, options
     not given explicitly come from the checkpoint's own run, except where the run writes: that is the
-    directory holding the checkpoint (or --out-dir), never the `out_dir` the checkpoint recorded."""
+    directory holding the checkpoint (or --out-dir), never the `out_dir` the checkpoint recorded; and
+    --batch-size and --grad-accum keep the run's global batch on `world_size` processes (default: torchrun's
+    WORLD_SIZE, else 1; `keep_global_batch`)."""
     cfg = TrainConfig.from_options(**options)
     where = cfg.checkpoint
     if where.resume is None:
@@ -623,7 +625,56 @@ def resolve_config(options: dict) -> tuple[TrainConfig, Path | None]:
     out_dir = options.get("out_dir") or str(run_dir_of(found))
     if options.get("init_from"):  # a recipe's, most often: the checkpoint's weights are the ones that continue
         print(f"note: --init-from {options['init_from']} is not used: the run resumes from {found}", file=sys.stderr)
-    return TrainConfig.from_options(**{**inherited, **options, "out_dir": out_dir, "init_from": None}), found
+    ranks = distributed.env_world_size() if world_size is None else world_size
+    batch = keep_global_batch(options, saved, checkpoint.load_state(found, mmap=True), ranks, found)
+    return TrainConfig.from_options(**{**inherited, **options, **batch, "out_dir": out_dir, "init_from": None}), found
+
+
+def saved_global_batch(state: dict, saved_options: dict) -> int:
+    """The global batch of a checkpoint's run, rows a step all ranks: its run state's (`state`, trainer_state.pt),
+    or for a checkpoint from before it was recorded, its processes x --batch-size x --grad-accum (`saved_options`,
+    its train_config.json)."""
+    if state.get("global_batch"):
+        return int(state["global_batch"])
+    names = option_fields()
+    size, accum = (saved_options.get(k, names[k].field.default) for k in ("batch_size", "grad_accum"))
+    return int(state.get("world_size", 1)) * int(size) * int(accum)
+
+
+def _divisors(n: int, limit: int = 12) -> str:
+    found = [k for k in range(1, n + 1) if n % k == 0]
+    shown = ", ".join(map(str, found[:limit]))
+    return shown + (", ..." if len(found) > limit else "")
+
+
+def keep_global_batch(options: dict, saved_options: dict, state: dict, world_size: int, found: Path) -> dict:
+    """{batch_size, grad_accum} of a resume on `world_size` processes that reads the rows the run would have read:
+    its global batch (`saved_global_batch` of `state` and `saved_options`) kept, --batch-size as given in `options`
+    (else the run's), --grad-accum as given (else the one that keeps it). The data order is a function of the seed
+    and the position alone, so the same global batch is the same rows at every step, however many processes read
+    them. Raises TrainError, one line naming the sizes that work, when none does."""
+    names = option_fields()
+    size = options.get("batch_size", saved_options.get("batch_size", names["batch_size"].field.default))
+    rows = saved_global_batch(state, saved_options)
+    if "grad_accum" in options:
+        if world_size * size * options["grad_accum"] == rows:
+            return {"batch_size": size, "grad_accum": options["grad_accum"]}
+        problem = (
+            f"{world_size} process(es) x --batch-size {size} x --grad-accum {options['grad_accum']} is "
+            f"{world_size * size * options['grad_accum']} (drop --grad-accum: it follows)"
+        )
+    elif rows % (world_size * size) == 0:
+        return {"batch_size": size, "grad_accum": rows // (world_size * size)}
+    else:
+        problem = f"{rows} is not a multiple of {world_size} process(es) x --batch-size {size}"
+    ways = [f"on {_divisors(rows // size)} process(es) with --batch-size {size}"] if rows % size == 0 else []
+    ways += [f"on {world_size} process(es) with --batch-size {_divisors(rows // world_size)}"] if rows % world_size == 0 else []
+    hint = "resume " + (" or ".join(ways) or f"on a number of processes that divides {rows}")
+    raise TrainError(
+        f"cannot resume {found} with its global batch of {rows} rows a step ({state.get('world_size', 1)} process(es) x "
+        f"--batch-size {saved_options.get('batch_size')} x --grad-accum {saved_options.get('grad_accum')}) on {world_size} "
+        f"process(es): {problem}; {hint} (--grad-accum follows)"
+    )
 
 
 def _saved_options(found: Path) -> dict:

@@ -21,8 +21,9 @@ from .checkpointer import Checkpointer, check_compatible
 from .evaluator import Evaluator
 from .logger import NullLogger, RunLogger, say
 from .objectives import Objective
+from .objectives.base import rows_digest
 from .optim import check_schedule, lr_at, make_optimizer, schedule_record
-from .options import LogOptions, TrainConfig, TrainError
+from .options import LogOptions, TrainConfig, TrainError, saved_global_batch
 from .samples import Sampling, sample_seed
 from .state import RunState
 from .step import StepStats, fast_forward, train_step
@@ -39,7 +40,9 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
     if saved is not None:
         RunState.check_saved(saved, resume_dir)
-        check_compatible(saved, resume_dir, d.world_size, cfg.model.fsdp)
+        rows = d.world_size * cfg.data.batch_size * cfg.data.grad_accum
+        saved_rows = saved_global_batch(saved, checkpoint.load_train_config(resume_dir))
+        check_compatible(saved, resume_dir, d.world_size, cfg.model.fsdp, rows, saved_rows)
     check_schedule(cfg.optim, _horizon(cfg, saved))
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
         raise TrainError("--wandb needs the wandb package, which is not installed; pip install wandb, or pass --no-wandb")
@@ -112,6 +115,7 @@ class Run:
     logger: NullLogger
     step_metrics: StepMetrics
     resumed_from: Path | None = None
+    resumed_world_size: int | None = None  # the processes that wrote the checkpoint resumed from
     created_dir: bool = False  # this run made its directory (an interruption before the first step removes it)
     lock: DirectoryLock | None = None  # the run directory's lock, held by the main rank
     why_not_fast: str | None = None  # why the step is the reference's (`step.fast_step_unsupported`), for the log
@@ -142,6 +146,8 @@ class Run:
         run_dir = Path(cfg.checkpoint.out_dir).expanduser()
         created, lock = inputs.check_out_dir(cfg.checkpoint, resume_dir is not None or cfg.checkpoint.resume == "auto", d)
         try:
+            if cfg.model.fsdp:
+                inputs.check_shared_run_dir(run_dir, d, device)
             saved, model_config, weights, tokenizer, objective, split, evaluator = _read_inputs(cfg, resume_dir, d, device)
             if d.is_main:
                 for path in inputs.sweep_temporaries(run_dir):
@@ -149,7 +155,9 @@ class Run:
                 if cfg.checkpoint.overwrite and cfg.checkpoint.resume is None:
                     inputs.clear_run_dir(run_dir)  # only now that every input has been checked
             distributed.barrier(d)
-            run = cls._assemble(cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, objective, split)
+            run = cls._assemble(
+                cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, tokenizer, objective, split
+            )
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -157,11 +165,14 @@ class Run:
                 shutil.rmtree(run_dir, ignore_errors=True)  # leave nothing behind for a run that never started
             raise
         run.resumed_from, run.created_dir, run.lock, run.evaluator = resume_dir, created, lock, evaluator
+        run.resumed_world_size = int(saved.get("world_size", 1)) if saved is not None else None
         run._describe(precision, model_config)
         return run
 
     @classmethod
-    def _assemble(cls, cfg, d, device, precision, run_dir, saved, model_config, weights, tokenizer, objective, split) -> Run:
+    def _assemble(
+        cls, cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, tokenizer, objective, split
+    ) -> Run:
         torch.manual_seed(cfg.data.seed)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls; on CPU fp32 stays exact fp32
@@ -178,10 +189,10 @@ class Run:
         checkpointer = Checkpointer(
             run_dir, cfg.checkpoint, d, raw_model, optimizer, scaler, tokenizer,
             fsdp=cfg.model.fsdp, schedule=schedule_record(cfg.optim), run_options=cfg.to_dict(),
-            objective_state=objective.checkpoint_state,
+            objective_state=objective.checkpoint_state, rows=d.world_size * cfg.data.batch_size * cfg.data.grad_accum,
         )  # fmt: skip
         horizon = _horizon(cfg, saved)  # an extended run keeps the horizon it had
-        state = checkpointer.restore(saved, horizon) if saved is not None else RunState(horizon=horizon)
+        state = checkpointer.restore(saved, horizon, resume_dir) if saved is not None else RunState(horizon=horizon)
         additional = cfg.checkpoint.additional_steps
         max_steps = state.step + additional if additional is not None else cfg.optim.max_steps
         if state.step >= max_steps:
@@ -238,16 +249,33 @@ class Run:
         if self.evaluator is not None:
             self.logger.say(self.evaluator.describe())
         if self.resumed_from is not None:
-            self.logger.say(f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.tokens:,} tokens seen)")
+            layout = ""
+            if self.resumed_world_size != d.world_size:
+                layout = (
+                    f"; written by {self.resumed_world_size} process(es), continued on {d.world_size} with --batch-size "
+                    f"{cfg.data.batch_size} x --grad-accum {cfg.data.grad_accum}: the same {self.per_step} rows a step"
+                )
+            self.logger.say(
+                f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.tokens:,} tokens seen){layout}"
+            )
 
-    def next_batches(self) -> list[tuple[torch.Tensor, ...]]:
-        """This rank's micro-batches of the next step, from the run's position in the row order: (inputs,
-        targets) windows of text, or (input_ids, labels, position_ids or None) rows of chat."""
-        options, d, micro = self.cfg.data, self.d, []
-        for m in range(options.grad_accum):
-            offset = (m * d.world_size + d.rank) * options.batch_size  # this rank's micro-batch m of the step
-            start = 0 if options.overfit_single_batch else self.state.data_position + offset
-            batch = self.data.train.batch(self.order.indices(start, options.batch_size))
+    def step_rows(self) -> list[int]:
+        """The training rows the next step reads, all ranks, in their global order: the next `per_step` of the row
+        order (a function of --seed and the run's position alone), or with --overfit-single-batch the first
+        --batch-size rows for every micro-batch. Micro-batch m of rank r is slice m x ranks + r of --batch-size
+        rows, so a step reads the same rows on any number of processes that keeps the global batch."""
+        options = self.cfg.data
+        if options.overfit_single_batch:
+            return self.order.indices(0, options.batch_size) * (self.per_step // options.batch_size)
+        return self.order.indices(self.state.data_position, self.per_step)
+
+    def next_batches(self, rows: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        """This rank's micro-batches of the step that reads `rows` (`step_rows`): (inputs, targets) windows of
+        text, (input_ids, labels, position_ids or None) rows of chat, (input_ids, labels, reference) pairs."""
+        size, micro = self.cfg.data.batch_size, []
+        for m in range(self.cfg.data.grad_accum):
+            k = m * self.d.world_size + self.d.rank  # this rank's micro-batch m of the step
+            batch = self.data.train.batch(rows[k * size : (k + 1) * size])
             micro.append(tuple(t.to(self.device, non_blocking=True) if t is not None else None for t in batch))
         return micro
 
@@ -255,7 +283,10 @@ class Run:
         """One optimizer step; the run state advances and the step's metrics come back."""
         self.step_metrics.start()
         lr = lr_at(self.state.step, self.cfg.optim, self.state.horizon)
-        micro = self.next_batches()
+        rows = self.step_rows()
+        micro = self.next_batches(rows)
+        # the step's rows by content, recorded by the main rank: a resume on other processes shows the same
+        digest = rows_digest(self.data.train, rows) if self.d.is_main else None
         step_loss = self.objective.step_loss(self.model, self.fast_loss, micro, self.d)
         stats: StepStats = train_step(
             self.model,
@@ -278,6 +309,8 @@ class Run:
             **step_loss.metrics,
             **(step_loss.summary() if step_loss.summary is not None else {}),
         }
+        if digest is not None:
+            values["batch_sha256"] = digest
         if stats.skipped:
             values["skipped"] = True
         return values

@@ -92,6 +92,18 @@ def split_digest(n_train: int, n_val: int, held_out: Iterable) -> dict:
     return {"train": n_train, "val": n_val, "val_sha256": h.hexdigest()[:32]}
 
 
+def rows_digest(rows, indices: list[int]) -> str:
+    """The first 16 hex digits of a SHA-256 over the integer tensors (token ids, labels, positions) of each of
+    `rows`' rows `indices` (`rows.batch([i])`, so no row is padded to another's length), in order: a step's
+    global batch by content, the same whichever processes and micro-batches read it."""
+    h = hashlib.sha256()
+    for i in indices:
+        for t in rows.batch([i]):
+            if t is not None and not t.is_floating_point():
+                h.update(t.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
 def in_eval_mode(model, fn):
     """`fn()` with `model` in eval mode and no gradients; its training flag is restored."""

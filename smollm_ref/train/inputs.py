@@ -5,6 +5,7 @@ run's objective, `smollm_ref.train.objectives`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,34 @@ def check_out_dir(options: CheckpointOptions, resuming: bool, d: distributed.Dis
     except OSError as e:
         raise TrainError(f"cannot write to --out-dir {out} ({e.strerror or e}); pass a writable directory") from None
     return created, lock
+
+
+def check_shared_run_dir(run_dir: Path, d: distributed.Dist, device) -> None:
+    """Under FSDP every rank writes its shard of the optimizer state into the run directory's checkpoints, so every
+    rank must see the files rank 0 writes there: one file system on every node. Rank 0 writes a file of a name
+    drawn now (no node has looked it up before) and every rank looks for it; refused (TrainError, on every rank)
+    when one does not see it. A no-op for one process. A collective: every rank calls it."""
+    import secrets
+
+    import torch
+
+    if not d.enabled:
+        return
+    drawn = secrets.randbelow(2**62) + 1 if d.is_main else 0  # not the training RNG
+    token = int(distributed.total(d, torch.tensor([drawn], dtype=torch.int64, device=device)).item())
+    probe = run_dir / f".ranks-{token:x}"
+    if d.is_main:
+        probe.write_text(f"{os.getpid()}\n")
+    distributed.barrier(d)
+    blind = distributed.any_rank(d, not probe.is_file(), device)
+    if d.is_main:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise TrainError(
+            f"--fsdp: a rank does not see the files rank 0 writes in {run_dir} (its node has another file system there), "
+            "and every rank writes its shard of the optimizer state into the checkpoints; put --out-dir on a file system "
+            "every node shares"
+        )
 
 
 def sweep_temporaries(run_dir: Path) -> list[Path]:

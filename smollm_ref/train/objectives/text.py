@@ -84,7 +84,8 @@ def token_data(
     options: DataOptions, tokenizer, d: distributed.Dist, budget: int | None, vocab_size: int, progress: bool
 ) -> TokenData:
     """The token store of --data (a prepared store as is; any other spec prepared once into the cache by
-    the main rank while the others wait), split into training and validation windows of --seq-len + 1.
+    each node's first rank while the others wait: a node's cache may be its own, and on a shared one the
+    store's lock makes the later ones wait and open it), split into training and validation windows of --seq-len + 1.
     A store written earlier is verified, and refused (`TrainError`) if it holds a token id the model's
     `vocab_size` embeddings lack; one prepared just now holds only the tokenizer's ids, which the caller
     has checked against the model. `progress`: a bar while it is prepared."""
@@ -96,7 +97,7 @@ def token_data(
         from ...storage import cache_dir
 
         directory = data.store_dir(options.data, tokenizer, cache_dir() / "tokens", options.text_field, budget)
-        if d.is_main:
+        if d.local_rank == 0:
             fresh = not (directory / data.store.INDEX).is_file()
             if fresh and budget is not None:
                 say(f"streaming {options.data} until {budget / 1e6:.1f} M tokens")
@@ -110,9 +111,9 @@ def token_data(
                 progress=progress,
             )
         distributed.barrier(d)
-        if not d.is_main:
+        if d.local_rank != 0:
             store = data.Store(directory)
-    if d.is_main and not fresh:
+    if d.local_rank == 0 and not fresh:
         top = store.verify()  # a store written earlier, or elsewhere: every shard against its checksum
         if top >= vocab_size:  # its index may predate the vocabulary size, or name another tokenizer's
             raise TrainError(

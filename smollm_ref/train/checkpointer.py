@@ -116,7 +116,7 @@ class Checkpointer:
                 from ..weights import load_into, save_pretrained
 
                 if staged is not None:  # every rank's shard is there: check, then take the folder in
-                    sharded.read_metadata(staged)
+                    sharded.read_metadata(staged, fix="put --out-dir on a file system every node shares")
                     staged.rename(tmp / sharded.DIR)
                 cpu_model = self.model
                 if self.fsdp:  # sharded: rebuild the whole model on CPU from the gathered state

@@ -49,36 +49,36 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name}")
 
 
-def read_metadata(directory: Path) -> Metadata:
+def read_metadata(directory: Path, fix: str = "resume from another checkpoint") -> Metadata:
     """The DCP metadata of the sharded optimizer state in `directory`, checked: built from DCP's own classes only,
     every item a tensor, every shard a plain file name in `directory` that is a regular file. Raises TrainError
-    (one line naming the folder) otherwise."""
+    (one line naming the folder, ending with `fix`) otherwise."""
     where = f"{directory / METADATA}"
     try:
         with open(directory / METADATA, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except FileNotFoundError:
-        raise TrainError(
-            f"{where} is missing: the sharded optimizer state is incomplete; resume from another checkpoint"
-        ) from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
-        raise TrainError(
-            f"{where} is not the index of a sharded optimizer state ({type(e).__name__}: {e}); resume from another checkpoint"
-        ) from None
-    if not isinstance(metadata, Metadata):
-        raise TrainError(f"{where} holds a {type(metadata).__name__}, not DCP metadata; resume from another checkpoint")
+        raise TrainError(f"{where} is missing: the sharded optimizer state is incomplete; {fix}") from None
+    except Exception as e:  # whatever a bad pickle raises (UnpicklingError, EOFError, KeyError, RecursionError, ...)
+        raise TrainError(f"{where} is not the index of a sharded optimizer state ({type(e).__name__}: {e}); {fix}") from None
+    if not (
+        isinstance(metadata, Metadata)
+        and isinstance(metadata.state_dict_metadata, dict)
+        and isinstance(metadata.storage_data, dict)
+    ):
+        raise TrainError(f"{where} holds a {type(metadata).__name__}, not DCP metadata; {fix}")
     for key, item in metadata.state_dict_metadata.items():
-        if not isinstance(item, TensorStorageMetadata):
-            raise TrainError(f"{where}: item {key!r} is not a tensor; resume from another checkpoint")
+        if not isinstance(item, TensorStorageMetadata) or not isinstance(item.size, torch.Size):
+            raise TrainError(f"{where}: item {key!r} is not a tensor; {fix}")
     for info in metadata.storage_data.values():
         name = getattr(info, "relative_path", None)
         plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
         if not plain or getattr(info, "transform_descriptors", None):
-            raise TrainError(f"{where} names {name!r}, which is not a plain shard in {directory}; resume from another checkpoint")
+            raise TrainError(f"{where} names {name!r}, which is not a plain shard in {directory}; {fix}")
         if not (directory / name).is_file() or (directory / name).is_symlink():
             raise TrainError(
                 f"{where} names the shard {name}, which {directory} lacks: a rank wrote it elsewhere (a node that does not "
-                "share the run directory's file system) or it was lost; resume from another checkpoint"
+                f"share the run directory's file system) or it was lost; {fix}"
             )
     return metadata
 

@@ -329,6 +329,12 @@ class LogOptions:
         "the samples draw from the K most likely tokens, 0 for all (default 50); each sample is seeded from --seed and its step",
         low=0,
     )
+    batch_digest: bool = _opt(
+        False,
+        "record each step's batch_sha256 in metrics.jsonl: a digest of the token ids of every row the step trains on, all "
+        "ranks, in the data order, the same on any number of processes (a run resumed elsewhere shows it trained on the "
+        "same data); rank 0 hashes them, about 15 ms a step for 256 rows of 2048 tokens on a CPU core (default off)",
+    )
 
     def __post_init__(self):
         _check_fields(self)

@@ -285,8 +285,8 @@ class Run:
         lr = lr_at(self.state.step, self.cfg.optim, self.state.horizon)
         rows = self.step_rows()
         micro = self.next_batches(rows)
-        # the step's rows by content, recorded by the main rank: a resume on other processes shows the same
-        digest = rows_digest(self.data.train, rows) if self.d.is_main else None
+        # the step's rows by content (--batch-digest), recorded by the main rank: a resume elsewhere shows the same
+        digest = rows_digest(self.data.train, rows) if self.d.is_main and self.cfg.log.batch_digest else None
         step_loss = self.objective.step_loss(self.model, self.fast_loss, micro, self.d)
         stats: StepStats = train_step(
             self.model,

@@ -364,3 +364,31 @@ def test_a_manifest_cannot_reach_out_of_the_checkpoint_through_a_folder(sharded_
     (bad / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(checkpoint.CheckpointError, match=reason):
         checkpoint.verify(bad)
+
+
+def test_a_full_disk_while_the_shards_are_written_is_the_checkpointers_sentence(tmp_path, capsys, monkeypatch):
+    """DCP hands a rank's failure to every rank (a CheckpointException, a BaseException): --on-disk-full says what
+    happens, as for the other files, and nothing half-written is left."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp_files, "_write_item", full)
+    go_on = opts(tmp_path / "continue", fsdp=True, max_steps=4, checkpoint_every=2, on_disk_full="continue")
+    assert train.main(argv(go_on)) == 0
+    err = capsys.readouterr().err
+    assert err.count("no space left on the device holding") == 2 and "training goes on" in err
+    assert list((Path(go_on["out_dir"]) / "checkpoints").iterdir()) == [] and sorted(steps(Path(go_on["out_dir"]))) == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    stop = opts(tmp_path / "stop", fsdp=True, max_steps=4, checkpoint_every=2)
+    assert train.main(argv(stop)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "while writing checkpoint step_000002" in line and "free some space, then continue with --resume" in line, line
+    assert list((Path(stop["out_dir"]) / "checkpoints").iterdir()) == []

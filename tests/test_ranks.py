@@ -292,6 +292,9 @@ def test_the_sizes_that_keep_the_global_batch():
     # a checkpoint from before the global batch was recorded: its processes x --batch-size x --grad-accum
     assert saved_global_batch({"world_size": 3}, {"batch_size": 5, "grad_accum": 7}) == 105
     assert saved_global_batch({"world_size": 3, "global_batch": 12}, {"batch_size": 5, "grad_accum": 7}) == 12
+    for bad in ({"global_batch": "8"}, {"global_batch": 0}, {"world_size": -2}):  # a run state from elsewhere
+        with pytest.raises(train.TrainError, match=r"checkpoint RUN holds (global_batch|world_size) .* not an integer >= 1"):
+            saved_global_batch(bad, run, found)
 
 
 class _Payload:

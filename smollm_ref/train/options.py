@@ -636,21 +636,27 @@ def resolve_config(options: dict, world_size: int | None = None) -> tuple[TrainC
     return TrainConfig.from_options(**{**inherited, **options, **batch, "out_dir": out_dir, "init_from": None}), found
 
 
-def saved_global_batch(state: dict, saved_options: dict) -> int:
+def saved_global_batch(state: dict, saved_options: dict, where: Path | str = "the checkpoint") -> int:
     """The global batch of a checkpoint's run, rows a step all ranks: its run state's (`state`, trainer_state.pt),
     or for a checkpoint from before it was recorded, its processes x --batch-size x --grad-accum (`saved_options`,
-    its train_config.json)."""
-    if state.get("global_batch"):
-        return int(state["global_batch"])
+    its train_config.json, whose values were checked). Raises TrainError naming `where` for a run state that holds
+    no whole number >= 1 there."""
     names = option_fields()
     size, accum = (saved_options.get(k, names[k].field.default) for k in ("batch_size", "grad_accum"))
-    return int(state.get("world_size", 1)) * int(size) * int(accum)
+    for name in ("global_batch", "world_size"):
+        value = state.get(name, 1)
+        if not storage.is_int(value) or value < 1:
+            raise TrainError(
+                f"checkpoint {where} holds {name} {value!r} in its run state, not an integer >= 1; resume from another checkpoint"
+            )
+    return state.get("global_batch") or state.get("world_size", 1) * size * accum
 
 
 def _divisors(n: int, limit: int = 12) -> str:
-    found = [k for k in range(1, n + 1) if n % k == 0]
+    """The divisors of `n` up to 65536 (numbers of processes and batch sizes), the first `limit` of them."""
+    found = [k for k in range(1, min(n, 65536) + 1) if n % k == 0]
     shown = ", ".join(map(str, found[:limit]))
-    return shown + (", ..." if len(found) > limit else "")
+    return shown + (", ..." if len(found) > limit or n > 65536 else "")
 
 
 def keep_global_batch(options: dict, saved_options: dict, state: dict, world_size: int, found: Path) -> dict:
@@ -661,7 +667,7 @@ def keep_global_batch(options: dict, saved_options: dict, state: dict, world_siz
     them. Raises TrainError, one line naming the sizes that work, when none does."""
     names = option_fields()
     size = options.get("batch_size", saved_options.get("batch_size", names["batch_size"].field.default))
-    rows = saved_global_batch(state, saved_options)
+    rows = saved_global_batch(state, saved_options, found)
     if "grad_accum" in options:
         if world_size * size * options["grad_accum"] == rows:
             return {"batch_size": size, "grad_accum": options["grad_accum"]}

@@ -41,7 +41,7 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     if saved is not None:
         RunState.check_saved(saved, resume_dir)
         rows = d.world_size * cfg.data.batch_size * cfg.data.grad_accum
-        saved_rows = saved_global_batch(saved, checkpoint.load_train_config(resume_dir))
+        saved_rows = saved_global_batch(saved, checkpoint.load_train_config(resume_dir), resume_dir)
         check_compatible(saved, resume_dir, d.world_size, cfg.model.fsdp, rows, saved_rows)
     check_schedule(cfg.optim, _horizon(cfg, saved))
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:

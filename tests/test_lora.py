@@ -335,6 +335,17 @@ def test_lora_trains_chat_and_preference_data_on_a_frozen_base(tmp_path, capsys)
     assert dpo_steps[4]["rewards/margins"] > 0 and dpo_steps[4]["loss"] < math.log(2)
 
 
+def test_the_lora_quick_start_is_the_chat_quick_start_with_adapters():
+    """sft-lora-quickstart and sft-quickstart differ in the adapters, their learning rate and where they write: the
+    same data, steps, batches and schedule, so their validation losses and memory compare."""
+    full, adapted = train.read_recipe("sft-quickstart"), train.read_recipe("sft-lora-quickstart")
+    assert {k for k in full.keys() | adapted.keys() if full.get(k) != adapted.get(k)} == {
+        "out_dir", "lr", "lora_rank", "optimizer_state",
+    }  # fmt: skip
+    cfg = train.TrainConfig.from_options(**adapted)
+    assert lora.LoraSpec.from_options(cfg.lora) == lora.LoraSpec(8, 16.0, 0.0, lora.TARGETS)
+
+
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     """DDP and LoRA: two ranks of 2 windows a step train the adapter one process trains on 4 (gradients of the
     adapter only are reduced; the frozen base has none)."""

@@ -460,7 +460,8 @@ def test_a_run_without_lora_never_imports_peft(tmp_path):
     code = (
         "import sys\n"
         "from smollm_ref import train, weights\n"
-        f"assert train.main({argv(tiny_options(tmp_path, max_steps=1, checkpoint_every=1))!r}) == 0\n"
+        # bf16-mixed: the step's choice (fast or reference) asks whether the model holds adapters
+        f"assert train.main({argv(tiny_options(tmp_path, max_steps=1, checkpoint_every=1, precision='bf16-mixed'))!r}) == 0\n"
         f"weights.from_pretrained({str(tmp_path / 'run')!r})\n"
         "assert 'peft' not in sys.modules, 'peft imported'\n"
     )

@@ -10,6 +10,9 @@
         manifest.json       SHA-256 of every file above (a folder's files as `optimizer/NAME`); written last,
                             so no manifest means no checkpoint
 
+A LoRA run's checkpoint holds its adapter in peft's format (adapter_config.json, adapter_model.safetensors) and a
+record of its base (lora_base.json) instead of model.safetensors: `smollm_ref.lora`.
+
 A checkpoint is written into a temporary directory, every file fsynced, the manifest last, then renamed
 into place: a crash leaves either the previous state or a complete checkpoint. On resume a checkpoint
 whose manifest is missing or whose files do not match it is skipped with a warning.
@@ -136,7 +139,8 @@ def verify(directory: Path) -> None:
         raise CheckpointError(
             f"checkpoint {directory}: {MANIFEST} 'files' is a {type(files).__name__}, not a mapping of file names to checksums"
         )
-    for name in ("config.json", "model.safetensors", STATE):
+    weights = "adapter_model.safetensors" if "adapter_config.json" in files else "model.safetensors"  # a LoRA run's: peft's files
+    for name in ("config.json", weights, STATE):
         if name not in files:
             raise CheckpointError(f"checkpoint {directory} lacks {name}")
     for name, entry in files.items():

@@ -299,7 +299,7 @@ def load_demo(
     among them, served with its step). `checkpoint` is the same as `model`, kept for `--checkpoint`; a
     directory given there that is no model is looked in for checkpoints. Raises DemoError saying why not."""
     from .tokenizer import TokenizerError, tokenizer_for
-    from .weights import from_directory, from_pretrained, resolve
+    from .weights import from_pretrained, load_checkpoint, resolve
 
     for name, value in (("model", model), ("checkpoint", checkpoint), ("tokenizer", tokenizer)):
         if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -320,7 +320,8 @@ def load_demo(
                 raise
             kind = "checkpoint"  # the checkpoint search says what this directory lacks
         if kind == "checkpoint":
-            path, lm = _load_checkpoint(source, lambda directory: from_directory(directory, dtype=dtype, device=device))
+            # a LoRA run's checkpoint: its base rebuilt, the adapter merged in
+            path, lm = _load_checkpoint(source, lambda directory: load_checkpoint(directory, dtype=dtype, device=device))
             source, step = str(path), step_of(path)
         else:
             lm = from_pretrained(source, dtype=dtype, device=device)

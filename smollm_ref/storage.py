@@ -218,6 +218,15 @@ def read_small_json(path: Path | str, what: str = "file", limit: int = SMALL_FIL
     return loads_json(read_small_text(path, what, limit), f"{what} {path}")
 
 
+def follow_umask(path: Path | str) -> None:
+    """Give `path` the mode the umask gives a new file. safetensors (0.8) writes a private temporary file (mode
+    0600) and renames it into place; every other file the package writes follows the umask, so whoever may read
+    the directory may read the weights too."""
+    umask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def cache_dir() -> Path:
     """Where downloads and derived files go: $SMOLLM_REF_CACHE, else ~/.cache/smollm_ref."""
     return Path(os.environ.get("SMOLLM_REF_CACHE", Path.home() / ".cache" / "smollm_ref"))

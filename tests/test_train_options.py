@@ -49,7 +49,7 @@ def test_every_option_lives_in_one_section_and_has_one_flag():
     """Issue 20: each component reads its own section (cfg.model, cfg.data, ...); the command line is generated
     from the sections' fields, one flag per field, and no option is read from the whole config."""
     sections = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
-    assert list(sections) == ["model", "data", "optim", "checkpoint", "log", "eval", "preference"]
+    assert list(sections) == ["model", "data", "optim", "checkpoint", "log", "eval", "preference", "lora"]
     owners = {}
     for section, kind in sections.items():
         for f in dataclasses.fields(kind):
@@ -403,7 +403,7 @@ def test_help_says_how_samples_are_drawn(capsys):
 
 def test_a_trailing_space_of_the_sample_prompt_is_dropped(tmp_path):
     """A BPE tokenizer puts a word's space in front of it: a prompt ending in one showed doubled spaces."""
-    for name in ("quickstart", "sft-quickstart", "original", "original-cosmopedia"):
+    for name in ("quickstart", "sft-quickstart", "sft-lora-quickstart", "original", "original-cosmopedia"):
         prompt = TrainConfig.from_options(**train.read_recipe(name)).log.sample_prompt
         assert prompt == prompt.rstrip(" \t"), name
     got = {}

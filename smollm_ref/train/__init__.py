@@ -7,9 +7,9 @@ load, metrics, samples, and DDP/FSDP2 under torchrun.
     torchrun --nproc_per_node 2 -m smollm_ref.train --recipe ... [--fsdp]
 
 One job per module, in the order data flows:
-    options       TrainConfig: seven sections of options, one per component that reads them (model, data, optim,
-                  checkpoint, log, eval, preference), every option with its help; the command line generated from
-                  them, recipes, what a resume inherits
+    options       TrainConfig: eight sections of options, one per component that reads them (model, data, optim,
+                  checkpoint, log, eval, preference, lora), every option with its help; the command line generated
+                  from them, recipes, what a resume inherits
     objectives    what a run optimises, chosen once from the data: text (next-token loss), chat (SFT) or
                   preference (DPO); each with its data, loss, validation and samples
     optim         the AdamW policy, the learning-rate schedule
@@ -39,6 +39,7 @@ from .options import (
     DataOptions,
     EvalOptions,
     LogOptions,
+    LoraOptions,
     ModelOptions,
     OptimOptions,
     PreferenceOptions,
@@ -60,6 +61,7 @@ __all__ = [
     "Diverged",
     "EvalOptions",
     "LogOptions",
+    "LoraOptions",
     "ModelOptions",
     "OptimOptions",
     "PreferenceObjective",

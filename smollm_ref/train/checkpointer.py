@@ -64,16 +64,19 @@ class Checkpointer:
         run_options: dict,
         objective_state=dict,
         rows: int,
+        adapter=None,
     ):
         """`options`: the run's `cfg.checkpoint`. Besides the model, a checkpoint holds `schedule` (the
         learning-rate schedule, `optim.schedule_record`), what `objective_state()` returns (the objective's
         `checkpoint_state`) and `rows`, the global batch (rows a step, all ranks), in its run state, and
         `run_options` (every option, flat: `TrainConfig.to_dict()`) as its train_config.json; `fsdp`: the model is
-        sharded (--fsdp), its state gathered and its optimizer state written in shards."""
+        sharded (--fsdp), its state gathered and its optimizer state written in shards; `adapter` (`lora.Adapter`):
+        a LoRA run's, saved in peft's format with its base's record in place of the model's weights."""
         self.root = checkpoint.checkpoints_root(run_dir)
         self.options, self.d, self.rows = options, d, rows
         self.fsdp, self.schedule, self.run_options, self.objective_state = fsdp, schedule, run_options, objective_state
         self.model, self.optimizer, self.scaler, self.tokenizer = model, optimizer, scaler, tokenizer
+        self.adapter = adapter
         self.last: Path | None = None
 
     def due(self, step: int, max_steps: int) -> bool:
@@ -122,7 +125,13 @@ class Checkpointer:
                 if self.fsdp:  # sharded: rebuild the whole model on CPU from the gathered state
                     cpu_model = LlamaForCausalLM(self.model.config)
                     load_into(cpu_model, model_state)
-                save_pretrained(cpu_model, tmp, self.tokenizer)
+                if self.adapter is not None:
+                    from .. import lora
+
+                    lora.save(cpu_model, self.adapter.spec, self.adapter.base, tmp)
+                    self.tokenizer.save_pretrained(tmp)
+                else:
+                    save_pretrained(cpu_model, tmp, self.tokenizer)
                 torch.save(trainer_state, tmp / checkpoint.STATE)
                 (tmp / checkpoint.TRAIN_CONFIG).write_text(json.dumps(self.run_options, indent=2) + "\n")
 
@@ -177,8 +186,9 @@ class Checkpointer:
         return path
 
     def bytes_needed(self) -> int:
-        """About what one checkpoint takes: float32 weights, and twice that again for AdamW's two moments."""
-        weights = sum(p.numel() * 4 for p in self.model.parameters())
+        """About what one checkpoint takes: float32 weights (LoRA: the adapter's), and twice that again for AdamW's
+        two moments."""
+        weights = sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad or self.adapter is None)
         return weights * 3 + 20_000_000  # + tokenizer files and run state
 
     def space_warning(self) -> str | None:

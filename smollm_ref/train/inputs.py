@@ -9,10 +9,19 @@ import os
 import shutil
 from pathlib import Path
 
-from .. import checkpoint, distributed, metrics_file, storage
+from .. import checkpoint, distributed, lora, metrics_file, storage
 from ..config import ModelConfig
 from ..storage import DirectoryLock, LockedError
-from .options import DEFAULT_MODEL, DEFAULT_TOKENIZER, CheckpointOptions, DataOptions, EvalOptions, ModelOptions, TrainError
+from .options import (
+    DEFAULT_MODEL,
+    DEFAULT_TOKENIZER,
+    CheckpointOptions,
+    DataOptions,
+    EvalOptions,
+    LoraOptions,
+    ModelOptions,
+    TrainError,
+)
 
 
 def check_out_dir(options: CheckpointOptions, resuming: bool, d: distributed.Dist) -> tuple[bool, DirectoryLock | None]:
@@ -113,6 +122,10 @@ def model_and_weights(options: ModelOptions, resume_dir: Path | None) -> tuple[M
             raise TrainError(
                 f"checkpoint {resume_dir} holds a model of another shape ({', '.join(diff[:3])}); pass the matching --model-config or another --resume"
             )
+        if lora.LoraSpec.read(resume_dir) is not None:  # a LoRA run's: its base, rebuilt and checked by digest
+            from ..weights import lora_base
+
+            return saved, dict(lora_base(resume_dir).state_dict())
         # sizes against memory, shapes against the safetensors header, before any tensor is read
         return saved, checkpoint.strip_compile_prefix(read_state_dict(resume_dir, saved))
     if options.init_from:
@@ -126,6 +139,48 @@ def model_and_weights(options: ModelOptions, resume_dir: Path | None) -> tuple[M
     # model + AdamW's two moments + gradients, float32: refused with its size before anything is allocated
     check_fits_memory(config, bytes_per_parameter=16)
     return config, None
+
+
+def lora_spec(options: LoraOptions, model: ModelOptions, resume_dir: Path | None) -> lora.LoraSpec | None:
+    """The run's LoRA adapters (None: every weight trains), refused in one line where they cannot run: under --fsdp,
+    on a new run without --init-from, or against a checkpoint that holds another adapter, or none; and LoRA options
+    given without --lora-rank."""
+    spec = lora.LoraSpec.from_options(options)
+    if spec is not None and model.fsdp:
+        raise TrainError(
+            "--lora-rank with --fsdp is not supported (FSDP2 sharding peft's adapter layers is untested); run LoRA under "
+            "torchrun without --fsdp (DDP), or train every weight with --fsdp"
+        )
+    if resume_dir is not None:
+        problem = lora.resume_problem(spec, resume_dir)
+        if problem is not None:
+            raise TrainError(problem)
+    if spec is None:
+        given = [f for f in dataclasses.fields(options)[1:] if getattr(options, f.name) != f.default]
+        if given:
+            value = getattr(options, given[0].name)
+            shown = f"{value:g}" if isinstance(value, float) else value
+            raise TrainError(
+                f"--{given[0].name.replace('_', '-')} {shown} needs --lora-rank: LoRA is off at --lora-rank 0; pass --lora-rank N"
+            )
+    elif resume_dir is None and not model.init_from:
+        raise TrainError(
+            "--lora-rank needs --init-from: LoRA adapts pretrained weights, and its checkpoints record where the base came "
+            "from instead of holding it; pass --init-from SOURCE, or leave out --lora-rank to train every weight"
+        )
+    return spec
+
+
+def lora_adapter(spec: lora.LoraSpec | None, model: ModelOptions, resume_dir: Path | None, weights: dict) -> lora.Adapter | None:
+    """The run's adapter: a resumed run's from its checkpoint (its base record and adapter weights), a new run's on
+    the --init-from `weights` (their source and digest recorded, peft's initialisation)."""
+    if spec is None:
+        return None
+    if resume_dir is not None:
+        return lora.Adapter(spec, lora.Base.read(resume_dir), lora.read_adapter(resume_dir))
+    from ..weights import local_path
+
+    return lora.Adapter(spec, lora.Base(model.init_from, local_path(model.init_from), lora.weights_digest(weights)))
 
 
 def load_tokenizer(options: ModelOptions, resume_dir: Path | None):

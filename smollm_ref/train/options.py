@@ -1,4 +1,4 @@
-"""The trainer's options: `TrainConfig`, seven sections of them, one per component that reads them (each
+"""The trainer's options: `TrainConfig`, eight sections of them, one per component that reads them (each
 field with its help text and valid values), the command line generated from the fields, recipe files, and
 what a resumed run inherits from its checkpoint.
 
@@ -9,6 +9,7 @@ what a resumed run inherits from its checkpoint.
     cfg.log         LogOptions          log lines, progress bar, WandB, samples
     cfg.eval        EvalOptions         validation and benchmarks
     cfg.preference  PreferenceOptions   preference tuning's loss (DPO, IPO, APO-zero) and its beta
+    cfg.lora        LoraOptions         LoRA through peft: rank, alpha, dropout, target linears
 
 Each option's name is unique across the sections: flags (--seq-len), recipe keys and a checkpoint's
 train_config.json name them flat (`TrainConfig.from_options`, `TrainConfig.to_dict`)."""
@@ -24,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import checkpoint, data, distributed, storage
+from .. import checkpoint, data, distributed, lora, storage
 from ..arguments import ArgumentParser, whole_number
 from ..configs import preset_names
 from ..evaluate.tasks import GROUPS, TASKS, TaskError, resolve_tasks
@@ -405,6 +406,44 @@ class PreferenceOptions:
         _check_fields(self)
 
 
+@dataclass(frozen=True)
+class LoraOptions:
+    """LoRA through peft (read by `smollm_ref.lora` and the run): the model's weights frozen, low-rank adapters on
+    the chosen linears trained, checkpoints holding the adapter in peft's format and a record of the base."""
+
+    lora_rank: int = _opt(
+        0,
+        "LoRA: train rank-N adapters (peft's LoRA) on the --lora-targets linears of every layer, the model's own weights "
+        "frozen; needs --init-from, the base a checkpoint records instead of holding it; 0: train every weight (default 0)",
+        low=0,
+    )
+    lora_alpha: float | None = _opt(
+        None,
+        "LoRA: the adapters' output is scaled by alpha / rank (default 2 x --lora-rank: a scale of 2 whatever the rank, "
+        "as litgpt's 16 for rank 8)",
+        low=0,
+        open_low=True,
+    )
+    lora_dropout: float = _opt(
+        0.0,
+        "LoRA: dropout probability on the adapters' input, in [0, 1) (default 0: no extra copy of each adapted linear's "
+        "input is kept for the backward pass)",
+        low=0,
+        high=1,
+        open_high=True,
+    )
+    lora_targets: str = _opt(
+        ",".join(lora.TARGETS),
+        f"LoRA: comma-separated linears to adapt in every decoder layer (default all of them: {','.join(lora.TARGETS)})",
+        "NAMES",
+        check=lora.targets_rule,
+    )
+
+    def __post_init__(self):
+        _check_fields(self)  # LoRA options without --lora-rank are refused by the run (`inputs.lora_spec`): a resume
+        # may give them before it inherits the run's rank
+
+
 def _section(kind: type, title: str):
     return field(default_factory=kind, metadata={"title": title})
 
@@ -412,9 +451,9 @@ def _section(kind: type, title: str):
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of a training run, in sections by the component that reads them: `cfg.model`, `cfg.data`,
-    `cfg.optim`, `cfg.checkpoint`, `cfg.log`, `cfg.eval`, `cfg.preference`. Each option's name is unique across the sections, so
-    the command line, recipe files and checkpoints' train_config.json name options flat: build one from flat
-    names with `TrainConfig.from_options(lr=..., seq_len=...)`, read them back with `to_dict()`."""
+    `cfg.optim`, `cfg.checkpoint`, `cfg.log`, `cfg.eval`, `cfg.preference`, `cfg.lora`. Each option's name is unique
+    across the sections, so the command line, recipe files and checkpoints' train_config.json name options flat: build
+    one from flat names with `TrainConfig.from_options(lr=..., seq_len=...)`, read them back with `to_dict()`."""
 
     model: ModelOptions = _section(ModelOptions, "model")
     data: DataOptions = _section(DataOptions, "data")
@@ -423,6 +462,7 @@ class TrainConfig:
     log: LogOptions = _section(LogOptions, "logging and samples")
     eval: EvalOptions = _section(EvalOptions, "evaluation")
     preference: PreferenceOptions = _section(PreferenceOptions, "preference tuning (--data-format preference)")
+    lora: LoraOptions = _section(LoraOptions, "LoRA (parameter-efficient fine-tuning through peft)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, data, distributed, metrics, metrics_file
+from .. import checkpoint, data, distributed, lora, metrics, metrics_file
 from ..model import LlamaForCausalLM
 from ..precision import autocast_context, resolve_precision
 from ..storage import DirectoryLock
@@ -44,9 +44,11 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
         saved_rows = saved_global_batch(saved, checkpoint.load_train_config(resume_dir), resume_dir)
         check_compatible(saved, resume_dir, d.world_size, cfg.model.fsdp, rows, saved_rows)
     check_schedule(cfg.optim, _horizon(cfg, saved))
+    lora_spec = inputs.lora_spec(cfg.lora, cfg.model, resume_dir)
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
         raise TrainError("--wandb needs the wandb package, which is not installed; pip install wandb, or pass --no-wandb")
     model_config, weights = inputs.model_and_weights(cfg.model, resume_dir)
+    adapter = inputs.lora_adapter(lora_spec, cfg.model, resume_dir, weights)
     if cfg.data.seq_len > model_config.max_position_embeddings:
         raise TrainError(
             f"--seq-len {cfg.data.seq_len} exceeds the model's {model_config.max_position_embeddings} positions; pass --seq-len <= {model_config.max_position_embeddings}"
@@ -69,7 +71,7 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
             "resumed at its position it would read other rows and could train on held-out ones; pass the run's own "
             f"--data (and --tokenizer), or start a new run with --init-from {resume_dir}"
         )
-    return saved, model_config, weights, tokenizer, objective, split, evaluator
+    return saved, model_config, weights, adapter, tokenizer, objective, split, evaluator
 
 
 def _horizon(cfg: TrainConfig, saved: dict | None) -> int:
@@ -121,6 +123,7 @@ class Run:
     why_not_fast: str | None = None  # why the step is the reference's (`step.fast_step_unsupported`), for the log
     prepared: str | None = None  # what the objective took from the initial model (`Objective.prepare`), for the log
     evaluator: Evaluator | None = None  # --eval-tasks: benchmark figures at each validation
+    adapter: lora.Adapter | None = None  # --lora-rank: the LoRA adapter trained on the frozen base
     bad_steps: int = 0
     last_loss: float | None = None
     last_val: float | None = None
@@ -148,7 +151,9 @@ class Run:
         try:
             if cfg.model.fsdp:
                 inputs.check_shared_run_dir(run_dir, d, device)
-            saved, model_config, weights, tokenizer, objective, split, evaluator = _read_inputs(cfg, resume_dir, d, device)
+            saved, model_config, weights, adapter, tokenizer, objective, split, evaluator = _read_inputs(
+                cfg, resume_dir, d, device
+            )
             if d.is_main:
                 for path in inputs.sweep_temporaries(run_dir):
                     say(f"removed {path}, left by a run that was killed while writing a checkpoint")
@@ -156,7 +161,7 @@ class Run:
                     inputs.clear_run_dir(run_dir)  # only now that every input has been checked
             distributed.barrier(d)
             run = cls._assemble(
-                cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, tokenizer, objective, split
+                cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, adapter, tokenizer, objective, split
             )
         except BaseException:
             if lock is not None:
@@ -171,7 +176,7 @@ class Run:
 
     @classmethod
     def _assemble(
-        cls, cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, tokenizer, objective, split
+        cls, cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, adapter, tokenizer, objective, split
     ) -> Run:
         torch.manual_seed(cfg.data.seed)
         if device.type == "cuda":
@@ -182,6 +187,8 @@ class Run:
 
             load_into(raw_model, weights)
         del weights
+        if adapter is not None:  # the base frozen, peft's adapters on it (a resumed run's with their weights)
+            lora.attach(raw_model, adapter.spec, adapter.state)
         raw_model.to(device).train()
         model = distributed.wrap(raw_model, d, cfg.model.fsdp, device)
         optimizer = make_optimizer(raw_model, cfg.optim, sharded=cfg.model.fsdp)
@@ -190,6 +197,7 @@ class Run:
             run_dir, cfg.checkpoint, d, raw_model, optimizer, scaler, tokenizer,
             fsdp=cfg.model.fsdp, schedule=schedule_record(cfg.optim), run_options=cfg.to_dict(),
             objective_state=objective.checkpoint_state, rows=d.world_size * cfg.data.batch_size * cfg.data.grad_accum,
+            adapter=adapter,
         )  # fmt: skip
         horizon = _horizon(cfg, saved)  # an extended run keeps the horizon it had
         state = checkpointer.restore(saved, horizon, resume_dir) if saved is not None else RunState(horizon=horizon)
@@ -225,14 +233,14 @@ class Run:
             fast_loss=fast.lm_loss if fast is not None else None, autocast=autocast, tokenizer=tokenizer,
             objective=objective, order=data.Order(len(token_data.train), cfg.data.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg.eval, cfg.data, d),
             state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, step_metrics=step_metrics, why_not_fast=why_not_fast,
-            prepared=prepared,
+            prepared=prepared, adapter=adapter,
         )  # fmt: skip
 
     def _describe(self, precision: str, model_config) -> None:
         cfg, d = self.cfg, self.d
         peak = self.step_metrics.peak
         peak = f"{peak / 1e12:g} TFLOP/s per device" if peak else "unknown for this device: no MFU"
-        for line in (self.objective.announce(), self.prepared):
+        for line in (self.objective.announce(), self.prepared, self._lora_line()):
             if line:
                 self.logger.say(line)
         data_line = self.objective.describe()
@@ -258,6 +266,16 @@ class Run:
             self.logger.say(
                 f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.tokens:,} tokens seen){layout}"
             )
+
+    def _lora_line(self) -> str | None:
+        if self.adapter is None:
+            return None
+        trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.raw_model.parameters())
+        return (
+            f"LoRA through peft: {self.adapter.spec.describe()}; {trainable:,} trainable parameters "
+            f"({100 * trainable / total:.2f}% of {total:,}), the base ({self.adapter.base.source}) frozen"
+        )
 
     def step_rows(self) -> list[int]:
         """The training rows the next step reads, all ranks, in their global order: the next `per_step` of the row

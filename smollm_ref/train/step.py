@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import lora
 from .objectives.text import lm_loss
 from .options import ModelOptions
 
@@ -31,7 +32,8 @@ def fast_step_unsupported(
     It reads the model's Parameters directly, so it cannot go through a DDP or FSDP wrapper (their gradient
     hooks would not fire): multi-process runs keep the reference model. Mixed precision only: there packing
     replaces autocast's per-op weight casts; in float32 it has no casts to save and its per-step weight
-    concatenation made a 4x128 CPU step ~9% slower than the reference's. And only where it computes the
+    concatenation made a 4x128 CPU step ~9% slower than the reference's. Not with LoRA adapters (peft's layers
+    around the linears, `smollm_ref.lora`), which its packed weights would skip. And only where it computes the
     reference's training function for this model (`smollm_ref.fast.unsupported`: no attention dropout), for
     an objective it can train (`objective`: the objective's `fast_step_unsupported`, None where it can)."""
     if not options.fast:
@@ -40,6 +42,8 @@ def fast_step_unsupported(
         return "fp32: the fast step only pays in mixed precision"
     if world_size > 1 or options.fsdp:
         return "several processes or FSDP: the fast step reads the Parameters past the wrapper's gradient hooks"
+    if lora.adapted(model):
+        return "LoRA: the fast step packs the linears' own weights and would leave out peft's adapters"
     if objective is not None:
         return objective
     from ..fast import unsupported

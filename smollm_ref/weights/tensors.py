@@ -1,7 +1,6 @@
 """State dicts in and out: a transformers directory's tensors (safetensors, sharded safetensors or
 pytorch_model.bin) read and checked against the config they are for and the free memory, loaded into a
-model (`load_into`: the one rule for tied embeddings; `from_directory`, and `load_model` for a verified
-checkpoint), and written back as transformers reads them (`save_pretrained`)."""
+model (`load_into`: the one rule for tied embeddings; `from_directory`), and written back as transformers reads them (`save_pretrained`)."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, storage
+from .. import storage
 from ..config import ModelConfig
 from ..model import LlamaForCausalLM
 from .sources import SourceError
@@ -158,12 +157,6 @@ def from_directory(
     return to_model(config, read_state_dict(Path(directory), config), dtype, device)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device=None) -> tuple[Path, LlamaForCausalLM]:
-    """(checkpoint directory, model) of the checkpoint `checkpoint.find(path)` picks: verified against its
-    manifest, then loaded with `from_directory`, retried once if pruned in between (`checkpoint.load_latest`)."""
-    return checkpoint.load_latest(path, lambda directory: from_directory(directory, dtype=dtype, device=device))
-
-
 def to_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype, device) -> LlamaForCausalLM:
     model = LlamaForCausalLM(config)
     load_into(model, state)
@@ -186,11 +179,7 @@ def save_pretrained(model: LlamaForCausalLM, directory: str | os.PathLike, token
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]  # safetensors refuses shared storage; transformers re-ties on load
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-    # safetensors (0.8) writes a private temporary file (mode 0600) and renames it into place: give the weights
-    # the umask's mode like every other file here, so whoever may read the directory may read them.
-    umask = os.umask(0o022)  # reading the umask means setting it; restored at once
-    os.umask(umask)
-    os.chmod(directory / "model.safetensors", 0o666 & ~umask)
+    storage.follow_umask(directory / "model.safetensors")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ... import distributed
+from ... import distributed, lora
 from ...data.preferences import CONVERSATIONS, PreferenceData, PreferenceRows, preference_data, preference_format
 from ...model import IGNORE_INDEX
 from ..options import DataOptions, LogOptions, PreferenceOptions, TrainError
@@ -89,6 +89,13 @@ class PairLoss:
         return float(sums[-2] / sums[-1])
 
 
+def as_reference(model):
+    """A context in which `model` computes DPO's reference, the initial model: with LoRA adapters, the frozen base
+    under them (`lora.adapters_disabled`: no copy of the model); otherwise `model` as it is, which before the first
+    step is the initial model."""
+    return lora.adapters_disabled(model)
+
+
 @torch.no_grad()
 def reference_logps(model, rows: PreferenceRows, batch_size: int, device, autocast, d: distributed.Dist) -> torch.Tensor:
     """(pairs, 2) float32 on the CPU: the summed log-probabilities of each pair's chosen and rejected response
@@ -110,7 +117,8 @@ def reference_logps(model, rows: PreferenceRows, batch_size: int, device, autoca
         return out
 
     if n:
-        in_eval_mode(model, run)
+        with as_reference(model):
+            in_eval_mode(model, run)
     # each pair was written by one rank, the others hold zeros there: the sum over ranks gathers them exactly
     return distributed.total(d, out).cpu()
 

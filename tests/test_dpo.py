@@ -388,3 +388,147 @@ def test_bad_records_are_one_line_naming_file_and_line_and_nothing_is_written(tm
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {data} line 3: ") and message in lines[0], err[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def live_and_precomputed(tok, data: str, reference_batch: int, beta: float):
+    """(precomputed, live) objectives prepared from the same initial model (`models()`'s reference): the first
+    with the reference's log-probabilities of the pairs scored in batches of `reference_batch`, the second with a
+    frozen copy of it."""
+    reference, _ = models()
+    out = []
+    for kind in ("precomputed", "live"):
+        options = DataOptions(data=data, seq_len=MAX_LENGTH, val_fraction=0.0, batch_size=reference_batch)
+        objective = PreferenceObjective(options, PreferenceOptions(beta=beta, reference=kind), tok)
+        objective.read(ONE, None, reference.config.vocab_size)
+        objective.prepare(copy.deepcopy(reference), "cpu", NO_AUTOCAST, ONE)
+        out.append(objective)
+    return out
+
+
+def objective_step(objective, policy, micro_indices) -> tuple[float, dict, list]:
+    model = copy.deepcopy(policy).train()
+    capture = GradientCapture(model.parameters())
+    micro = [objective.data.train.batch(indices) for indices in micro_indices]
+    step_loss = objective.step_loss(model, None, micro, ONE)
+    stats = train_step(model, micro, capture, grad_clip=0.0, loss_fn=step_loss.loss_fn, divide_by=step_loss.divide_by)
+    return float(stats.loss), step_loss.summary(), capture.grads
+
+
+@pytest.mark.parametrize("reference_batch, micro", [(2, [[0, 1], [2, 3]]), (1, [[0, 1, 2, 3]]), (4, [[1], [2], [0, 3]])])
+def test_a_live_reference_gives_the_step_of_the_precomputed_one(tok, tmp_path, reference_batch, micro):
+    """--reference live scores each micro-batch with a frozen copy of the initial model as it comes; precomputed
+    scored every pair once, before. The same step: loss, the METRICS and the gradients. Bit for bit when the
+    precomputed batches were the micro-batches (the same float32 operations on the same shapes). When they were
+    other batches, the reference's log-probabilities differ by the rounding of other padded widths, at most
+    LOGP = 4 T EPS ln V as in the property test, so a reward by beta LOGP, a margin by 2 beta LOGP, a sigmoid loss
+    by beta LOGP (its slope in the margin is at most beta / 2 per pair); each pair's gradient is its log-probability
+    gradients times beta sigmoid(-beta m), whose relative change is at most beta 2 LOGP, so a gradient may differ by
+    2 beta LOGP of the sum of the pairs' gradient magnitudes, bounded here by 2 beta LOGP x the pairs' count x the
+    largest gradient element. (Measured on CPU: rewards 1.9e-6 apart, losses 6.6e-7, gradients 3.2e-6 of the
+    largest element; the bound at T = 56 is 2.9e-4.)"""
+    data = str(write_jsonl(tmp_path / "p.jsonl", conversations(4)))
+    beta = 0.5
+    precomputed, live = live_and_precomputed(tok, data, reference_batch, beta)
+    assert live.data.train.reference is None and precomputed.data.train.reference is not None
+    _, policy = models()
+    a, b = objective_step(precomputed, policy, micro), objective_step(live, policy, micro)
+    if reference_batch == len(micro[0]):
+        assert a[0] == b[0] and a[1] == b[1]
+        assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    else:
+        ids = live.data.train.batch(range(4))[0]
+        logp = 4 * ids.shape[1] * EPS * math.log(policy.config.vocab_size)
+        assert abs(a[0] - b[0]) <= beta * logp
+        for name in METRICS:
+            allowed = 0.0 if name == "rewards/accuracies" else logp if name.startswith("logps") else 2 * beta * logp
+            assert abs(a[1][name] - b[1][name]) <= allowed, name
+        for x, y in zip(a[2], b[2]):
+            torch.testing.assert_close(y, x, rtol=0, atol=2 * beta * logp * 4 * float(x.abs().max()))
+    assert a[1]["rewards/margins"] > 0.1  # the policy was moved from the reference: a comparison that can fail
+
+
+def trainer_state(run_dir: Path) -> dict:
+    from smollm_ref import checkpoint
+
+    return checkpoint.load_state(checkpoint.find(str(run_dir)))
+
+
+def test_a_live_run_equals_a_precomputed_one_and_resumes_bit_for_bit(tmp_path, capsys):
+    """A run from scratch with --reference live gives the precomputed run's figures (within the rounding bound of the
+    step test: the precomputed reference saw other batches); killed after step 1 and resumed, it rebuilds its frozen
+    copy from the seed, checks its SHA-256 and continues bit for bit. Its checkpoints record the initial model (source
+    and SHA-256), not the copy's weights, nor log-probabilities."""
+    data = write_jsonl(tmp_path / "p.jsonl", conversations(12))
+    assert train.main(argv(preference_options(data, tmp_path / "precomputed"))) == 0
+    assert train.main(argv(preference_options(data, tmp_path / "live", reference="live"))) == 0
+    err = capsys.readouterr().err
+    assert "sigmoid loss, beta 0.2, live reference" in err
+    assert "live reference: a frozen copy of the initial model (copied from the initial model) scores each micro-batch" in err
+    assert train.main(argv(preference_options(data, tmp_path / "resumed", reference="live", max_steps=1))) == 0
+    assert train.main(["--resume", str(tmp_path / "resumed"), "--max-steps", "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err.split("resumed from")[0].split("\n")[-4:]
+    assert any("rebuilt from --seed 1337 (the run started from scratch), its SHA-256 the run's" in line for line in err), err
+    state = trainer_state(tmp_path / "resumed")
+    assert "reference_logps" not in state and set(state["initial_model"]) == {"init_from", "sha256"}
+    assert state["initial_model"]["init_from"] is None
+    precomputed, live, resumed = (records_of(tmp_path / name) for name in ("precomputed", "live", "resumed"))
+    step, val = ("loss", *METRICS), ("val_loss", *(f"val_{name}" for name in METRICS))
+    for n in (1, 2):
+        assert {k: live[n][k] for k in (*step, *val)} == {k: resumed[n][k] for k in (*step, *val)}  # bit for bit
+    logp = 4 * 64 * EPS * math.log(49152)
+    for n in (0, 1, 2):
+        for name in (*step, *val) if n else val:
+            bare = name.removeprefix("val_")
+            allowed = 0.0 if bare == "rewards/accuracies" else logp if bare.startswith("logps") else 2 * 0.2 * logp
+            assert abs(live[n][name] - precomputed[n][name]) <= allowed, (n, name)
+    assert live[2]["rewards/margins"] > 100 * logp  # it learned: the comparison can fail
+
+
+def test_a_live_run_from_init_from_rebuilds_its_source_and_refuses_one_that_changed(tmp_path, capsys):
+    """--init-from a model directory: the resumed live run rebuilds the frozen copy from it (bit for bit with the
+    straight run); once the directory holds other weights the resume is refused in one line, and so is changing
+    --reference on resume (the precomputed log-probabilities of the initial model are nowhere to be had)."""
+    from smollm_ref.weights import save_pretrained
+
+    data = write_jsonl(tmp_path / "p.jsonl", conversations(12))
+    initial, moved = models()
+    save_pretrained(initial, tmp_path / "initial")
+    opts = dict(model_config=None, init_from=str(tmp_path / "initial"), reference="live")
+    assert train.main(argv(preference_options(data, tmp_path / "straight", **opts))) == 0
+    assert train.main(argv(preference_options(data, tmp_path / "resumed", **opts, max_steps=1))) == 0
+    assert trainer_state(tmp_path / "resumed")["initial_model"]["init_from"] == str((tmp_path / "initial").resolve())
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "resumed"), "--max-steps", "2", "--no-progress", "--reference", "precomputed"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "--reference precomputed (the run's live) changes where the reference log-probabilities come from" in line
+    assert "\n" not in line
+    assert train.main(["--resume", str(tmp_path / "resumed"), "--max-steps", "2", "--no-progress"]) == 0
+    assert f"rebuilt from {(tmp_path / 'initial').resolve()}, its SHA-256 the run's" in capsys.readouterr().err
+    straight, resumed = records_of(tmp_path / "straight"), records_of(tmp_path / "resumed")
+    assert {k: straight[2][k] for k in ("loss", *METRICS)} == {k: resumed[2][k] for k in ("loss", *METRICS)}
+    save_pretrained(moved, tmp_path / "initial")  # the source now holds other weights
+    before = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert train.main(["--resume", str(tmp_path / "resumed"), "--max-steps", "3", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: --reference live scores against the run's initial model, rebuilt from "), lines
+    assert "its weights are no longer the ones the run started from (another SHA-256)" in lines[-1]
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == before
+
+
+def test_dropout_is_off_in_the_policy_as_trls_disable_dropout(tok, tmp_path):
+    """TRL's DPOConfig(disable_dropout=True), its default: with dropout in the config the policy, trained in training
+    mode, still scores as the reference (eval mode) does at the first step, so every sigmoid loss is ln 2 (within
+    the property test's rounding bound: the reference saw other batches), and the log says what was turned off."""
+    data = str(write_jsonl(tmp_path / "p.jsonl", conversations(4)))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig.from_name("smollm2-tiny").replace(attention_dropout=0.5))
+    options = DataOptions(data=data, seq_len=MAX_LENGTH, val_fraction=0.0, batch_size=1)
+    objective = PreferenceObjective(options, PreferenceOptions(beta=1.0), tok)
+    objective.read(ONE, None, model.config.vocab_size)
+    said = objective.prepare(model, "cpu", NO_AUTOCAST, ONE)
+    assert said.startswith("dropout off for preference tuning (TRL's DPOConfig disable_dropout=True): attention_dropout 0.5 in ")
+    model.train()
+    step_loss = objective.step_loss(model, None, [objective.data.train.batch(range(4))], ONE)
+    loss = float(step_loss.loss_fn(*objective.data.train.batch(range(4))).detach()) / step_loss.divide_by
+    ids = objective.data.train.batch(range(4))[0]
+    assert abs(loss - math.log(2)) <= 1.0 * 4 * ids.shape[1] * EPS * math.log(model.config.vocab_size) + EPS

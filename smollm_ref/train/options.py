@@ -63,6 +63,7 @@ FIXED_ON_RESUME = {
     "pack": "how conversations are laid into rows",
     "too_long": "which conversations are kept",
     "max_prompt_length": "how much of each prompt is kept, and so which tokens a pair trains on",
+    "reference": "where the reference log-probabilities come from (a run keeps the reference it started with)",
     "overfit_single_batch": "whether every step reads the first batch only",
 }
 INT64_MAX = 2**63 - 1
@@ -277,7 +278,7 @@ class CheckpointOptions:
         "the run goes on in the run directory holding that checkpoint unless --out-dir is given. Options not given "
         "come from the checkpoint's run; options that change the data a step reads (--seq-len, --batch-size, "
         "--grad-accum, --seed, --val-fraction, --data-tokens, --data-format, --text-field, --pack, --too-long, "
-        "--max-prompt-length, and "
+        "--max-prompt-length, --reference, and "
         "--data holding other tokens) are refused; every other option may change",
         "PATH|auto",
     )
@@ -393,6 +394,15 @@ class PreferenceOptions:
         "preference data: sigmoid (DPO), ipo (IPO, log-ratios averaged over each response's tokens, as TRL) or apo_zero "
         "(APO-zero: raise the chosen response's likelihood, lower the rejected one's) (default sigmoid)",
         choices=("sigmoid", "ipo", "apo_zero"),
+    )
+    reference: str = _opt(
+        "precomputed",
+        "preference data: how the reference (the initial model, frozen) is scored: precomputed (its log-probabilities of "
+        "every pair computed once before the first step and kept with the pairs and in checkpoints: a step holds one "
+        "model) or live (a frozen copy of the initial model scores each micro-batch: a second model in memory, no pass "
+        "over the whole data first; a resumed run rebuilds it from the run's --init-from and checks its SHA-256) "
+        "(default precomputed)",
+        choices=("precomputed", "live"),
     )
 
     def __post_init__(self):

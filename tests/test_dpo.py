@@ -498,11 +498,12 @@ def test_a_live_run_from_init_from_rebuilds_its_source_and_refuses_one_that_chan
     assert train.main(argv(preference_options(data, tmp_path / "resumed", **opts, max_steps=1))) == 0
     assert trainer_state(tmp_path / "resumed")["initial_model"]["init_from"] == str((tmp_path / "initial").resolve())
     capsys.readouterr()
-    assert train.main(["--resume", str(tmp_path / "resumed"), "--max-steps", "2", "--no-progress", "--reference", "precomputed"]) == 2
+    resume = ["--resume", str(tmp_path / "resumed"), "--max-steps", "2", "--no-progress"]
+    assert train.main([*resume, "--reference", "precomputed"]) == 2
     line = capsys.readouterr().err.strip()
     assert "--reference precomputed (the run's live) changes where the reference log-probabilities come from" in line
     assert "\n" not in line
-    assert train.main(["--resume", str(tmp_path / "resumed"), "--max-steps", "2", "--no-progress"]) == 0
+    assert train.main(resume) == 0
     assert f"rebuilt from {(tmp_path / 'initial').resolve()}, its SHA-256 the run's" in capsys.readouterr().err
     straight, resumed = records_of(tmp_path / "straight"), records_of(tmp_path / "resumed")
     assert {k: straight[2][k] for k in ("loss", *METRICS)} == {k: resumed[2][k] for k in ("loss", *METRICS)}

@@ -328,21 +328,25 @@ def test_a_preference_run_logs_trls_metrics_and_resumes_bit_for_bit(tmp_path, ca
     assert list(lines["rewards/margins (held out)"].get_xdata()) == [0, 1, 2]
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
-    """Two ranks of 2 pairs a step give one process's 4: the step's loss and metrics are means over all its pairs,
-    and the reference is computed by the two ranks, each its share of the batches, gathered."""
+@pytest.mark.parametrize("sharding, reference", [("ddp", "precomputed"), ("fsdp", "live")])
+def test_two_gloo_ranks_equal_one_process(tmp_path, sharding, reference):
+    """Two ranks of 2 pairs a step give one process's 4: the step's loss and metrics are means over all its pairs;
+    a precomputed reference is computed by the two ranks, each its share of the batches, gathered; a live one under
+    FSDP is a frozen copy sharded as the policy is, its forward gathering the shards on both ranks."""
     data = write_jsonl(tmp_path / "p.jsonl", conversations(12))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
-    common = preference_options(data, tmp_path / "x", grad_accum=1, checkpoint_every=2, sample_tokens=1)
+    common = preference_options(data, tmp_path / "x", grad_accum=1, checkpoint_every=2, sample_tokens=1, reference=reference)
     for name, batch_size, prefix in (
         ("one", 4, []),
         ("two", 2, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
     ):
-        opts = {**common, "out_dir": str(tmp_path / name), "batch_size": batch_size}
+        opts = {**common, "out_dir": str(tmp_path / name), "batch_size": batch_size, "fsdp": sharding == "fsdp" and name == "two"}
         done = subprocess.run(
             [sys.executable, *prefix, "-m", "smollm_ref.train", *argv(opts)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
+    if reference == "live":
+        assert "(copied from the initial model; sharded across 2 ranks as the policy is)" in done.stderr
     one, two = records_of(tmp_path / "one"), records_of(tmp_path / "two")
     # the reference's batches differ (4 pairs; 2 per rank), so its log-probabilities agree to the rounding bound of
     # the property test, LOGP = 4 T EPS ln V, and a loss, reward or margin to 4 beta LOGP; what is compared relatively

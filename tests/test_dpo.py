@@ -321,7 +321,9 @@ def test_a_preference_run_logs_trls_metrics_and_resumes_bit_for_bit(tmp_path, ca
     for n in (1, 2):
         assert {k: straight[n][k] for k in (*step, *val)} == {k: resumed[n][k] for k in (*step, *val)}  # bit for bit
     # the plot's fourth panel draws the rewards at each step and on the held-out pairs, at the logged values
-    panel = figure(tmp_path / "straight").axes[3]
+    axes = figure(tmp_path / "straight").axes
+    assert axes[0].get_ylabel() == "DPO loss (sigmoid), mean over pairs"  # not a cross-entropy per token
+    panel = axes[3]
     lines = {line.get_label(): line for line in panel.get_lines()}
     assert {"rewards/margins (train)", "rewards/margins (held out)", "rewards/chosen (train)"} <= set(lines)
     assert list(lines["rewards/margins (train)"].get_ydata()) == [straight[n]["rewards/margins"] for n in (1, 2)]

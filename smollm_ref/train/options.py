@@ -177,7 +177,8 @@ class DataOptions:
         "a glob, a .jsonl file, hf:PATH[:CONFIG][@SPLIT] (a Hub dataset or a local datasets folder, streamed), a "
         "token store written by python -m smollm_ref.data prepare, or chat data: stdlib-chat (questions on the standard "
         "library answered from its docs, no download), .jsonl or hf: records holding `messages`, or preference pairs: "
-        ".jsonl or hf: records holding `prompt`, `chosen` and `rejected`",
+        "stdlib-preferences (a question on the standard library, its documented answer preferred to another module's, no "
+        "download), .jsonl or hf: records holding `prompt`, `chosen` and `rejected`",
         "SPEC",
         check=_not_empty,
     )

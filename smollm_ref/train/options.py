@@ -8,7 +8,7 @@ what a resumed run inherits from its checkpoint.
     cfg.checkpoint  CheckpointOptions   run directory, resume, checkpoint cadence and policy
     cfg.log         LogOptions          log lines, progress bar, WandB, samples
     cfg.eval        EvalOptions         validation and benchmarks
-    cfg.preference  PreferenceOptions   preference tuning's loss (DPO, IPO, APO-zero) and its beta
+    cfg.preference  PreferenceOptions   preference tuning's loss (DPO, IPO, APO-zero), its beta and its reference
 
 Each option's name is unique across the sections: flags (--seq-len), recipe keys and a checkpoint's
 train_config.json name them flat (`TrainConfig.from_options`, `TrainConfig.to_dict`)."""
@@ -380,7 +380,7 @@ class EvalOptions:
 @dataclass(frozen=True)
 class PreferenceOptions:
     """Preference tuning's loss (read by the preference objective, `--data-format preference`): TRL's DPOTrainer
-    losses of the same names, against the initial model as the reference."""
+    losses of the same names, against the initial model as the reference, precomputed or live."""
 
     beta: float = _opt(
         0.1,

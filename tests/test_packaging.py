@@ -80,7 +80,15 @@ print(json.dumps({"file": smollm_ref.__file__, "presets": configs.preset_names()
     venv = installed.parent.parent
     assert Path(out["file"]).is_relative_to(venv) and Path(out["recipe"]).is_relative_to(venv)
     assert out["presets"] == ["smollm2-1.7b", "smollm2-135m", "smollm2-360m", "smollm2-tiny"]
-    assert out["recipes"] == ["original", "original-cosmopedia", "quickstart", "sft-lora-quickstart", "sft-quickstart"]
+    assert out["recipes"] == [
+        "dpo-quickstart",
+        "dpo-smol",
+        "original",
+        "original-cosmopedia",
+        "quickstart",
+        "sft-lora-quickstart",
+        "sft-quickstart",
+    ]
     assert out["shape"] == [576, 30, 9, 3, 1536, 49152] and out["params"] == 134_515_008
 
 

@@ -230,6 +230,7 @@ CHANGED_ON_RESUME = {
     "pack": False,
     "too_long": "drop",
     "max_prompt_length": 8,
+    "reference": "live",
     "overfit_single_batch": True,
 }
 

@@ -2,10 +2,11 @@
 processes, into memory-mapped shards) -> windows read in a seeded order.
 
     sources   data specs (stdlib, files, .jsonl, hf:PATH[:CONFIG][@SPLIT], a prepared store), streamed;
-              chat records (stdlib-chat, .jsonl or hf: with `messages`)
+              chat records (stdlib-chat, .jsonl or hf: with `messages`), preference records (stdlib-preferences, ...)
     conversations  chat data for fine-tuning: encoded, held out, packed into rows
     preferences    preference pairs (prompt, chosen, rejected) for DPO: encoded and cut as TRL does, held out
     stdlib_chat    the embedded chat set
+    stdlib_preferences  the embedded preference set (built on the chat set's questions)
     store     token stores: their format, `Store` (opened, verified, memory-mapped)
     tokenise  `prepare` a token store (parallel, bounded memory, resumable), the trainer's cache
     batches   the validation split, windows of seq_len + 1 tokens, their order
@@ -19,6 +20,7 @@ from .sources import (
     CHAT_DATA,
     DEFAULT_DATA,
     FORMAT_VERSION,
+    PREFERENCE_DATA,
     DataError,
     HFSpec,
     iter_documents,
@@ -37,6 +39,7 @@ __all__ = [
     "DEFAULT_DATA",
     "DEFAULT_SHARD_TOKENS",
     "FORMAT_VERSION",
+    "PREFERENCE_DATA",
     "DataError",
     "HFSpec",
     "Order",

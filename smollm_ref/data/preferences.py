@@ -35,7 +35,17 @@ import torch
 from ..model import IGNORE_INDEX
 from ..storage import shown
 from .chat import ROLES, TOOL_KEYS
-from .sources import CHAT_DATA, DEFAULT_DATA, JSONL_SUFFIXES, DataError, iter_records, json_kind, located_records, source_key
+from .sources import (
+    CHAT_DATA,
+    DEFAULT_DATA,
+    JSONL_SUFFIXES,
+    PREFERENCE_DATA,
+    DataError,
+    iter_records,
+    json_kind,
+    located_records,
+    source_key,
+)
 from .store import tokenizer_fingerprint
 
 STRINGS, CONVERSATIONS = "strings", "conversations"
@@ -52,11 +62,15 @@ class Pair(NamedTuple):
 
 
 def _readable(spec: str) -> bool:
-    return spec.startswith("hf:") or (Path(spec).expanduser().is_file() and Path(spec).suffix in JSONL_SUFFIXES)
+    return (
+        spec == PREFERENCE_DATA
+        or spec.startswith("hf:")
+        or (Path(spec).expanduser().is_file() and Path(spec).suffix in JSONL_SUFFIXES)
+    )
 
 
 def preference_format(spec: str) -> str | None:
-    """STRINGS or CONVERSATIONS when the first record of `spec` (a .jsonl file or hf:...) holds `chosen` and
+    """STRINGS or CONVERSATIONS when the first record of `spec` (`stdlib-preferences`, a .jsonl file or hf:...) holds `chosen` and
     `rejected`, as TRL tells its formats apart (by the first record); None for anything else."""
     if spec in (DEFAULT_DATA, CHAT_DATA) or not _readable(spec):
         return None
@@ -249,13 +263,13 @@ class PreferenceData:
 def preference_data(
     spec: str, tokenizer, max_length: int, val_fraction: float, max_prompt_length: int | None = None
 ) -> PreferenceData:
-    """Every pair of `spec` (a .jsonl file or hf:...) encoded (`encode`) and cut (`cut`), the last
+    """Every pair of `spec` (`stdlib-preferences`, a .jsonl file or hf:...) encoded (`encode`) and cut (`cut`), the last
     `val_fraction` of them held out (at least one when there are two or more). A bad record is an error naming
     it (file and line for .jsonl); so is a spec that holds no pair, or records of both formats."""
     if not _readable(spec):
         raise DataError(
-            f'preference data {spec} must be a .jsonl file of {{"prompt", "chosen", "rejected"}} records, or hf:PATH with '
-            "those columns"
+            f'preference data {spec} must be a .jsonl file of {{"prompt", "chosen", "rejected"}} records, hf:PATH with '
+            f"those columns, or {PREFERENCE_DATA}"
         )
     pairs, counts, first = [], {"prompt_cut": 0, "response_cut": 0}, None
     for where, record in located_records(spec):

@@ -15,8 +15,8 @@ A data *spec* is one of:
   - a directory written by `python -m smollm_ref.data prepare` (a token store; see `store.py`).
 
 `source_key` identifies a spec's content without reading it (file names, sizes and modification times;
-a Hub id by name), so every rank agrees on the token store without streaming the corpus. Chat specs
-(`stdlib-chat`, a .jsonl file or hf:...) are read as records instead (`iter_records`).
+a Hub id by name), so every rank agrees on the token store without streaming the corpus. Chat and preference
+specs (`stdlib-chat`, `stdlib-preferences`, a .jsonl file or hf:...) are read as records instead (`iter_records`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .. import storage
 FORMAT_VERSION = 1  # bump when the document layout changes, so old caches are not reused
 DEFAULT_DATA = "stdlib"
 CHAT_DATA = "stdlib-chat"  # the embedded chat set (questions on the standard library answered from its docs)
+PREFERENCE_DATA = "stdlib-preferences"  # the embedded preference set (a question's documented answer over another's)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 CODE_SUFFIXES = frozenset(".py .pyi .c .h .cc .cpp .hpp .rs .go .java .js .ts .rb .sh .lua .jl .swift .kt .scala .sql".split())
 
@@ -274,7 +275,7 @@ def source_key(spec: str, text_field: str = "text") -> str:
     names, sizes and modification times; for the standard library the Python that ships it; for a Hub
     dataset its name, configuration, split and field."""
     h = hashlib.sha256(f"smollm_ref-docs-v{FORMAT_VERSION}\0{spec}\0{text_field}\0".encode())
-    if spec in (DEFAULT_DATA, CHAT_DATA):
+    if spec in (DEFAULT_DATA, CHAT_DATA, PREFERENCE_DATA):
         h.update(f"{sys.version}\0{sysconfig.get_paths()['stdlib']}".encode())
         return h.hexdigest()[:32]
     if spec.startswith("hf:"):
@@ -293,20 +294,22 @@ def source_key(spec: str, text_field: str = "text") -> str:
 
 
 def iter_records(spec: str) -> Iterator[object]:
-    """The raw records of a chat spec: `stdlib-chat`, a .jsonl file, or hf:... (each should be an object
-    holding `messages`; one that is not is passed on as it is, for `chat.messages_of` to refuse)."""
+    """The raw records of a chat or preference spec: `stdlib-chat`, `stdlib-preferences`, a .jsonl file, or hf:...
+    (for chat each should be an object holding `messages`; one that is not is passed on as it is, for
+    `chat.messages_of` to refuse)."""
     for _, record in located_records(spec):
         yield record
 
 
 def located_records(spec: str) -> Iterator[tuple[str, object]]:
     """`iter_records` with where each record is, for messages: `PATH line N` for a .jsonl file,
-    `dataset SPEC record N` for hf:..., `stdlib-chat record N`."""
-    if spec == CHAT_DATA:
-        from .stdlib_chat import records
+    `dataset SPEC record N` for hf:..., `stdlib-chat record N` (`stdlib-preferences record N`)."""
+    if spec in (CHAT_DATA, PREFERENCE_DATA):
+        from . import stdlib_chat, stdlib_preferences
 
-        for number, record in enumerate(records(), 1):
-            yield f"{CHAT_DATA} record {number}", record
+        embedded = stdlib_chat if spec == CHAT_DATA else stdlib_preferences
+        for number, record in enumerate(embedded.records(), 1):
+            yield f"{spec} record {number}", record
         return
     if spec.startswith("hf:"):
         hf = HFSpec.parse(spec)

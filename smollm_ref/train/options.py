@@ -8,7 +8,7 @@ what a resumed run inherits from its checkpoint.
     cfg.checkpoint  CheckpointOptions   run directory, resume, checkpoint cadence and policy
     cfg.log         LogOptions          log lines, progress bar, WandB, samples
     cfg.eval        EvalOptions         validation and benchmarks
-    cfg.preference  PreferenceOptions   preference tuning's loss (DPO, IPO, APO-zero) and its beta
+    cfg.preference  PreferenceOptions   preference tuning's loss (DPO, IPO, APO-zero), its beta and its reference
     cfg.lora        LoraOptions         LoRA through peft: rank, alpha, dropout, target linears
 
 Each option's name is unique across the sections: flags (--seq-len), recipe keys and a checkpoint's
@@ -64,6 +64,7 @@ FIXED_ON_RESUME = {
     "pack": "how conversations are laid into rows",
     "too_long": "which conversations are kept",
     "max_prompt_length": "how much of each prompt is kept, and so which tokens a pair trains on",
+    "reference": "where the reference log-probabilities come from (a run keeps the reference it started with)",
     "overfit_single_batch": "whether every step reads the first batch only",
 }
 INT64_MAX = 2**63 - 1
@@ -177,7 +178,8 @@ class DataOptions:
         "a glob, a .jsonl file, hf:PATH[:CONFIG][@SPLIT] (a Hub dataset or a local datasets folder, streamed), a "
         "token store written by python -m smollm_ref.data prepare, or chat data: stdlib-chat (questions on the standard "
         "library answered from its docs, no download), .jsonl or hf: records holding `messages`, or preference pairs: "
-        ".jsonl or hf: records holding `prompt`, `chosen` and `rejected`",
+        "stdlib-preferences (a question on the standard library, its documented answer preferred to another module's, no "
+        "download), .jsonl or hf: records holding `prompt`, `chosen` and `rejected`",
         "SPEC",
         check=_not_empty,
     )
@@ -277,7 +279,7 @@ class CheckpointOptions:
         "continue from a checkpoint directory, a run directory, or 'auto' (the latest in --out-dir, if any); "
         "the run goes on in the run directory holding that checkpoint unless --out-dir is given. Options not given "
         "come from the checkpoint's run; options that change the data a step reads (--seq-len, --seed, --val-fraction, "
-        "--data-tokens, --data-format, --text-field, --pack, --too-long, --max-prompt-length, and --data holding "
+        "--data-tokens, --data-format, --text-field, --pack, --too-long, --max-prompt-length, --reference, and --data holding "
         "other tokens) are refused; on another number of processes --grad-accum follows to keep the global batch "
         "(processes x --batch-size x --grad-accum; --batch-size may change too); every other option may change",
         "PATH|auto",
@@ -385,7 +387,7 @@ class EvalOptions:
 @dataclass(frozen=True)
 class PreferenceOptions:
     """Preference tuning's loss (read by the preference objective, `--data-format preference`): TRL's DPOTrainer
-    losses of the same names, against the initial model as the reference."""
+    losses of the same names, against the initial model as the reference, precomputed or live."""
 
     beta: float = _opt(
         0.1,
@@ -400,6 +402,15 @@ class PreferenceOptions:
         "preference data: sigmoid (DPO), ipo (IPO, log-ratios averaged over each response's tokens, as TRL) or apo_zero "
         "(APO-zero: raise the chosen response's likelihood, lower the rejected one's) (default sigmoid)",
         choices=("sigmoid", "ipo", "apo_zero"),
+    )
+    reference: str = _opt(
+        "precomputed",
+        "preference data: how the reference (the initial model, frozen) is scored: precomputed (its log-probabilities of "
+        "every pair computed once before the first step and kept with the pairs and in checkpoints: a step holds one "
+        "model) or live (a frozen copy of the initial model scores each micro-batch: a second model in memory, no pass "
+        "over the whole data first; a resumed run rebuilds it from the run's --init-from and checks its SHA-256) "
+        "(default precomputed)",
+        choices=("precomputed", "live"),
     )
 
     def __post_init__(self):

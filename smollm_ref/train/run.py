@@ -57,7 +57,12 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     tokenizer = inputs.load_tokenizer(cfg.model, resume_dir)
     model_config.check_vocab(len(tokenizer))
     objective = objectives.choose(
-        cfg.data, tokenizer, max_steps=cfg.optim.max_steps, progress=cfg.log.progress, preference=cfg.preference
+        cfg.data,
+        tokenizer,
+        max_steps=cfg.optim.max_steps,
+        progress=cfg.log.progress,
+        preference=cfg.preference,
+        init_from=cfg.model.init_from,
     )
     # read once, before the data
     evaluator = Evaluator.build(cfg.eval, tokenizer, model_config.max_position_embeddings, objective.chat_template)

@@ -31,17 +31,24 @@ __all__ = [
 
 
 def choose(
-    options: DataOptions, tokenizer, *, max_steps: int, progress: bool, preference: PreferenceOptions | None = None
+    options: DataOptions,
+    tokenizer,
+    *,
+    max_steps: int,
+    progress: bool,
+    preference: PreferenceOptions | None = None,
+    init_from: str | None = None,
 ) -> Objective:
     """The objective of --data-format (`options`: the run's `cfg.data`): preference for records of `chosen` and
     `rejected`, chat for records of `messages` (auto: the first the data holds), else text. `max_steps`
     (--max-steps) sizes what a streamed text corpus reads; `progress` shows a bar while text data is prepared;
-    `preference` (the run's `cfg.preference`) is the preference objective's loss."""
+    `preference` (the run's `cfg.preference`) is the preference objective's loss and reference; `init_from` (the run's
+    --init-from) is what a live reference is rebuilt from on resume."""
     kind = options.data_format
     if kind == "auto":
         kind = "preference" if preference_format(options.data) else "chat" if data.looks_like_chat(options.data) else "text"
     if kind == "preference":
-        return PreferenceObjective(options, preference or PreferenceOptions(), tokenizer)
+        return PreferenceObjective(options, preference or PreferenceOptions(), tokenizer, init_from)
     if kind == "chat":
         return ChatObjective(options, tokenizer)
     return TextObjective(options, tokenizer, max_steps=max_steps, progress=progress)

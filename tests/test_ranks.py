@@ -297,6 +297,41 @@ def test_the_sizes_that_keep_the_global_batch():
             saved_global_batch(bad, run, found)
 
 
+def test_a_batch_size_that_divides_nothing_is_named_as_the_thing_to_change():
+    """--batch-size 3 on 3 processes: no number of processes keeps 8 rows a step with it, so the hint names the
+    --batch-size values that work, not the processes alone."""
+    run, state = {"batch_size": 2, "grad_accum": 2}, {"world_size": 2, "global_batch": 8}
+    with pytest.raises(train.TrainError) as refused:
+        keep_global_batch({"batch_size": 3}, run, state, 3, Path("RUN"))
+    message = str(refused.value)
+    assert "neither --batch-size 3 nor 3 process(es) divide 8: pass a --batch-size that divides 8 (1, 2, 4, 8)" in message
+    assert "the run's --batch-size 2 on 1, 2, 4" in message and "on a number of processes that divides 8 /" in message
+
+
+def test_an_overfitting_run_keeps_its_batch_size(tmp_path, capsys):
+    """--overfit-single-batch trains every micro-batch on the first --batch-size rows: another --batch-size is other
+    rows, so a resume may change the processes (--grad-accum follows) but not --batch-size; through the command line
+    and the run's API, before anything is written."""
+    run, state = {"batch_size": 2, "grad_accum": 2, "overfit_single_batch": True}, {"world_size": 2, "global_batch": 8}
+    assert keep_global_batch({}, run, state, 4, Path("RUN")) == {"batch_size": 2, "grad_accum": 1}
+    with pytest.raises(train.TrainError, match=r"--overfit-single-batch on the first --batch-size 2 rows .*\(on 1, 2, 4 process"):
+        keep_global_batch({"batch_size": 1}, run, state, 4, Path("RUN"))
+    with pytest.raises(train.TrainError) as refused:  # the sizes offered keep --batch-size 2
+        keep_global_batch({}, run, state, 8, Path("RUN"))
+    assert str(refused.value).endswith("resume on 1, 2, 4 process(es) with --batch-size 2 (--grad-accum follows)")
+    overfit = opts(tmp_path, out_dir=str(tmp_path / "run"), overfit_single_batch=True, max_steps=2, batch_digest=False)
+    assert train.main(argv(overfit)) == 0
+    two = tmp_path / "run" / "checkpoints" / "step_000002"
+    capsys.readouterr()
+    assert train.main(["--resume", str(two), "--out-dir", str(tmp_path / "other"), "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size 4 would train on other rows" in err[0], err
+    cfg, found = train.resolve_config({"resume": str(two), "out_dir": str(tmp_path / "api")}, world_size=1)
+    with pytest.raises(train.TrainError, match="--batch-size 4 would train on other rows"):
+        train.train(cfg.replace(batch_size=4, grad_accum=1), found)
+    assert not (tmp_path / "other").exists() and not (tmp_path / "api").exists()
+
+
 class _Payload:
     def __init__(self, marker: Path):
         self.marker = marker

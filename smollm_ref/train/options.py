@@ -73,6 +73,13 @@ class TrainError(ValueError):
     """Bad input to the trainer; the message says what is wrong and what to do."""
 
 
+class SharedRefusal(TrainError):
+    """A refusal that every process of a node reaches alike, so that each node's first process alone prints it
+    (`cli.main`): found from the command line and a checkpoint's recorded run (which every process reads the same),
+    or from values the ranks exchanged. A refusal that may be one rank's own (its files, its device) is a plain
+    TrainError, printed by every process that meets it."""
+
+
 def _opt(
     default,
     help: str,
@@ -699,15 +706,34 @@ def _divisors(n: int, limit: int = 12) -> str:
     return shown + (", ..." if len(found) > limit or n > 65536 else "")
 
 
+def check_overfit_batch(overfit: bool, batch_size: int, saved_options: dict, rows: int, found: Path) -> None:
+    """With --overfit-single-batch every micro-batch reads the first --batch-size rows of the order, so the rows a
+    run overfits are its --batch-size's: a resume keeps it (on any number of processes that keeps the global batch
+    of `rows`). Raises SharedRefusal, one line, for another `batch_size` than the run's (`saved_options`)."""
+    saved = saved_options.get("batch_size", option_fields()["batch_size"].field.default)
+    if overfit and batch_size != saved:
+        where = f"on {_divisors(rows // saved)} process(es), " if rows % saved == 0 else ""
+        raise SharedRefusal(
+            f"cannot resume {found} with --batch-size {batch_size}: the run trains with --overfit-single-batch on the "
+            f"first --batch-size {saved} rows at every micro-batch, and --batch-size {batch_size} would train on other "
+            f"rows; resume with its --batch-size {saved} ({where}--grad-accum follows), or start a new run with "
+            f"--init-from {found}"
+        )
+
+
 def keep_global_batch(options: dict, saved_options: dict, state: dict, world_size: int, found: Path) -> dict:
     """{batch_size, grad_accum} of a resume on `world_size` processes that reads the rows the run would have read:
     its global batch (`saved_global_batch` of `state` and `saved_options`) kept, --batch-size as given in `options`
-    (else the run's), --grad-accum as given (else the one that keeps it). The data order is a function of the seed
-    and the position alone, so the same global batch is the same rows at every step, however many processes read
-    them. Raises TrainError, one line naming the sizes that work, when none does."""
+    (else the run's; with --overfit-single-batch, only the run's: `check_overfit_batch`), --grad-accum as given
+    (else the one that keeps it). The data order is a function of the seed and the position alone, so the same
+    global batch is the same rows at every step, however many processes read them. Raises SharedRefusal, one line
+    naming the sizes that work, when none does."""
     names = option_fields()
-    size = options.get("batch_size", saved_options.get("batch_size", names["batch_size"].field.default))
+    saved_size = saved_options.get("batch_size", names["batch_size"].field.default)
+    size = options.get("batch_size", saved_size)
     rows = saved_global_batch(state, saved_options, found)
+    overfit = options.get("overfit_single_batch", saved_options.get("overfit_single_batch", False))
+    check_overfit_batch(overfit, size, saved_options, rows, found)
     if "grad_accum" in options:
         if world_size * size * options["grad_accum"] == rows:
             return {"batch_size": size, "grad_accum": options["grad_accum"]}
@@ -720,9 +746,17 @@ def keep_global_batch(options: dict, saved_options: dict, state: dict, world_siz
     else:
         problem = f"{rows} is not a multiple of {world_size} process(es) x --batch-size {size}"
     ways = [f"on {_divisors(rows // size)} process(es) with --batch-size {size}"] if rows % size == 0 else []
-    ways += [f"on {world_size} process(es) with --batch-size {_divisors(rows // world_size)}"] if rows % world_size == 0 else []
-    hint = "resume " + (" or ".join(ways) or f"on a number of processes that divides {rows}")
-    raise TrainError(
+    if rows % world_size == 0 and not overfit:  # an overfitting run keeps its --batch-size
+        ways += [f"on {world_size} process(es) with --batch-size {_divisors(rows // world_size)}"]
+    if ways:
+        hint = "resume " + " or ".join(ways)
+    else:  # neither divides the global batch: --batch-size must change, and the processes with it
+        example = f" (the run's --batch-size {saved_size} on {_divisors(rows // saved_size)})" if rows % saved_size == 0 else ""
+        hint = (
+            f"neither --batch-size {size} nor {world_size} process(es) divide {rows}: pass a --batch-size that divides "
+            f"{rows} ({_divisors(rows)}) and resume on a number of processes that divides {rows} / --batch-size{example}"
+        )
+    raise SharedRefusal(
         f"cannot resume {found} with its global batch of {rows} rows a step ({state.get('world_size', 1)} process(es) x "
         f"--batch-size {saved_options.get('batch_size')} x --grad-accum {saved_options.get('grad_accum')}) on {world_size} "
         f"process(es): {problem}; {hint} (--grad-accum follows)"
@@ -765,7 +799,7 @@ def _check_unchanged(options: dict, saved: dict, found: Path) -> None:
         if name in options and name in saved and options[name] != saved[name]
     ]
     if changed:
-        raise TrainError(
+        raise SharedRefusal(
             f"cannot resume {found} exactly: {'; '.join(changed)}; drop these options to continue the run, or start a "
             f"new run from the checkpoint with --init-from {found}"
         )

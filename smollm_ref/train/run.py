@@ -23,7 +23,7 @@ from .logger import NullLogger, RunLogger, say
 from .objectives import Objective
 from .objectives.base import rows_digest
 from .optim import check_schedule, lr_at, make_optimizer, schedule_record
-from .options import LogOptions, TrainConfig, TrainError, saved_global_batch
+from .options import LogOptions, TrainConfig, TrainError, check_overfit_batch, saved_global_batch
 from .samples import Sampling, sample_seed
 from .state import RunState
 from .step import StepStats, fast_forward, train_step
@@ -40,9 +40,11 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
     if saved is not None:
         RunState.check_saved(saved, resume_dir)
+        saved_options = checkpoint.load_train_config(resume_dir)
         rows = d.world_size * cfg.data.batch_size * cfg.data.grad_accum
-        saved_rows = saved_global_batch(saved, checkpoint.load_train_config(resume_dir), resume_dir)
+        saved_rows = saved_global_batch(saved, saved_options, resume_dir)
         check_compatible(saved, resume_dir, d.world_size, cfg.model.fsdp, rows, saved_rows)
+        check_overfit_batch(cfg.data.overfit_single_batch, cfg.data.batch_size, saved_options, saved_rows, resume_dir)
     check_schedule(cfg.optim, _horizon(cfg, saved))
     lora_spec = inputs.lora_spec(cfg.lora, cfg.model, resume_dir)
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
@@ -280,8 +282,9 @@ class Run:
     def step_rows(self) -> list[int]:
         """The training rows the next step reads, all ranks, in their global order: the next `per_step` of the row
         order (a function of --seed and the run's position alone), or with --overfit-single-batch the first
-        --batch-size rows for every micro-batch. Micro-batch m of rank r is slice m x ranks + r of --batch-size
-        rows, so a step reads the same rows on any number of processes that keeps the global batch."""
+        --batch-size rows for every micro-batch (a resume keeps the run's --batch-size: `check_overfit_batch`).
+        Micro-batch m of rank r is slice m x ranks + r of --batch-size rows, so a step reads the same rows on any
+        number of processes that keeps the global batch."""
         options = self.cfg.data
         if options.overfit_single_batch:
             return self.order.indices(0, options.batch_size) * (self.per_step // options.batch_size)

@@ -35,7 +35,7 @@ def env(**changes) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **changes}
 
 
-def torchrun(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(n: int, args: list[str], cwd: Path, code: int = 0) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -47,7 +47,7 @@ def torchrun(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         "smollm_ref.train",
     ]
     done = subprocess.run([*command, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == (code == 0), done.stderr[-3000:]
     return done
 
 
@@ -277,6 +277,16 @@ def test_a_world_size_that_cannot_keep_the_global_batch_is_refused_before_anythi
     with pytest.raises(train.TrainError, match="trains 8 rows a step, this run 4"):
         train.train(cfg.replace(grad_accum=2), found)
     assert not (tmp_path / "api").exists() and _tree(ddp_two) == before
+
+
+def test_under_torchrun_a_refusal_every_process_meets_is_printed_once(ddp_two, tmp_path):
+    """Both processes refuse --batch-size 3 (2 x 3 does not divide 8 rows a step) from the same command line and
+    checkpoint: the node's first process alone prints it."""
+    six = ddp_two / "checkpoints" / "step_000006"
+    done = torchrun(2, ["--resume", str(six), "--out-dir", str(tmp_path / "run"), "--batch-size", "3"], tmp_path, code=2)
+    said = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and said[0].startswith(f"error: cannot resume {six} with its global batch of 8"), done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_sizes_that_keep_the_global_batch():

@@ -396,6 +396,21 @@ def test_a_sharded_state_whose_index_would_run_code_is_refused_in_one_line(shard
     assert "posix.system" in err[0] and not marker.exists()
 
 
+def test_a_damaged_shard_whose_manifest_matches_is_refused_in_one_line(sharded_run, tmp_path, capsys):
+    """A shard cut short, its manifest entry rewritten to match (so the checkpoint verifies): DCP fails to read it,
+    and the resume says so in one line, like the other damage, with nothing written."""
+    bad = tmp_path / "bad"
+    shutil.copytree(sharded_run / "checkpoints" / "step_000004", bad)
+    shard = (bad / "optimizer" / "__0_0.distcp").read_bytes()
+    _rewrite(bad, "optimizer/__0_0.distcp", shard[: len(shard) // 2])
+    checkpoint.verify(bad)
+    args = ["--resume", str(bad), "--out-dir", str(tmp_path / "run"), "--additional-steps", "1", "--no-progress"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the sharded optimizer state in {bad / 'optimizer'} cannot be read (rank 0: " in err[0], err
+    assert err[0].endswith("; resume from another checkpoint") and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("spoil", ["outside", "linked folder"])
 def test_a_manifest_cannot_reach_out_of_the_checkpoint_through_a_folder(sharded_run, tmp_path, spoil):
     bad = tmp_path / "bad"

@@ -279,6 +279,57 @@ def test_a_world_size_that_cannot_keep_the_global_batch_is_refused_before_anythi
     assert not (tmp_path / "api").exists() and _tree(ddp_two) == before
 
 
+def test_validation_reads_the_same_rows_however_the_processes_split_them():
+    """A validation reads the first val_rows held-out rows, however many processes in batches of whatever size; a
+    resume keeps the run's count (recorded, or for an older checkpoint derived from its processes and options)."""
+    from smollm_ref.distributed import Dist
+    from smollm_ref.train import inputs
+    from smollm_ref.train.options import EvalOptions
+
+    # a new run: --eval-batches x processes x --batch-size, fewer whole rounds, else n // processes rows each
+    assert [inputs.validation_rows(n, 8, 2, 2) for n in (100, 12, 3, 1)] == [32, 12, 2, 0]
+    for world, size in ((1, 2), (2, 2), (4, 2), (1, 8), (4, 3), (8, 1), (2, 32)):
+        batches = [batch for r in range(world) for batch in inputs.eval_batches(32, size, Dist(r, world))]
+        assert sorted(i for batch in batches for i in batch) == list(range(32))
+        assert len({len(batch) for batch in batches}) == 1 and len(batches[0]) <= size  # equal batches: a mean of means
+    assert inputs.eval_batches(32, 2, Dist(1, 2))[:2] == [[2, 3], [6, 7]]  # at a fixed size, the batches of before
+    assert inputs.eval_batches(3, 2, Dist(1, 2)) == [[1]]
+    run, saved, on = {"eval_batches": 8, "batch_size": 2}, {"world_size": 2, "val_rows": 32}, EvalOptions(eval_every=2)
+
+    def kept(eval_options=on, batch_size=2, world=1, state=saved):
+        return inputs.kept_validation_rows(100, eval_options, batch_size, Dist(0, world), state, run, "RUN")
+
+    assert inputs.kept_validation_rows(100, on, 2, Dist(), None, {}, "RUN") == 16  # a new run on one process
+    assert kept() == 32 and kept(batch_size=8) == 32 and kept(state={"world_size": 2}) == 32  # kept; derived
+    assert kept(EvalOptions(eval_every=2, eval_batches=4)) == 8  # --eval-batches changed: this run's own
+    with pytest.raises(
+        train.TrainError, match=r"first 32 held-out rows, which do not split evenly over 3 process\(es\); resume on 1, 2, 4"
+    ):
+        kept(world=3)
+    assert kept(EvalOptions(eval_every=0), world=3) == 32  # no validation: nothing to refuse, the count kept for later
+    with pytest.raises(train.TrainError, match="checkpoint RUN holds val_rows 101 in its run state"):
+        kept(state={"val_rows": 101})
+
+
+def test_a_resume_with_another_batch_size_validates_on_the_same_rows(tmp_path, capsys):
+    """4 held-out windows a validation (--eval-batches 2 x --batch-size 2), resumed with --batch-size 4 (which alone
+    would read 8): the resumed run's validation loss at step 4 is the straight run's, to float32 rounding."""
+    common = dict(max_steps=4, checkpoint_every=2, eval_every=2, eval_batches=2, val_fraction=0.1, batch_digest=False)
+    assert train.main(argv(opts(tmp_path, out_dir=str(tmp_path / "straight"), **common))) == 0
+    assert "(validation on 2 batches of --eval-batches 2: the first 4 held-out rows, 2 a batch)" in capsys.readouterr().err
+    two = tmp_path / "straight" / "checkpoints" / "step_000002"
+    assert checkpoint.load_state(two)["val_rows"] == 4
+    assert train.main(["--resume", str(two), "--out-dir", str(tmp_path / "resumed"), "--batch-size", "4"]) == 0
+
+    def val(run_dir: Path) -> float:
+        records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        return [r["val_loss"] for r in records if "val_loss" in r][-1]
+
+    straight, resumed = val(tmp_path / "straight"), val(tmp_path / "resumed")
+    assert abs(resumed - straight) <= LOSS_REL * abs(straight), (resumed, straight)
+    assert "(validation on 1 batches of --eval-batches 2: the first 4 held-out rows, 4 a batch)" in capsys.readouterr().err
+
+
 def test_under_torchrun_a_refusal_every_process_meets_is_printed_once(ddp_two, tmp_path):
     """Both processes refuse --batch-size 3 (2 x 3 does not divide 8 rows a step) from the same command line and
     checkpoint: the node's first process alone prints it."""

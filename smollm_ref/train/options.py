@@ -699,8 +699,9 @@ def saved_global_batch(state: dict, saved_options: dict, where: Path | str = "th
     return state.get("global_batch") or state.get("world_size", 1) * size * accum
 
 
-def _divisors(n: int, limit: int = 12) -> str:
-    """The divisors of `n` up to 65536 (numbers of processes and batch sizes), the first `limit` of them."""
+def divisors(n: int, limit: int = 12) -> str:
+    """The divisors of `n` up to 65536 (numbers of processes and batch sizes), the first `limit` of them, as a
+    refusal names them: "1, 2, 4, 8"."""
     found = [k for k in range(1, min(n, 65536) + 1) if n % k == 0]
     shown = ", ".join(map(str, found[:limit]))
     return shown + (", ..." if len(found) > limit or n > 65536 else "")
@@ -712,7 +713,7 @@ def check_overfit_batch(overfit: bool, batch_size: int, saved_options: dict, row
     of `rows`). Raises SharedRefusal, one line, for another `batch_size` than the run's (`saved_options`)."""
     saved = saved_options.get("batch_size", option_fields()["batch_size"].field.default)
     if overfit and batch_size != saved:
-        where = f"on {_divisors(rows // saved)} process(es), " if rows % saved == 0 else ""
+        where = f"on {divisors(rows // saved)} process(es), " if rows % saved == 0 else ""
         raise SharedRefusal(
             f"cannot resume {found} with --batch-size {batch_size}: the run trains with --overfit-single-batch on the "
             f"first --batch-size {saved} rows at every micro-batch, and --batch-size {batch_size} would train on other "
@@ -745,16 +746,16 @@ def keep_global_batch(options: dict, saved_options: dict, state: dict, world_siz
         return {"batch_size": size, "grad_accum": rows // (world_size * size)}
     else:
         problem = f"{rows} is not a multiple of {world_size} process(es) x --batch-size {size}"
-    ways = [f"on {_divisors(rows // size)} process(es) with --batch-size {size}"] if rows % size == 0 else []
+    ways = [f"on {divisors(rows // size)} process(es) with --batch-size {size}"] if rows % size == 0 else []
     if rows % world_size == 0 and not overfit:  # an overfitting run keeps its --batch-size
-        ways += [f"on {world_size} process(es) with --batch-size {_divisors(rows // world_size)}"]
+        ways += [f"on {world_size} process(es) with --batch-size {divisors(rows // world_size)}"]
     if ways:
         hint = "resume " + " or ".join(ways)
     else:  # neither divides the global batch: --batch-size must change, and the processes with it
-        example = f" (the run's --batch-size {saved_size} on {_divisors(rows // saved_size)})" if rows % saved_size == 0 else ""
+        example = f" (the run's --batch-size {saved_size} on {divisors(rows // saved_size)})" if rows % saved_size == 0 else ""
         hint = (
             f"neither --batch-size {size} nor {world_size} process(es) divide {rows}: pass a --batch-size that divides "
-            f"{rows} ({_divisors(rows)}) and resume on a number of processes that divides {rows} / --batch-size{example}"
+            f"{rows} ({divisors(rows)}) and resume on a number of processes that divides {rows} / --batch-size{example}"
         )
     raise SharedRefusal(
         f"cannot resume {found} with its global batch of {rows} rows a step ({state.get('world_size', 1)} process(es) x "

@@ -38,6 +38,7 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     """The checkpoint's state, the model's config and weights, the tokenizer, the objective and its data, each
     checked against the others, and every option against them, before anything is built or written."""
     saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
+    saved_options = {}
     if saved is not None:
         RunState.check_saved(saved, resume_dir)
         saved_options = checkpoint.load_train_config(resume_dir)
@@ -73,7 +74,10 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
             "resumed at its position it would read other rows and could train on held-out ones; pass the run's own "
             f"--data (and --tokenizer), or start a new run with --init-from {resume_dir}"
         )
-    return saved, model_config, weights, adapter, tokenizer, objective, split, evaluator
+    val_rows = inputs.kept_validation_rows(
+        len(objective.data.val), cfg.eval, cfg.data.batch_size, d, saved, saved_options, resume_dir
+    )
+    return saved, model_config, weights, adapter, tokenizer, objective, split, evaluator, val_rows
 
 
 def _horizon(cfg: TrainConfig, saved: dict | None) -> int:
@@ -112,7 +116,8 @@ class Run:
     tokenizer: object
     objective: Objective  # what the run optimises: its data, loss, validation and samples
     order: data.Order  # the row order over the training data, fixed by --seed
-    eval_batches: list[list[int]]  # this rank's validation batches
+    eval_batches: list[list[int]]  # this rank's validation batches (none without --eval-every)
+    val_rows: int  # the held-out rows a validation reads, all ranks: kept by a resume (`inputs.kept_validation_rows`)
     state: RunState
     max_steps: int
     checkpointer: Checkpointer
@@ -153,7 +158,7 @@ class Run:
         try:
             if cfg.model.fsdp:
                 inputs.check_shared_run_dir(run_dir, d, device)
-            saved, model_config, weights, adapter, tokenizer, objective, split, evaluator = _read_inputs(
+            saved, model_config, weights, adapter, tokenizer, objective, split, evaluator, val_rows = _read_inputs(
                 cfg, resume_dir, d, device
             )
             if d.is_main:
@@ -163,8 +168,9 @@ class Run:
                     inputs.clear_run_dir(run_dir)  # only now that every input has been checked
             distributed.barrier(d)
             run = cls._assemble(
-                cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, adapter, tokenizer, objective, split
-            )
+                cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, adapter, tokenizer, objective, split,
+                val_rows,
+            )  # fmt: skip
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -178,8 +184,9 @@ class Run:
 
     @classmethod
     def _assemble(
-        cls, cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, adapter, tokenizer, objective, split
-    ) -> Run:
+        cls, cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, adapter, tokenizer, objective, split,
+        val_rows,
+    ) -> Run:  # fmt: skip
         torch.manual_seed(cfg.data.seed)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls; on CPU fp32 stays exact fp32
@@ -199,7 +206,7 @@ class Run:
             run_dir, cfg.checkpoint, d, raw_model, optimizer, scaler, tokenizer,
             fsdp=cfg.model.fsdp, schedule=schedule_record(cfg.optim), run_options=cfg.to_dict(),
             objective_state=objective.checkpoint_state, rows=d.world_size * cfg.data.batch_size * cfg.data.grad_accum,
-            adapter=adapter,
+            val_rows=val_rows, adapter=adapter,
         )  # fmt: skip
         horizon = _horizon(cfg, saved)  # an extended run keeps the horizon it had
         state = checkpointer.restore(saved, horizon, resume_dir) if saved is not None else RunState(horizon=horizon)
@@ -233,7 +240,8 @@ class Run:
         return cls(
             cfg=cfg, d=d, device=device, run_dir=run_dir, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
             fast_loss=fast.lm_loss if fast is not None else None, autocast=autocast, tokenizer=tokenizer,
-            objective=objective, order=data.Order(len(token_data.train), cfg.data.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg.eval, cfg.data, d),
+            objective=objective, order=data.Order(len(token_data.train), cfg.data.seed),
+            eval_batches=inputs.eval_batches(val_rows, cfg.data.batch_size, d) if cfg.eval.eval_every else [], val_rows=val_rows,
             state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, step_metrics=step_metrics, why_not_fast=why_not_fast,
             prepared=prepared, adapter=adapter,
         )  # fmt: skip
@@ -247,7 +255,11 @@ class Run:
                 self.logger.say(line)
         data_line = self.objective.describe()
         if cfg.eval.eval_every:
-            data_line += f" (validation on {len(self.eval_batches)} batches of --eval-batches {cfg.eval.eval_batches})"
+            batches = self.eval_batches
+            data_line += (
+                f" (validation on {len(batches)} batches of --eval-batches {cfg.eval.eval_batches}: the first {self.val_rows:,} "
+                f"held-out rows, {len(batches[0])} a batch)"
+            )
         step_kind = "fast step" if self.fast_loss is not None else f"reference step ({self.why_not_fast})"
         self.logger.say(
             f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(self.device)} x{d.world_size} | {precision}, "
@@ -265,6 +277,8 @@ class Run:
                     f"; written by {self.resumed_world_size} process(es), continued on {d.world_size} with --batch-size "
                     f"{cfg.data.batch_size} x --grad-accum {cfg.data.grad_accum}: the same {self.per_step} rows a step"
                 )
+                if cfg.eval.eval_every:
+                    layout += f", validation on the same first {self.val_rows:,} held-out rows"
             self.logger.say(
                 f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.tokens:,} tokens seen){layout}"
             )

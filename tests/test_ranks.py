@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import argv, tiny_options
+from trainer_runs import FORMAT1, argv, tiny_options
 
 from smollm_ref import checkpoint, train
 from smollm_ref.train import TrainConfig
@@ -51,10 +51,10 @@ def torchrun(n: int, args: list[str], cwd: Path, code: int = 0) -> subprocess.Co
     return done
 
 
-def two_nodes(args: list[list[str]], envs: list[dict], logs: Path) -> list[tuple[int, str]]:
+def two_nodes(args: list[list[str]], envs: list[dict], logs: Path, cwds: list[Path] | None = None) -> list[tuple[int, str]]:
     """Two torchrun "nodes" of one process each on 127.0.0.1 (`--nnodes 2 --node-rank R --rdzv-endpoint`), node R
-    running `args[R]` with `envs[R]`; (exit code, output) of each. Output goes to files: a pipe that fills would
-    stall one node while the other waits for it in a collective."""
+    running `args[R]` with `envs[R]` in `cwds[R]` (default `logs`); (exit code, output) of each. Output goes to
+    files: a pipe that fills would stall one node while the other waits for it in a collective."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -65,7 +65,8 @@ def two_nodes(args: list[list[str]], envs: list[dict], logs: Path) -> list[tuple
             "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "smollm_ref.train", *args[rank],
         ]  # fmt: skip
         out = open(logs / f"node{rank}.log", "w")  # noqa: SIM115 (closed below, after the process)
-        procs.append((subprocess.Popen(command, cwd=logs, env=envs[rank], stdout=out, stderr=subprocess.STDOUT), out))
+        cwd = cwds[rank] if cwds else logs
+        procs.append((subprocess.Popen(command, cwd=cwd, env=envs[rank], stdout=out, stderr=subprocess.STDOUT), out))
     results = []
     for proc, out in procs:
         try:
@@ -245,6 +246,45 @@ def test_fsdp_ranks_that_do_not_share_the_run_directory_are_refused_before_train
     assert all(code != 0 for code, _ in results)
     assert "put --out-dir on a file system every node shares" in results[0][1], results[0][1][-3000:]
     assert not runs[0].exists() and not runs[1].exists()
+
+
+def test_nodes_started_with_other_options_are_refused_before_anything_is_written(tmp_path):
+    """Node 1 was given another --lr: every rank exchanges its options after joining the process group, and both
+    refuse, naming the rank and the option, before anything is read or written."""
+    run = tmp_path / "run"
+    args = [argv(opts(tmp_path, out_dir=str(run), lr=lr)) for lr in (3e-3, 1e-3)]
+    results = two_nodes(args, [env(), env()], tmp_path)
+    assert all(code != 0 for code, _ in results), results[0][1][-3000:]
+    for _, output in results:  # each node's first process says it
+        said = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert said == [
+            "error: the processes were started with other options: rank 1 has --lr 0.001, rank 0 --lr 0.003; start every "
+            "node with the same command (only --out-dir and --resume may name other paths to the same run directory and "
+            "checkpoint)"
+        ], output[-3000:]
+    assert not run.exists()
+
+
+def test_the_batch_digest_hashes_what_each_rank_reads(tmp_path):
+    """Two nodes given the same options, but node 1's --data (the same relative path) holds other text: the digest of
+    every step differs from the one of node 0's data read by one process (before, rank 0 hashed the rows as its own
+    data has them, and the digests agreed)."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    text = (FORMAT1 / "corpus.txt").read_text()
+    (nodes[0] / "corpus.txt").write_text(text)
+    (nodes[1] / "corpus.txt").write_text(text.swapcase())
+    common = dict(data="corpus.txt", max_steps=2, checkpoint_every=2, grad_accum=1)
+    args = argv(opts(tmp_path, out_dir=str(tmp_path / "two"), **common))
+    caches = [env(SMOLLM_REF_CACHE=str(node / "cache")) for node in nodes]
+    results = two_nodes([args, args], caches, tmp_path, cwds=nodes)
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    one = opts(tmp_path, out_dir=str(tmp_path / "one"), **{**common, "data": str(nodes[0] / "corpus.txt"), "grad_accum": 2})
+    assert train.main(argv(one)) == 0
+    two, alone = steps(tmp_path / "two"), steps(tmp_path / "one")
+    assert sorted(two) == sorted(alone) == [1, 2]
+    assert all(two[n]["batch_sha256"] != alone[n]["batch_sha256"] for n in two)
 
 
 def _tree(root: Path) -> dict[str, int]:

@@ -22,6 +22,7 @@ from .options import (
     ModelOptions,
     SharedRefusal,
     TrainError,
+    as_flag,
     divisors,
     option_fields,
 )
@@ -58,11 +59,54 @@ def check_out_dir(options: CheckpointOptions, resuming: bool, d: distributed.Dis
     return created, lock
 
 
+# Options that name a path, which may differ from node to node for the same run (another mount of it): the
+# checkpoint resumed is compared by content instead, and under FSDP the run directory by `check_shared_run_dir`
+# (under DDP rank 0 alone writes there)
+PER_NODE = ("out_dir", "resume")
+
+
+def check_same_options(options: dict, resume_dir: Path | None, d: distributed.Dist) -> None:
+    """Every rank must train with the same `options` (`TrainConfig.to_dict()`; each node's ranks were started by a
+    command of their own, and a rank that trains on other sizes, data or settings would not say so), except the
+    paths of PER_NODE, and resume the same checkpoint `resume_dir` (its run state's SHA-256, as its manifest
+    records it). A collective: every rank sends its own to every other. Raises SharedRefusal on every rank, naming
+    the first rank and option that differ from rank 0's. A no-op for one process."""
+    if not d.enabled:
+        return
+    mine = {name: value for name, value in options.items() if name not in PER_NODE}
+    mine["checkpoint"] = _run_state_digest(resume_dir)
+    first, *others = distributed.all_objects(d, mine)
+    for rank, theirs in enumerate(others, start=1):
+        name = next((name for name, value in first.items() if theirs.get(name) != value), None)
+        if name is None:
+            continue
+        if name == "checkpoint":
+            differs = f"resumes {theirs[name] or 'nothing (a new run)'}, rank 0 {first[name] or 'nothing (a new run)'}"
+        else:
+            differs = f"has {as_flag(name, theirs.get(name))}, rank 0 {as_flag(name, first[name])}"
+        raise SharedRefusal(
+            f"the processes were started with other options: rank {rank} {differs}; start every node with the same "
+            "command (only --out-dir and --resume may name other paths to the same run directory and checkpoint)"
+        )
+
+
+def _run_state_digest(resume_dir: Path | None) -> str | None:
+    """A checkpoint by content: its name and its run state's SHA-256 (as its manifest records it)."""
+    if resume_dir is None:
+        return None
+    try:
+        digest = checkpoint.read_manifest(resume_dir)["files"][checkpoint.STATE]["sha256"]
+    except (checkpoint.CheckpointError, KeyError, TypeError):  # verified when it was found: not expected
+        digest = storage.sha256_file(resume_dir / checkpoint.STATE)
+    return f"{resume_dir.name} (run state {digest[:12]})"
+
+
 def check_shared_run_dir(run_dir: Path, d: distributed.Dist, device) -> None:
     """Under FSDP every rank writes its shard of the optimizer state into the run directory's checkpoints, so every
     rank must see the files rank 0 writes there: one file system on every node. Rank 0 writes a file of a name
-    drawn now (no node has looked it up before) and every rank looks for it; refused (TrainError, on every rank)
-    when one does not see it. A no-op for one process. A collective: every rank calls it."""
+    drawn now (no node has looked it up before) and every rank looks for it; refused on every rank when one does
+    not see it: SharedRefusal, which each node's first process prints. A no-op for one process. A
+    collective: every rank calls it."""
     import secrets
 
     import torch
@@ -79,7 +123,7 @@ def check_shared_run_dir(run_dir: Path, d: distributed.Dist, device) -> None:
     if d.is_main:
         probe.unlink(missing_ok=True)
     if blind:
-        raise TrainError(
+        raise SharedRefusal(
             f"--fsdp: a rank does not see the files rank 0 writes in {run_dir} (its node has another file system there), "
             "and every rank writes its shard of the optimizer state into the checkpoints; put --out-dir on a file system "
             "every node shares"

@@ -4,6 +4,7 @@ save). Nothing here decides when: that is the loop's (`smollm_ref.train.loop`)."
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -21,7 +22,7 @@ from .checkpointer import Checkpointer, check_compatible
 from .evaluator import Evaluator
 from .logger import NullLogger, RunLogger, say
 from .objectives import Objective
-from .objectives.base import rows_digest
+from .objectives.base import row_digests
 from .optim import check_schedule, lr_at, make_optimizer, schedule_record
 from .options import LogOptions, TrainConfig, TrainError, check_overfit_batch, saved_global_batch
 from .samples import Sampling, sample_seed
@@ -149,6 +150,7 @@ class Run:
     def build(cls, cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist, device: torch.device) -> Run:
         """Check every input, then put the run together. Whatever fails or is interrupted on the way leaves
         the run directory as it found it (a directory this call created is removed) and the lock released."""
+        inputs.check_same_options(cfg.to_dict(), resume_dir, d)  # before any rank reads or writes anything
         try:
             precision = resolve_precision(cfg.model.precision, device)
         except ValueError as e:
@@ -314,14 +316,29 @@ class Run:
             micro.append(tuple(t.to(self.device, non_blocking=True) if t is not None else None for t in batch))
         return micro
 
+    def batch_digest(self, rows: list[int]) -> str | None:
+        """--batch-digest: the first 16 hex digits of a SHA-256 over the SHA-256 of each row the step trains on
+        (`row_digests`), in the step's global order (`step_rows`), on the main rank (None elsewhere). Each rank
+        hashes the rows it reads itself, from its own data, and rank 0 gathers them (a collective): a rank that
+        reads other rows or other tokens (another node's copy of --data) changes the digest, which stays the same
+        on any number of processes that read the same rows."""
+        size, ranks, accum = self.cfg.data.batch_size, self.d.world_size, self.cfg.data.grad_accum
+        mine = [rows[(m * ranks + self.d.rank) * size + i] for m in range(accum) for i in range(size)]
+        hashes = torch.frombuffer(bytearray(row_digests(self.data.train, mine)), dtype=torch.uint8)
+        everyone = [t.cpu().numpy().tobytes() for t in distributed.all_tensors(self.d, hashes.to(self.device))]
+        if not self.d.is_main:
+            return None
+        each = size * 32  # one micro-batch's rows' digests
+        ordered = (everyone[r][m * each : (m + 1) * each] for m in range(accum) for r in range(ranks))  # micro m, rank r
+        return hashlib.sha256(b"".join(ordered)).hexdigest()[:16]
+
     def step(self) -> dict:
         """One optimizer step; the run state advances and the step's metrics come back."""
         self.step_metrics.start()
         lr = lr_at(self.state.step, self.cfg.optim, self.state.horizon)
         rows = self.step_rows()
         micro = self.next_batches(rows)
-        # the step's rows by content (--batch-digest), recorded by the main rank: a resume elsewhere shows the same
-        digest = rows_digest(self.data.train, rows) if self.d.is_main and self.cfg.log.batch_digest else None
+        digest = self.batch_digest(rows) if self.cfg.log.batch_digest else None
         step_loss = self.objective.step_loss(self.model, self.fast_loss, micro, self.d)
         stats: StepStats = train_step(
             self.model,

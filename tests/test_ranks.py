@@ -487,6 +487,18 @@ def test_a_sharded_state_whose_index_would_run_code_is_refused_in_one_line(shard
     assert "posix.system" in err[0] and not marker.exists()
 
 
+def test_switching_fsdp_on_resume_is_refused_with_the_way_to_switch(sharded_run, tmp_path, capsys):
+    four = sharded_run / "checkpoints" / "step_000004"
+    args = ["--resume", str(four), "--out-dir", str(tmp_path / "run"), "--no-fsdp", "--additional-steps", "1"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: checkpoint {four} was written with --fsdp; resume it the same way, or start a new run from its weights "
+        f"with --init-from {four} (the optimizer state starts afresh)"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_damaged_shard_whose_manifest_matches_is_refused_in_one_line(sharded_run, tmp_path, capsys):
     """A shard cut short, its manifest entry rewritten to match (so the checkpoint verifies): DCP fails to read it,
     and the resume says so in one line, like the other damage, with nothing written."""

@@ -14,7 +14,7 @@ from .. import checkpoint, distributed, storage
 from ..model import LlamaForCausalLM
 from . import sharded
 from .logger import say
-from .options import CheckpointOptions, TrainError
+from .options import CheckpointOptions, SharedRefusal, TrainError
 from .state import RunState
 
 
@@ -33,8 +33,9 @@ def check_compatible(saved: dict, resume_dir: Path, world_size: int, fsdp: bool,
             f"{saved_rows}"
         )
     if bool(saved.get("fsdp", False)) != fsdp:
-        raise TrainError(
-            f"checkpoint {resume_dir} was written {'with' if saved.get('fsdp') else 'without'} --fsdp; resume it the same way"
+        raise SharedRefusal(
+            f"checkpoint {resume_dir} was written {'with' if saved.get('fsdp') else 'without'} --fsdp; resume it the same way, "
+            f"or start a new run from its weights with --init-from {resume_dir} (the optimizer state starts afresh)"
         )
     if "optimizer" not in saved and "optimizer_sharded" not in saved:
         raise TrainError(

@@ -76,6 +76,26 @@ def total(d: Dist, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_objects(d: Dist, value) -> list:
+    """`value` of every rank, in rank order ([value] for one process); a collective, pickled: for small values such
+    as a run's options."""
+    if not d.enabled:
+        return [value]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def all_tensors(d: Dist, value: torch.Tensor) -> list[torch.Tensor]:
+    """`value` of every rank (the same shape and dtype on each, on the collective's device), in rank order; [value]
+    for one process."""
+    if not d.enabled:
+        return [value]
+    out = [torch.empty_like(value) for _ in range(d.world_size)]
+    dist.all_gather(out, value)
+    return out
+
+
 def any_rank(d: Dist, flag: bool, device) -> bool:
     """True if `flag` is true on any rank, so that all ranks take the same branch."""
     if not d.enabled:

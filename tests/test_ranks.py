@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import argv, tiny_options
+from trainer_runs import FORMAT1, argv, tiny_options
 
 from smollm_ref import checkpoint, train
 from smollm_ref.train import TrainConfig
@@ -35,7 +35,7 @@ def env(**changes) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **changes}
 
 
-def torchrun(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(n: int, args: list[str], cwd: Path, code: int = 0) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -47,14 +47,14 @@ def torchrun(n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         "smollm_ref.train",
     ]
     done = subprocess.run([*command, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == (code == 0), done.stderr[-3000:]
     return done
 
 
-def two_nodes(args: list[list[str]], envs: list[dict], logs: Path) -> list[tuple[int, str]]:
+def two_nodes(args: list[list[str]], envs: list[dict], logs: Path, cwds: list[Path] | None = None) -> list[tuple[int, str]]:
     """Two torchrun "nodes" of one process each on 127.0.0.1 (`--nnodes 2 --node-rank R --rdzv-endpoint`), node R
-    running `args[R]` with `envs[R]`; (exit code, output) of each. Output goes to files: a pipe that fills would
-    stall one node while the other waits for it in a collective."""
+    running `args[R]` with `envs[R]` in `cwds[R]` (default `logs`); (exit code, output) of each. Output goes to
+    files: a pipe that fills would stall one node while the other waits for it in a collective."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -65,7 +65,8 @@ def two_nodes(args: list[list[str]], envs: list[dict], logs: Path) -> list[tuple
             "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "smollm_ref.train", *args[rank],
         ]  # fmt: skip
         out = open(logs / f"node{rank}.log", "w")  # noqa: SIM115 (closed below, after the process)
-        procs.append((subprocess.Popen(command, cwd=logs, env=envs[rank], stdout=out, stderr=subprocess.STDOUT), out))
+        cwd = cwds[rank] if cwds else logs
+        procs.append((subprocess.Popen(command, cwd=cwd, env=envs[rank], stdout=out, stderr=subprocess.STDOUT), out))
     results = []
     for proc, out in procs:
         try:
@@ -247,6 +248,45 @@ def test_fsdp_ranks_that_do_not_share_the_run_directory_are_refused_before_train
     assert not runs[0].exists() and not runs[1].exists()
 
 
+def test_nodes_started_with_other_options_are_refused_before_anything_is_written(tmp_path):
+    """Node 1 was given another --lr: every rank exchanges its options after joining the process group, and both
+    refuse, naming the rank and the option, before anything is read or written."""
+    run = tmp_path / "run"
+    args = [argv(opts(tmp_path, out_dir=str(run), lr=lr)) for lr in (3e-3, 1e-3)]
+    results = two_nodes(args, [env(), env()], tmp_path)
+    assert all(code != 0 for code, _ in results), results[0][1][-3000:]
+    for _, output in results:  # each node's first process says it
+        said = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert said == [
+            "error: the processes were started with other options: rank 1 has --lr 0.001, rank 0 --lr 0.003; start every "
+            "node with the same command (only --out-dir and --resume may name other paths to the same run directory and "
+            "checkpoint)"
+        ], output[-3000:]
+    assert not run.exists()
+
+
+def test_the_batch_digest_hashes_what_each_rank_reads(tmp_path):
+    """Two nodes given the same options, but node 1's --data (the same relative path) holds other text: the digest of
+    every step differs from the one of node 0's data read by one process (before, rank 0 hashed the rows as its own
+    data has them, and the digests agreed)."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    text = (FORMAT1 / "corpus.txt").read_text()
+    (nodes[0] / "corpus.txt").write_text(text)
+    (nodes[1] / "corpus.txt").write_text(text.swapcase())
+    common = dict(data="corpus.txt", max_steps=2, checkpoint_every=2, grad_accum=1)
+    args = argv(opts(tmp_path, out_dir=str(tmp_path / "two"), **common))
+    caches = [env(SMOLLM_REF_CACHE=str(node / "cache")) for node in nodes]
+    results = two_nodes([args, args], caches, tmp_path, cwds=nodes)
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    one = opts(tmp_path, out_dir=str(tmp_path / "one"), **{**common, "data": str(nodes[0] / "corpus.txt"), "grad_accum": 2})
+    assert train.main(argv(one)) == 0
+    two, alone = steps(tmp_path / "two"), steps(tmp_path / "one")
+    assert sorted(two) == sorted(alone) == [1, 2]
+    assert all(two[n]["batch_sha256"] != alone[n]["batch_sha256"] for n in two)
+
+
 def _tree(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.name != ".lock"}
 
@@ -279,6 +319,67 @@ def test_a_world_size_that_cannot_keep_the_global_batch_is_refused_before_anythi
     assert not (tmp_path / "api").exists() and _tree(ddp_two) == before
 
 
+def test_validation_reads_the_same_rows_however_the_processes_split_them():
+    """A validation reads the first val_rows held-out rows, however many processes in batches of whatever size; a
+    resume keeps the run's count (recorded, or for an older checkpoint derived from its processes and options)."""
+    from smollm_ref.distributed import Dist
+    from smollm_ref.train import inputs
+    from smollm_ref.train.options import EvalOptions
+
+    # a new run: --eval-batches x processes x --batch-size, fewer whole rounds, else n // processes rows each
+    assert [inputs.validation_rows(n, 8, 2, 2) for n in (100, 12, 3, 1)] == [32, 12, 2, 0]
+    for world, size in ((1, 2), (2, 2), (4, 2), (1, 8), (4, 3), (8, 1), (2, 32)):
+        batches = [batch for r in range(world) for batch in inputs.eval_batches(32, size, Dist(r, world))]
+        assert sorted(i for batch in batches for i in batch) == list(range(32))
+        assert len({len(batch) for batch in batches}) == 1 and len(batches[0]) <= size  # equal batches: a mean of means
+    assert inputs.eval_batches(32, 2, Dist(1, 2))[:2] == [[2, 3], [6, 7]]  # at a fixed size, the batches of before
+    assert inputs.eval_batches(3, 2, Dist(1, 2)) == [[1]]
+    run, saved, on = {"eval_batches": 8, "batch_size": 2}, {"world_size": 2, "val_rows": 32}, EvalOptions(eval_every=2)
+
+    def kept(eval_options=on, batch_size=2, world=1, state=saved):
+        return inputs.kept_validation_rows(100, eval_options, batch_size, Dist(0, world), state, run, "RUN")
+
+    assert inputs.kept_validation_rows(100, on, 2, Dist(), None, {}, "RUN") == 16  # a new run on one process
+    assert kept() == 32 and kept(batch_size=8) == 32 and kept(state={"world_size": 2}) == 32  # kept; derived
+    assert kept(EvalOptions(eval_every=2, eval_batches=4)) == 8  # --eval-batches changed: this run's own
+    with pytest.raises(
+        train.TrainError, match=r"first 32 held-out rows, which do not split evenly over 3 process\(es\); resume on 1, 2, 4"
+    ):
+        kept(world=3)
+    assert kept(EvalOptions(eval_every=0), world=3) == 32  # no validation: nothing to refuse, the count kept for later
+    with pytest.raises(train.TrainError, match="checkpoint RUN holds val_rows 101 in its run state"):
+        kept(state={"val_rows": 101})
+
+
+def test_a_resume_with_another_batch_size_validates_on_the_same_rows(tmp_path, capsys):
+    """4 held-out windows a validation (--eval-batches 2 x --batch-size 2), resumed with --batch-size 4 (which alone
+    would read 8): the resumed run's validation loss at step 4 is the straight run's, to float32 rounding."""
+    common = dict(max_steps=4, checkpoint_every=2, eval_every=2, eval_batches=2, val_fraction=0.1, batch_digest=False)
+    assert train.main(argv(opts(tmp_path, out_dir=str(tmp_path / "straight"), **common))) == 0
+    assert "(validation on 2 batches of --eval-batches 2: the first 4 held-out rows, 2 a batch)" in capsys.readouterr().err
+    two = tmp_path / "straight" / "checkpoints" / "step_000002"
+    assert checkpoint.load_state(two)["val_rows"] == 4
+    assert train.main(["--resume", str(two), "--out-dir", str(tmp_path / "resumed"), "--batch-size", "4"]) == 0
+
+    def val(run_dir: Path) -> float:
+        records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        return [r["val_loss"] for r in records if "val_loss" in r][-1]
+
+    straight, resumed = val(tmp_path / "straight"), val(tmp_path / "resumed")
+    assert abs(resumed - straight) <= LOSS_REL * abs(straight), (resumed, straight)
+    assert "(validation on 1 batches of --eval-batches 2: the first 4 held-out rows, 4 a batch)" in capsys.readouterr().err
+
+
+def test_under_torchrun_a_refusal_every_process_meets_is_printed_once(ddp_two, tmp_path):
+    """Both processes refuse --batch-size 3 (2 x 3 does not divide 8 rows a step) from the same command line and
+    checkpoint: the node's first process alone prints it."""
+    six = ddp_two / "checkpoints" / "step_000006"
+    done = torchrun(2, ["--resume", str(six), "--out-dir", str(tmp_path / "run"), "--batch-size", "3"], tmp_path, code=2)
+    said = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and said[0].startswith(f"error: cannot resume {six} with its global batch of 8"), done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_sizes_that_keep_the_global_batch():
     run = {"batch_size": 2, "grad_accum": 2}
     state = {"world_size": 2, "global_batch": 8}
@@ -295,6 +396,41 @@ def test_the_sizes_that_keep_the_global_batch():
     for bad in ({"global_batch": "8"}, {"global_batch": 0}, {"world_size": -2}):  # a run state from elsewhere
         with pytest.raises(train.TrainError, match=r"checkpoint RUN holds (global_batch|world_size) .* not an integer >= 1"):
             saved_global_batch(bad, run, found)
+
+
+def test_a_batch_size_that_divides_nothing_is_named_as_the_thing_to_change():
+    """--batch-size 3 on 3 processes: no number of processes keeps 8 rows a step with it, so the hint names the
+    --batch-size values that work, not the processes alone."""
+    run, state = {"batch_size": 2, "grad_accum": 2}, {"world_size": 2, "global_batch": 8}
+    with pytest.raises(train.TrainError) as refused:
+        keep_global_batch({"batch_size": 3}, run, state, 3, Path("RUN"))
+    message = str(refused.value)
+    assert "neither --batch-size 3 nor 3 process(es) divide 8: pass a --batch-size that divides 8 (1, 2, 4, 8)" in message
+    assert "the run's --batch-size 2 on 1, 2, 4" in message and "on a number of processes that divides 8 /" in message
+
+
+def test_an_overfitting_run_keeps_its_batch_size(tmp_path, capsys):
+    """--overfit-single-batch trains every micro-batch on the first --batch-size rows: another --batch-size is other
+    rows, so a resume may change the processes (--grad-accum follows) but not --batch-size; through the command line
+    and the run's API, before anything is written."""
+    run, state = {"batch_size": 2, "grad_accum": 2, "overfit_single_batch": True}, {"world_size": 2, "global_batch": 8}
+    assert keep_global_batch({}, run, state, 4, Path("RUN")) == {"batch_size": 2, "grad_accum": 1}
+    with pytest.raises(train.TrainError, match=r"--overfit-single-batch on the first --batch-size 2 rows .*\(on 1, 2, 4 process"):
+        keep_global_batch({"batch_size": 1}, run, state, 4, Path("RUN"))
+    with pytest.raises(train.TrainError) as refused:  # the sizes offered keep --batch-size 2
+        keep_global_batch({}, run, state, 8, Path("RUN"))
+    assert str(refused.value).endswith("resume on 1, 2, 4 process(es) with --batch-size 2 (--grad-accum follows)")
+    overfit = opts(tmp_path, out_dir=str(tmp_path / "run"), overfit_single_batch=True, max_steps=2, batch_digest=False)
+    assert train.main(argv(overfit)) == 0
+    two = tmp_path / "run" / "checkpoints" / "step_000002"
+    capsys.readouterr()
+    assert train.main(["--resume", str(two), "--out-dir", str(tmp_path / "other"), "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size 4 would train on other rows" in err[0], err
+    cfg, found = train.resolve_config({"resume": str(two), "out_dir": str(tmp_path / "api")}, world_size=1)
+    with pytest.raises(train.TrainError, match="--batch-size 4 would train on other rows"):
+        train.train(cfg.replace(batch_size=4, grad_accum=1), found)
+    assert not (tmp_path / "other").exists() and not (tmp_path / "api").exists()
 
 
 class _Payload:
@@ -349,6 +485,33 @@ def test_a_sharded_state_whose_index_would_run_code_is_refused_in_one_line(shard
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{bad / 'optimizer' / '.metadata'} is not the index of a sharded optimizer state" in err[0], err
     assert "posix.system" in err[0] and not marker.exists()
+
+
+def test_switching_fsdp_on_resume_is_refused_with_the_way_to_switch(sharded_run, tmp_path, capsys):
+    four = sharded_run / "checkpoints" / "step_000004"
+    args = ["--resume", str(four), "--out-dir", str(tmp_path / "run"), "--no-fsdp", "--additional-steps", "1"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: checkpoint {four} was written with --fsdp; resume it the same way, or start a new run from its weights "
+        f"with --init-from {four} (the optimizer state starts afresh)"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_shard_whose_manifest_matches_is_refused_in_one_line(sharded_run, tmp_path, capsys):
+    """A shard cut short, its manifest entry rewritten to match (so the checkpoint verifies): DCP fails to read it,
+    and the resume says so in one line, like the other damage, with nothing written."""
+    bad = tmp_path / "bad"
+    shutil.copytree(sharded_run / "checkpoints" / "step_000004", bad)
+    shard = (bad / "optimizer" / "__0_0.distcp").read_bytes()
+    _rewrite(bad, "optimizer/__0_0.distcp", shard[: len(shard) // 2])
+    checkpoint.verify(bad)
+    args = ["--resume", str(bad), "--out-dir", str(tmp_path / "run"), "--additional-steps", "1", "--no-progress"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the sharded optimizer state in {bad / 'optimizer'} cannot be read (rank 0: " in err[0], err
+    assert err[0].endswith("; resume from another checkpoint") and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("spoil", ["outside", "linked folder"])

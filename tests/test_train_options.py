@@ -360,7 +360,7 @@ def test_validation_without_held_out_data_is_refused(tmp_path, capsys):
 
 def test_the_log_says_how_many_validation_batches_the_split_gives(tmp_path, capsys):
     train.train(TrainConfig.from_options(**options(tmp_path, eval_every=2, eval_batches=8)))
-    assert "(validation on 1 batches of --eval-batches 8)" in capsys.readouterr().err
+    assert "(validation on 1 batches of --eval-batches 8: the first 2 held-out rows, 2 a batch)" in capsys.readouterr().err
 
 
 # item 18: samples, the schedule, the closing loss

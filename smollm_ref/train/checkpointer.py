@@ -14,7 +14,7 @@ from .. import checkpoint, distributed, storage
 from ..model import LlamaForCausalLM
 from . import sharded
 from .logger import say
-from .options import CheckpointOptions, TrainError
+from .options import CheckpointOptions, SharedRefusal, TrainError
 from .state import RunState
 
 
@@ -33,8 +33,9 @@ def check_compatible(saved: dict, resume_dir: Path, world_size: int, fsdp: bool,
             f"{saved_rows}"
         )
     if bool(saved.get("fsdp", False)) != fsdp:
-        raise TrainError(
-            f"checkpoint {resume_dir} was written {'with' if saved.get('fsdp') else 'without'} --fsdp; resume it the same way"
+        raise SharedRefusal(
+            f"checkpoint {resume_dir} was written {'with' if saved.get('fsdp') else 'without'} --fsdp; resume it the same way, "
+            f"or start a new run from its weights with --init-from {resume_dir} (the optimizer state starts afresh)"
         )
     if "optimizer" not in saved and "optimizer_sharded" not in saved:
         raise TrainError(
@@ -64,16 +65,18 @@ class Checkpointer:
         run_options: dict,
         objective_state=dict,
         rows: int,
+        val_rows: int,
         adapter=None,
     ):
         """`options`: the run's `cfg.checkpoint`. Besides the model, a checkpoint holds `schedule` (the
         learning-rate schedule, `optim.schedule_record`), what `objective_state()` returns (the objective's
-        `checkpoint_state`) and `rows`, the global batch (rows a step, all ranks), in its run state, and
+        `checkpoint_state`), `rows`, the global batch (rows a step, all ranks), and `val_rows`, the held-out rows a
+        validation reads (all ranks), in its run state, and
         `run_options` (every option, flat: `TrainConfig.to_dict()`) as its train_config.json; `fsdp`: the model is
         sharded (--fsdp), its state gathered and its optimizer state written in shards; `adapter` (`lora.Adapter`):
         a LoRA run's, saved in peft's format with its base's record in place of the model's weights."""
         self.root = checkpoint.checkpoints_root(run_dir)
-        self.options, self.d, self.rows = options, d, rows
+        self.options, self.d, self.rows, self.val_rows = options, d, rows, val_rows
         self.fsdp, self.schedule, self.run_options, self.objective_state = fsdp, schedule, run_options, objective_state
         self.model, self.optimizer, self.scaler, self.tokenizer = model, optimizer, scaler, tokenizer
         self.adapter = adapter
@@ -100,7 +103,10 @@ class Checkpointer:
     def save(self, state: RunState) -> Path | None:
         """Write a checkpoint of `state` (on rank 0; other ranks return None) and apply --keep-last and
         --optimizer-state."""
-        trainer_state = {**self.objective_state(), **state.to_checkpoint(self.schedule, self.d.world_size, self.fsdp, self.rows)}
+        trainer_state = {
+            **self.objective_state(),
+            **state.to_checkpoint(self.schedule, self.d.world_size, self.fsdp, self.rows, self.val_rows),
+        }
         trainer_state["scaler"] = self.scaler.state_dict() if self.scaler is not None else {}
         model_state = distributed.full_model_state(self.model) if self.fsdp else None
         staged = None

@@ -1,13 +1,16 @@
 """`python -m smollm_ref.train`: options from a recipe and the command line, one-line errors, exit codes
-(0 done, 1 diverged, 2 bad input, 128 + signal when stopped by SIGINT/SIGTERM with a checkpoint written)."""
+(0 done, 1 diverged, 2 bad input, 128 + signal when stopped by SIGINT/SIGTERM with a checkpoint written).
+Under torchrun a refusal that every process of a node meets alike (`SharedRefusal`) is printed by the node's
+first process alone; any other error by every process that meets it, since it may be that process's own."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .. import storage
 from .loop import train
-from .options import build_parser, read_recipe, resolve_config
+from .options import SharedRefusal, build_parser, read_recipe, resolve_config
 from .run import Diverged
 
 
@@ -22,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:  # TrainError, DataError, CheckpointError, SourceError, config errors
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, SharedRefusal) or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         if not storage.is_disk_full(e):

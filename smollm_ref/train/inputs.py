@@ -20,7 +20,11 @@ from .options import (
     EvalOptions,
     LoraOptions,
     ModelOptions,
+    SharedRefusal,
     TrainError,
+    as_flag,
+    divisors,
+    option_fields,
 )
 
 
@@ -55,11 +59,54 @@ def check_out_dir(options: CheckpointOptions, resuming: bool, d: distributed.Dis
     return created, lock
 
 
+# Options that name a path, which may differ from node to node for the same run (another mount of it): the
+# checkpoint resumed is compared by content instead, and under FSDP the run directory by `check_shared_run_dir`
+# (under DDP rank 0 alone writes there)
+PER_NODE = ("out_dir", "resume")
+
+
+def check_same_options(options: dict, resume_dir: Path | None, d: distributed.Dist) -> None:
+    """Every rank must train with the same `options` (`TrainConfig.to_dict()`; each node's ranks were started by a
+    command of their own, and a rank that trains on other sizes, data or settings would not say so), except the
+    paths of PER_NODE, and resume the same checkpoint `resume_dir` (its run state's SHA-256, as its manifest
+    records it). A collective: every rank sends its own to every other. Raises SharedRefusal on every rank, naming
+    the first rank and option that differ from rank 0's. A no-op for one process."""
+    if not d.enabled:
+        return
+    mine = {name: value for name, value in options.items() if name not in PER_NODE}
+    mine["checkpoint"] = _run_state_digest(resume_dir)
+    first, *others = distributed.all_objects(d, mine)
+    for rank, theirs in enumerate(others, start=1):
+        name = next((name for name, value in first.items() if theirs.get(name) != value), None)
+        if name is None:
+            continue
+        if name == "checkpoint":
+            differs = f"resumes {theirs[name] or 'nothing (a new run)'}, rank 0 {first[name] or 'nothing (a new run)'}"
+        else:
+            differs = f"has {as_flag(name, theirs.get(name))}, rank 0 {as_flag(name, first[name])}"
+        raise SharedRefusal(
+            f"the processes were started with other options: rank {rank} {differs}; start every node with the same "
+            "command (only --out-dir and --resume may name other paths to the same run directory and checkpoint)"
+        )
+
+
+def _run_state_digest(resume_dir: Path | None) -> str | None:
+    """A checkpoint by content: its name and its run state's SHA-256 (as its manifest records it)."""
+    if resume_dir is None:
+        return None
+    try:
+        digest = checkpoint.read_manifest(resume_dir)["files"][checkpoint.STATE]["sha256"]
+    except (checkpoint.CheckpointError, KeyError, TypeError):  # verified when it was found: not expected
+        digest = storage.sha256_file(resume_dir / checkpoint.STATE)
+    return f"{resume_dir.name} (run state {digest[:12]})"
+
+
 def check_shared_run_dir(run_dir: Path, d: distributed.Dist, device) -> None:
     """Under FSDP every rank writes its shard of the optimizer state into the run directory's checkpoints, so every
     rank must see the files rank 0 writes there: one file system on every node. Rank 0 writes a file of a name
-    drawn now (no node has looked it up before) and every rank looks for it; refused (TrainError, on every rank)
-    when one does not see it. A no-op for one process. A collective: every rank calls it."""
+    drawn now (no node has looked it up before) and every rank looks for it; refused on every rank when one does
+    not see it: SharedRefusal, which each node's first process prints. A no-op for one process. A
+    collective: every rank calls it."""
     import secrets
 
     import torch
@@ -76,7 +123,7 @@ def check_shared_run_dir(run_dir: Path, d: distributed.Dist, device) -> None:
     if d.is_main:
         probe.unlink(missing_ok=True)
     if blind:
-        raise TrainError(
+        raise SharedRefusal(
             f"--fsdp: a rank does not see the files rank 0 writes in {run_dir} (its node has another file system there), "
             "and every rank writes its shard of the optimizer state into the checkpoints; put --out-dir on a file system "
             "every node shares"
@@ -201,18 +248,60 @@ def load_tokenizer(options: ModelOptions, resume_dir: Path | None):
     return load_tokenizer(DEFAULT_TOKENIZER)
 
 
-def eval_batches(n_windows: int, eval_options: EvalOptions, data_options: DataOptions, d: distributed.Dist) -> list[list[int]]:
-    """This rank's validation batches (--eval-batches of --batch-size windows at most): the first windows, the
-    same number of batches on every rank."""
-    batch_size = data_options.batch_size
-    per_rank = min(eval_options.eval_batches, n_windows // (batch_size * d.world_size))
-    if per_rank == 0 and n_windows >= d.world_size:  # a small validation split: one short batch each
-        size = n_windows // d.world_size
-        return [list(range(d.rank * size, (d.rank + 1) * size))]
-    return [
-        list(range((b * d.world_size + d.rank) * batch_size, (b * d.world_size + d.rank + 1) * batch_size))
-        for b in range(per_rank)
-    ]
+def validation_rows(n_rows: int, eval_batches: int, batch_size: int, world_size: int) -> int:
+    """The held-out rows a new run validates on, all ranks: the first --eval-batches x processes x --batch-size of
+    the `n_rows`, fewer whole rounds of processes x --batch-size when the split is smaller, and when not one round
+    fits, n_rows // processes rows a process (0 when the split holds fewer rows than processes)."""
+    rounds = min(eval_batches, n_rows // (batch_size * world_size))
+    return rounds * batch_size * world_size if rounds else n_rows // world_size * world_size
+
+
+def kept_validation_rows(
+    n_rows: int, eval_options: EvalOptions, batch_size: int, d: distributed.Dist, saved: dict | None, saved_options: dict, where
+) -> int:
+    """The held-out rows this run validates on, all ranks (`eval_batches`): a new run's `validation_rows`; a resumed
+    run's are its run's (the `val_rows` of its run state `saved`, or for a checkpoint from before it was recorded,
+    the `validation_rows` of its processes, --batch-size and --eval-batches in `saved_options`), so that a resume
+    on other processes or with another --batch-size validates on the same rows, unless --eval-batches changes.
+    Raises TrainError naming the checkpoint `where` for a recorded count that is not a whole number up to
+    `n_rows`, and SharedRefusal (one line) when validation is on and the rows do not split evenly over the
+    processes."""
+    fresh = validation_rows(n_rows, eval_options.eval_batches, batch_size, d.world_size)
+    defaults = {name: option_fields()[name].field.default for name in ("eval_batches", "batch_size")}
+    if saved is None or saved_options.get("eval_batches", defaults["eval_batches"]) != eval_options.eval_batches:
+        return fresh
+    kept = saved.get("val_rows")
+    if kept is None:
+        size = saved_options.get("batch_size", defaults["batch_size"])
+        kept = validation_rows(n_rows, eval_options.eval_batches, size, int(saved.get("world_size", 1)))
+    elif not storage.is_int(kept) or not 0 <= kept <= n_rows:
+        raise TrainError(
+            f"checkpoint {where} holds val_rows {kept!r} in its run state, not an integer from 0 to the {n_rows:,} held-out "
+            "rows; resume from another checkpoint"
+        )
+    if kept == 0:  # its run had fewer held-out rows than processes: nothing to keep
+        return fresh
+    if kept % d.world_size and eval_options.eval_every:
+        raise SharedRefusal(
+            f"cannot resume {where} on {d.world_size} process(es) validating on its rows: the run validates on the first "
+            f"{kept:,} held-out rows, which do not split evenly over {d.world_size} process(es); resume on {divisors(kept)} "
+            f"process(es), pass --eval-batches N to validate on other rows from here on, or --eval-every 0"
+        )
+    return kept
+
+
+def eval_batches(val_rows: int, batch_size: int, d: distributed.Dist) -> list[list[int]]:
+    """This rank's validation batches of the first `val_rows` held-out rows (all ranks, a multiple of the
+    processes): batch j of rank r is rows (j x processes + r) x size onward, `size` the largest divisor of a
+    process's share that is at most --batch-size. Every batch the same size, the mean of the batches' mean losses
+    is the mean over the rows however many processes read them (at a fixed size: --eval-batches batches of
+    --batch-size, as before)."""
+    share = val_rows // d.world_size
+    if share == 0:
+        return []
+    size = max(k for k in range(1, min(batch_size, share) + 1) if share % k == 0)
+    first = [(j * d.world_size + d.rank) * size for j in range(share // size)]
+    return [list(range(start, start + size)) for start in first]
 
 
 def check_step_memory(options: DataOptions, model_config: ModelConfig, device) -> None:
@@ -256,9 +345,10 @@ def check_against_data(data_options: DataOptions, eval_options: EvalOptions, obj
             f"--batch-size {data_options.batch_size} is more sequences than the training split holds ({n_train:,} {rows}); "
             f"pass --batch-size <= {n_train} or more data"
         )
-    if eval_options.eval_every and not eval_batches(len(token_data.val), eval_options, data_options, d):
+    held_out = len(token_data.val)
+    if eval_options.eval_every and held_out < d.world_size:  # not one row a process (`validation_rows`)
         raise TrainError(
-            f"--eval-every {eval_options.eval_every} asks for validation, but the held-out split holds {len(token_data.val)} {rows} "
+            f"--eval-every {eval_options.eval_every} asks for validation, but the held-out split holds {held_out} {rows} "
             f"(--val-fraction {data_options.val_fraction:g}; a corpus under two sequences keeps none back); pass --eval-every 0, "
             "or a --val-fraction > 0 with more data"
         )

@@ -74,6 +74,13 @@ class TrainError(ValueError):
     """Bad input to the trainer; the message says what is wrong and what to do."""
 
 
+class SharedRefusal(TrainError):
+    """A refusal that every process of a node reaches alike, so that each node's first process alone prints it
+    (`cli.main`): found from the command line and a checkpoint's recorded run (which every process reads the same),
+    or from values the ranks exchanged. A refusal that may be one rank's own (its files, its device) is a plain
+    TrainError, printed by every process that meets it."""
+
+
 def _opt(
     default,
     help: str,
@@ -336,7 +343,8 @@ class LogOptions:
         False,
         "record each step's batch_sha256 in metrics.jsonl: a digest of the token ids of every row the step trains on, all "
         "ranks, in the data order, the same on any number of processes (a run resumed elsewhere shows it trained on the "
-        "same data); rank 0 hashes them, about 15 ms a step for 256 rows of 2048 tokens on a CPU core (default off)",
+        "same data); each rank hashes the rows it reads and rank 0 combines them, so a node that reads other data shows "
+        "too; about 7 ms a step for 256 rows of 2048 tokens on one CPU core, shared among the ranks (default off)",
     )
 
     def __post_init__(self):
@@ -703,22 +711,42 @@ def saved_global_batch(state: dict, saved_options: dict, where: Path | str = "th
     return state.get("global_batch") or state.get("world_size", 1) * size * accum
 
 
-def _divisors(n: int, limit: int = 12) -> str:
-    """The divisors of `n` up to 65536 (numbers of processes and batch sizes), the first `limit` of them."""
+def divisors(n: int, limit: int = 12) -> str:
+    """The divisors of `n` up to 65536 (numbers of processes and batch sizes), the first `limit` of them, as a
+    refusal names them: "1, 2, 4, 8"."""
     found = [k for k in range(1, min(n, 65536) + 1) if n % k == 0]
     shown = ", ".join(map(str, found[:limit]))
     return shown + (", ..." if len(found) > limit or n > 65536 else "")
 
 
+def check_overfit_batch(overfit: bool, batch_size: int, saved_options: dict, rows: int, found: Path) -> None:
+    """With --overfit-single-batch every micro-batch reads the first --batch-size rows of the order, so the rows a
+    run overfits are its --batch-size's: a resume keeps it (on any number of processes that keeps the global batch
+    of `rows`). Raises SharedRefusal, one line, for another `batch_size` than the run's (`saved_options`)."""
+    saved = saved_options.get("batch_size", option_fields()["batch_size"].field.default)
+    if overfit and batch_size != saved:
+        where = f"on {divisors(rows // saved)} process(es), " if rows % saved == 0 else ""
+        raise SharedRefusal(
+            f"cannot resume {found} with --batch-size {batch_size}: the run trains with --overfit-single-batch on the "
+            f"first --batch-size {saved} rows at every micro-batch, and --batch-size {batch_size} would train on other "
+            f"rows; resume with its --batch-size {saved} ({where}--grad-accum follows), or start a new run with "
+            f"--init-from {found}"
+        )
+
+
 def keep_global_batch(options: dict, saved_options: dict, state: dict, world_size: int, found: Path) -> dict:
     """{batch_size, grad_accum} of a resume on `world_size` processes that reads the rows the run would have read:
     its global batch (`saved_global_batch` of `state` and `saved_options`) kept, --batch-size as given in `options`
-    (else the run's), --grad-accum as given (else the one that keeps it). The data order is a function of the seed
-    and the position alone, so the same global batch is the same rows at every step, however many processes read
-    them. Raises TrainError, one line naming the sizes that work, when none does."""
+    (else the run's; with --overfit-single-batch, only the run's: `check_overfit_batch`), --grad-accum as given
+    (else the one that keeps it). The data order is a function of the seed and the position alone, so the same
+    global batch is the same rows at every step, however many processes read them. Raises SharedRefusal, one line
+    naming the sizes that work, when none does."""
     names = option_fields()
-    size = options.get("batch_size", saved_options.get("batch_size", names["batch_size"].field.default))
+    saved_size = saved_options.get("batch_size", names["batch_size"].field.default)
+    size = options.get("batch_size", saved_size)
     rows = saved_global_batch(state, saved_options, found)
+    overfit = options.get("overfit_single_batch", saved_options.get("overfit_single_batch", False))
+    check_overfit_batch(overfit, size, saved_options, rows, found)
     if "grad_accum" in options:
         if world_size * size * options["grad_accum"] == rows:
             return {"batch_size": size, "grad_accum": options["grad_accum"]}
@@ -730,10 +758,18 @@ def keep_global_batch(options: dict, saved_options: dict, state: dict, world_siz
         return {"batch_size": size, "grad_accum": rows // (world_size * size)}
     else:
         problem = f"{rows} is not a multiple of {world_size} process(es) x --batch-size {size}"
-    ways = [f"on {_divisors(rows // size)} process(es) with --batch-size {size}"] if rows % size == 0 else []
-    ways += [f"on {world_size} process(es) with --batch-size {_divisors(rows // world_size)}"] if rows % world_size == 0 else []
-    hint = "resume " + (" or ".join(ways) or f"on a number of processes that divides {rows}")
-    raise TrainError(
+    ways = [f"on {divisors(rows // size)} process(es) with --batch-size {size}"] if rows % size == 0 else []
+    if rows % world_size == 0 and not overfit:  # an overfitting run keeps its --batch-size
+        ways += [f"on {world_size} process(es) with --batch-size {divisors(rows // world_size)}"]
+    if ways:
+        hint = "resume " + " or ".join(ways)
+    else:  # neither divides the global batch: --batch-size must change, and the processes with it
+        example = f" (the run's --batch-size {saved_size} on {divisors(rows // saved_size)})" if rows % saved_size == 0 else ""
+        hint = (
+            f"neither --batch-size {size} nor {world_size} process(es) divide {rows}: pass a --batch-size that divides "
+            f"{rows} ({divisors(rows)}) and resume on a number of processes that divides {rows} / --batch-size{example}"
+        )
+    raise SharedRefusal(
         f"cannot resume {found} with its global batch of {rows} rows a step ({state.get('world_size', 1)} process(es) x "
         f"--batch-size {saved_options.get('batch_size')} x --grad-accum {saved_options.get('grad_accum')}) on {world_size} "
         f"process(es): {problem}; {hint} (--grad-accum follows)"
@@ -763,7 +799,7 @@ def _shown(name: str, value) -> str:
     return (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else str(value)
 
 
-def _as_flag(name: str, value) -> str:
+def as_flag(name: str, value) -> str:
     """Option `name` with `value` as the command line gives it: --seq-len 32, --pack, --no-pack."""
     return _shown(name, value) if isinstance(value, bool) else f"--{name.replace('_', '-')} {value}"
 
@@ -771,12 +807,12 @@ def _as_flag(name: str, value) -> str:
 def _check_unchanged(options: dict, saved: dict, found: Path) -> None:
     """Refuse options given for a resume that change the data a step reads (FIXED_ON_RESUME), naming each."""
     changed = [
-        f"{_as_flag(name, options[name])} (the run's {_shown(name, saved[name])}) changes {FIXED_ON_RESUME[name]}"
+        f"{as_flag(name, options[name])} (the run's {_shown(name, saved[name])}) changes {FIXED_ON_RESUME[name]}"
         for name in FIXED_ON_RESUME
         if name in options and name in saved and options[name] != saved[name]
     ]
     if changed:
-        raise TrainError(
+        raise SharedRefusal(
             f"cannot resume {found} exactly: {'; '.join(changed)}; drop these options to continue the run, or start a "
             f"new run from the checkpoint with --init-from {found}"
         )

@@ -4,6 +4,7 @@ save). Nothing here decides when: that is the loop's (`smollm_ref.train.loop`)."
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -21,9 +22,9 @@ from .checkpointer import Checkpointer, check_compatible
 from .evaluator import Evaluator
 from .logger import NullLogger, RunLogger, say
 from .objectives import Objective
-from .objectives.base import rows_digest
+from .objectives.base import row_digests
 from .optim import check_schedule, lr_at, make_optimizer, schedule_record
-from .options import LogOptions, TrainConfig, TrainError, saved_global_batch
+from .options import LogOptions, TrainConfig, TrainError, check_overfit_batch, saved_global_batch
 from .samples import Sampling, sample_seed
 from .state import RunState
 from .step import StepStats, fast_forward, train_step
@@ -38,11 +39,14 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
     """The checkpoint's state, the model's config and weights, the tokenizer, the objective and its data, each
     checked against the others, and every option against them, before anything is built or written."""
     saved = checkpoint.load_state(resume_dir) if resume_dir is not None else None
+    saved_options = {}
     if saved is not None:
         RunState.check_saved(saved, resume_dir)
+        saved_options = checkpoint.load_train_config(resume_dir)
         rows = d.world_size * cfg.data.batch_size * cfg.data.grad_accum
-        saved_rows = saved_global_batch(saved, checkpoint.load_train_config(resume_dir), resume_dir)
+        saved_rows = saved_global_batch(saved, saved_options, resume_dir)
         check_compatible(saved, resume_dir, d.world_size, cfg.model.fsdp, rows, saved_rows)
+        check_overfit_batch(cfg.data.overfit_single_batch, cfg.data.batch_size, saved_options, saved_rows, resume_dir)
     check_schedule(cfg.optim, _horizon(cfg, saved))
     lora_spec = inputs.lora_spec(cfg.lora, cfg.model, resume_dir)
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
@@ -76,7 +80,10 @@ def _read_inputs(cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist,
             "resumed at its position it would read other rows and could train on held-out ones; pass the run's own "
             f"--data (and --tokenizer), or start a new run with --init-from {resume_dir}"
         )
-    return saved, model_config, weights, adapter, tokenizer, objective, split, evaluator
+    val_rows = inputs.kept_validation_rows(
+        len(objective.data.val), cfg.eval, cfg.data.batch_size, d, saved, saved_options, resume_dir
+    )
+    return saved, model_config, weights, adapter, tokenizer, objective, split, evaluator, val_rows
 
 
 def _horizon(cfg: TrainConfig, saved: dict | None) -> int:
@@ -115,7 +122,8 @@ class Run:
     tokenizer: object
     objective: Objective  # what the run optimises: its data, loss, validation and samples
     order: data.Order  # the row order over the training data, fixed by --seed
-    eval_batches: list[list[int]]  # this rank's validation batches
+    eval_batches: list[list[int]]  # this rank's validation batches (none without --eval-every)
+    val_rows: int  # the held-out rows a validation reads, all ranks: kept by a resume (`inputs.kept_validation_rows`)
     state: RunState
     max_steps: int
     checkpointer: Checkpointer
@@ -147,6 +155,7 @@ class Run:
     def build(cls, cfg: TrainConfig, resume_dir: Path | None, d: distributed.Dist, device: torch.device) -> Run:
         """Check every input, then put the run together. Whatever fails or is interrupted on the way leaves
         the run directory as it found it (a directory this call created is removed) and the lock released."""
+        inputs.check_same_options(cfg.to_dict(), resume_dir, d)  # before any rank reads or writes anything
         try:
             precision = resolve_precision(cfg.model.precision, device)
         except ValueError as e:
@@ -156,7 +165,7 @@ class Run:
         try:
             if cfg.model.fsdp:
                 inputs.check_shared_run_dir(run_dir, d, device)
-            saved, model_config, weights, adapter, tokenizer, objective, split, evaluator = _read_inputs(
+            saved, model_config, weights, adapter, tokenizer, objective, split, evaluator, val_rows = _read_inputs(
                 cfg, resume_dir, d, device
             )
             if d.is_main:
@@ -166,8 +175,9 @@ class Run:
                     inputs.clear_run_dir(run_dir)  # only now that every input has been checked
             distributed.barrier(d)
             run = cls._assemble(
-                cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, adapter, tokenizer, objective, split
-            )
+                cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, adapter, tokenizer, objective, split,
+                val_rows,
+            )  # fmt: skip
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -181,8 +191,9 @@ class Run:
 
     @classmethod
     def _assemble(
-        cls, cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, adapter, tokenizer, objective, split
-    ) -> Run:
+        cls, cfg, d, device, precision, run_dir, saved, resume_dir, model_config, weights, adapter, tokenizer, objective, split,
+        val_rows,
+    ) -> Run:  # fmt: skip
         torch.manual_seed(cfg.data.seed)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls; on CPU fp32 stays exact fp32
@@ -202,7 +213,7 @@ class Run:
             run_dir, cfg.checkpoint, d, raw_model, optimizer, scaler, tokenizer,
             fsdp=cfg.model.fsdp, schedule=schedule_record(cfg.optim), run_options=cfg.to_dict(),
             objective_state=objective.checkpoint_state, rows=d.world_size * cfg.data.batch_size * cfg.data.grad_accum,
-            adapter=adapter,
+            val_rows=val_rows, adapter=adapter,
         )  # fmt: skip
         horizon = _horizon(cfg, saved)  # an extended run keeps the horizon it had
         state = checkpointer.restore(saved, horizon, resume_dir) if saved is not None else RunState(horizon=horizon)
@@ -236,7 +247,8 @@ class Run:
         return cls(
             cfg=cfg, d=d, device=device, run_dir=run_dir, model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
             fast_loss=fast.lm_loss if fast is not None else None, autocast=autocast, tokenizer=tokenizer,
-            objective=objective, order=data.Order(len(token_data.train), cfg.data.seed), eval_batches=inputs.eval_batches(len(token_data.val), cfg.eval, cfg.data, d),
+            objective=objective, order=data.Order(len(token_data.train), cfg.data.seed),
+            eval_batches=inputs.eval_batches(val_rows, cfg.data.batch_size, d) if cfg.eval.eval_every else [], val_rows=val_rows,
             state=state, max_steps=max_steps, checkpointer=checkpointer, logger=logger, step_metrics=step_metrics, why_not_fast=why_not_fast,
             prepared=prepared, adapter=adapter,
         )  # fmt: skip
@@ -250,7 +262,11 @@ class Run:
                 self.logger.say(line)
         data_line = self.objective.describe()
         if cfg.eval.eval_every:
-            data_line += f" (validation on {len(self.eval_batches)} batches of --eval-batches {cfg.eval.eval_batches})"
+            batches = self.eval_batches
+            data_line += (
+                f" (validation on {len(batches)} batches of --eval-batches {cfg.eval.eval_batches}: the first {self.val_rows:,} "
+                f"held-out rows, {len(batches[0])} a batch)"
+            )
         step_kind = "fast step" if self.fast_loss is not None else f"reference step ({self.why_not_fast})"
         self.logger.say(
             f"model {model_config.num_parameters():,} parameters | device {metrics.device_name(self.device)} x{d.world_size} | {precision}, "
@@ -268,6 +284,8 @@ class Run:
                     f"; written by {self.resumed_world_size} process(es), continued on {d.world_size} with --batch-size "
                     f"{cfg.data.batch_size} x --grad-accum {cfg.data.grad_accum}: the same {self.per_step} rows a step"
                 )
+                if cfg.eval.eval_every:
+                    layout += f", validation on the same first {self.val_rows:,} held-out rows"
             self.logger.say(
                 f"resumed from {self.resumed_from} at step {self.state.step} ({self.state.tokens:,} tokens seen){layout}"
             )
@@ -285,8 +303,9 @@ class Run:
     def step_rows(self) -> list[int]:
         """The training rows the next step reads, all ranks, in their global order: the next `per_step` of the row
         order (a function of --seed and the run's position alone), or with --overfit-single-batch the first
-        --batch-size rows for every micro-batch. Micro-batch m of rank r is slice m x ranks + r of --batch-size
-        rows, so a step reads the same rows on any number of processes that keeps the global batch."""
+        --batch-size rows for every micro-batch (a resume keeps the run's --batch-size: `check_overfit_batch`).
+        Micro-batch m of rank r is slice m x ranks + r of --batch-size rows, so a step reads the same rows on any
+        number of processes that keeps the global batch."""
         options = self.cfg.data
         if options.overfit_single_batch:
             return self.order.indices(0, options.batch_size) * (self.per_step // options.batch_size)
@@ -302,14 +321,29 @@ class Run:
             micro.append(tuple(t.to(self.device, non_blocking=True) if t is not None else None for t in batch))
         return micro
 
+    def batch_digest(self, rows: list[int]) -> str | None:
+        """--batch-digest: the first 16 hex digits of a SHA-256 over the SHA-256 of each row the step trains on
+        (`row_digests`), in the step's global order (`step_rows`), on the main rank (None elsewhere). Each rank
+        hashes the rows it reads itself, from its own data, and rank 0 gathers them (a collective): a rank that
+        reads other rows or other tokens (another node's copy of --data) changes the digest, which stays the same
+        on any number of processes that read the same rows."""
+        size, ranks, accum = self.cfg.data.batch_size, self.d.world_size, self.cfg.data.grad_accum
+        mine = [rows[(m * ranks + self.d.rank) * size + i] for m in range(accum) for i in range(size)]
+        hashes = torch.frombuffer(bytearray(row_digests(self.data.train, mine)), dtype=torch.uint8)
+        everyone = [t.cpu().numpy().tobytes() for t in distributed.all_tensors(self.d, hashes.to(self.device))]
+        if not self.d.is_main:
+            return None
+        each = size * 32  # one micro-batch's rows' digests
+        ordered = (everyone[r][m * each : (m + 1) * each] for m in range(accum) for r in range(ranks))  # micro m, rank r
+        return hashlib.sha256(b"".join(ordered)).hexdigest()[:16]
+
     def step(self) -> dict:
         """One optimizer step; the run state advances and the step's metrics come back."""
         self.step_metrics.start()
         lr = lr_at(self.state.step, self.cfg.optim, self.state.horizon)
         rows = self.step_rows()
         micro = self.next_batches(rows)
-        # the step's rows by content (--batch-digest), recorded by the main rank: a resume elsewhere shows the same
-        digest = rows_digest(self.data.train, rows) if self.d.is_main and self.cfg.log.batch_digest else None
+        digest = self.batch_digest(rows) if self.cfg.log.batch_digest else None
         step_loss = self.objective.step_loss(self.model, self.fast_loss, micro, self.d)
         stats: StepStats = train_step(
             self.model,

@@ -19,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from .options import TrainError
+from .options import SharedRefusal, TrainError
 
 DIR = "optimizer"  # the folder in a checkpoint
 METADATA = ".metadata"  # DCP's index of the folder's shards
@@ -131,7 +131,11 @@ def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dir
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path, param_groups: list[dict]) -> None:
     """Load the state `save_optimizer` wrote into `directory`, resharded to how this run holds `model` (any number
-    of ranks; a collective); `param_groups`: what it returned. The metadata is checked first (`read_metadata`)."""
+    of ranks; a collective); `param_groups`: what it returned. The metadata is checked first (`read_metadata`).
+    Raises TrainError (one line naming the folder) for metadata that does not fit this model, and SharedRefusal for
+    shards DCP cannot read (a damaged or truncated file whose manifest entry was rewritten to match): DCP hands a
+    rank's failure to every rank, so every rank refuses alike, before the optimizer is touched."""
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     metadata = read_metadata(directory)
@@ -146,6 +150,13 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dir
             f"the sharded optimizer state in {directory} does not fit this model ({len(differ)} item(s) differ, "
             f"e.g. {differ[0]}); resume from a checkpoint of this model"
         )
-    with _alone() as no_dist:
-        dcp.load(target, storage_reader=_Reader(directory), no_dist=no_dist)
+    try:
+        with _alone() as no_dist:
+            dcp.load(target, storage_reader=_Reader(directory), no_dist=no_dist)
+    except CheckpointException as e:  # a BaseException whose text is every rank's traceback
+        rank, (error, _) = min(e.failures.items())
+        what = " ".join(f"{type(error).__name__}: {error}".split())
+        raise SharedRefusal(
+            f"the sharded optimizer state in {directory} cannot be read (rank {rank}: {what}); resume from another checkpoint"
+        ) from None
     set_optimizer_state_dict(model, optimizer, {"state": target["state"], "param_groups": param_groups})

@@ -29,10 +29,11 @@ class RunState:
         self.data_position += rows
         self.tokens += tokens
 
-    def to_checkpoint(self, schedule: dict, world_size: int, fsdp: bool, global_batch: int) -> dict:
+    def to_checkpoint(self, schedule: dict, world_size: int, fsdp: bool, global_batch: int, val_rows: int) -> dict:
         """The plain values of `trainer_state.pt` (format 1), RNG states included; the optimizer and scaler
         states are added by the checkpointer. `global_batch`: rows a step, all ranks (processes x --batch-size x
-        --grad-accum), what a resume on another number of processes keeps."""
+        --grad-accum), and `val_rows`: held-out rows a validation reads, all ranks; what a resume on another number
+        of processes keeps."""
         return {
             "format": FORMAT,
             "step": self.step,
@@ -46,6 +47,7 @@ class RunState:
             "wandb_run_id": self.wandb_run_id or "",
             "world_size": world_size,
             "global_batch": global_batch,
+            "val_rows": val_rows,
             "fsdp": fsdp,
         }
 

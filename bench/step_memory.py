@@ -17,8 +17,9 @@ resident set read (`steady`: weights, optimizer state, data, runtime), the proce
 (`peak`, VmHWM). The peak is also split at `optimizer.step`: the mark up to there (forward, backward, clipping), then
 trimmed and reset, the update's (and what follows). `step` is peak - steady, what the step itself adds. `runtime` is
 the resident set after the imports and a tokenizer load, before anything is built (Python, torch, transformers,
-tokenizers); `peak - runtime` is what the run holds. Figures are the median over --repeats measured steps (all kept in
-the JSON). The ratios against the bounds are on the peaks; the JSON gives them on peak - runtime as well.
+tokenizers); `peak - runtime` is what the run holds (with LoRA, peft's libraries too: `peft_import_rss` says how
+much). Figures are the median over --repeats measured steps (all kept in the JSON). The ratios against the bounds are
+on the peaks; the JSON gives them on peak - runtime as well.
 """
 
 from __future__ import annotations
@@ -189,6 +190,11 @@ def child(spec: dict) -> dict:
     cfg, _ = resolve_config(spec["options"])
     inputs.load_tokenizer(cfg.model, None)  # its libraries (transformers, tokenizers) belong to the runtime
     runtime = settle()
+    libraries = 0
+    if spec["options"].get("lora_rank"):  # peft and what it imports: part of a LoRA run's figures, said apart
+        import peft  # noqa: F401
+
+        libraries = settle() - runtime
     run = Run.build(cfg, None, distributed.Dist(), torch.device("cpu"))
     built = settle()
     digest, tokens = batch_digest(run.next_batches())
@@ -221,6 +227,7 @@ def child(spec: dict) -> dict:
     return {
         "runtime_rss": runtime,
         "built_rss": built,
+        "peft_import_rss": libraries,
         "steady_rss": steadies,
         "peak_rss": peaks,
         "peak_rss_phases": phases,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import ceilings
+from bench import ceilings, step_memory
 from bench import throughput as bench
 from smollm_ref import metrics
 from smollm_ref.config import ModelConfig
@@ -462,3 +462,61 @@ def test_runs_must_be_positive(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--runs", "0"])
     assert e.value.code == 2 and "--runs" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_step_memory_sees_what_a_step_allocates_and_resets_between_steps():
+    """The high-water mark is reset before each measured call: a 64 MiB tensor made and freed inside it is seen,
+    and a call that allocates nothing afterwards shows no such increment (it would with the mark left as it was)."""
+    steady, peak = step_memory.measure(lambda: torch.ones(16 * 2**20).sum())  # 64 MiB of float32, touched
+    assert peak - steady >= 60 * 2**20
+    steady, peak = step_memory.measure(lambda: None)
+    assert peak - steady < 16 * 2**20
+
+
+def test_step_memory_ratios_hold_against_the_bounds_or_say_why_not():
+    runs = {
+        "sft": {"peak_mib": 1000.0, "peak_above_runtime_mib": 800.0},
+        "dpo": {"peak_mib": 1200.0, "peak_above_runtime_mib": 1000.0},
+        "sft-lora": {"error": "exit 1: TypeError: TrainConfig has no option(s) ['lora_rank']"},
+    }
+    rows = {r["ratio"]: r for r in step_memory.ratios(runs)}
+    assert rows["dpo / sft"] == {"ratio": "dpo / sft", "bound": 1.15, "value": 1.2, "holds": False, "above_runtime": 1.25,
+                                 "above_runtime_holds": False}  # fmt: skip
+    assert rows["sft-lora / sft"]["value"] is None and "lora_rank" in rows["sft-lora / sft"]["not_measured"]
+    assert set(rows) == {"dpo / sft", "sft-lora / sft"}  # a ratio needs both of its configurations asked for
+
+
+def test_step_memory_end_to_end_on_the_tiny_preset(tmp_path, capsys):
+    """Both configurations run the trainer's step in their own process, over the same tokens (the digest of the
+    step's rows), and the bound of issue 21 is reported on them."""
+    out = tmp_path / "m.json"
+    args = ["--model-config", "smollm2-tiny", "--n", "4", "--seq-len", "64", "--configs", "sft,dpo", "--repeats", "1",
+            "--mmap-threshold", "131072"]  # fmt: skip
+    assert step_memory.main([*args, "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    runs = results["runs"]["fp32"]
+    for config in ("sft", "dpo"):
+        run = runs[config]
+        assert "error" not in run, run
+        assert run["batch_tokens"] == 4 * 64 and run["model_class"] == "LlamaForCausalLM" and not run["fast_step"]
+        assert 0 < run["runtime_rss"] < run["steady_rss"][0] < run["peak_rss"][0]
+        assert run["peak_rss"][0] == max(run["peak_rss_phases"]["forward_backward"][0], run["peak_rss_phases"]["optimizer"][0])
+        assert run["trainable_parameters"] == run["parameters"] and run["optimizer_state_bytes"] >= 2 * run["parameter_bytes"]
+        assert run["mmap_threshold"] == "131072"  # the option reaches the configuration's process
+    assert runs["dpo"]["options"]["batch_size"] * 2 == runs["sft"]["options"]["batch_size"] == 4
+    assert runs["sft"]["batch_sha256"] == runs["dpo"]["batch_sha256"] and results["same_tokens"] == {"fp32": True}
+    (ratio,) = results["ratios"]["fp32"]
+    assert ratio["ratio"] == "dpo / sft" and ratio["bound"] == 1.15 and ratio["value"] > 0 and isinstance(ratio["holds"], bool)
+    assert (
+        results["env"]["cpu"]["model"]
+        and results["env"]["torch"]
+        and results["malloc"].startswith("MALLOC_MMAP_THRESHOLD_=131072")
+    )
+    table = capsys.readouterr().out
+    assert results["env"]["cpu"]["model"] in table and "| fp32 | dpo / sft |" in table
+
+
+def test_step_memory_refuses_an_odd_number_of_sequences(capsys):
+    with pytest.raises(SystemExit) as e:
+        step_memory.main(["--n", "3"])
+    assert e.value.code == 2 and "--n" in capsys.readouterr().err.strip().splitlines()[-1]

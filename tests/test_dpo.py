@@ -594,3 +594,12 @@ def test_the_dpo_recipes_are_the_handbooks_and_an_offline_quick_start(tmp_path):
     )
     assert quick.eval.eval_every == quick.optim.max_steps  # held-out pairs scored at the start and the end
     check_schedule(quick.optim, quick.optim.max_steps)
+    # its sample asks a held-out question: the prompt of one of the last --val-fraction pairs, in no training pair
+    from smollm_ref.data.stdlib_preferences import records
+
+    pairs = records()
+    held_out = len(pairs) - round(quick.data.val_fraction * len(pairs))
+    texts = [[record[key][0]["content"] for key in ("prompt", "chosen", "rejected")] for record in pairs]
+    assert quick.log.sample_prompt in [prompt for prompt, _, _ in texts[held_out:]]
+    answer = next(chosen for prompt, chosen, _ in texts if prompt == quick.log.sample_prompt)
+    assert not any(quick.log.sample_prompt in t or answer in t for pair in texts[:held_out] for t in pair)

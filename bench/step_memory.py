@@ -197,7 +197,7 @@ def child(spec: dict) -> dict:
         libraries = settle() - runtime
     run = Run.build(cfg, None, distributed.Dist(), torch.device("cpu"))
     built = settle()
-    digest, tokens = batch_digest(run.next_batches())
+    digest, tokens = batch_digest(run.next_batches(run.step_rows()))
     marks: dict[str, int] = {}
     optimizer_step = run.optimizer.step
 

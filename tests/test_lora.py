@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from safetensors.torch import load_file, save_file
-from trainer_runs import FORMAT1, argv, losses, tiny_options
+from trainer_runs import FORMAT1, argv, losses, one_line_error, tiny_options, tree
 
 from smollm_ref import checkpoint, distributed, lora, train
 from smollm_ref.config import ModelConfig
@@ -37,20 +37,6 @@ EPS = torch.finfo(torch.float32).eps
 # in another order, a few ulp per adapted linear, 14 of them over 2 layers. Measured 8 ulp of the largest logit
 # (tiny_config, rank 4, adapters of scale 0.1); allowed 64. A wrong scale or a linear left out moves them by ~1e-1.
 MERGE_ULPS = 64
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-3000:]
-    return lines[0]
-
-
-def tree(root: Path) -> dict[str, int]:
-    """Every file under `root` with its modification time, but the lock a refused trainer takes too."""
-    if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.name != ".lock"}
 
 
 def adapted_twins(spec: lora.LoraSpec):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainer_runs import argv, tiny_options, wandb_written
+from trainer_runs import argv, one_line_error, tiny_options, wandb_written
 
 from smollm_ref import train
 from smollm_ref.evaluate import __main__ as evaluate_cli
@@ -56,13 +56,6 @@ def evaluated(checkpoint: Path, task: Path, limit: int, tmp_path: Path, *extra: 
         == 0
     )
     return json.loads(out.read_text())["results"][task.stem]
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-3000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -18,26 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_runs import FORMAT1, argv
+from trainer_runs import FORMAT1, argv, one_line_error, tree
 from trainer_runs import tiny_options as options
 
 from smollm_ref import checkpoint, train
 from smollm_ref.train import LogOptions, OptimOptions, TrainConfig
 from smollm_ref.train.options import FIXED_ON_RESUME, INT64_MAX, option_fields
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-3000:]
-    return lines[0]
-
-
-def tree(root: Path) -> dict[str, int]:
-    """Every file of a run directory with its modification time, but the lock, which a refused trainer takes too."""
-    if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.name != ".lock"}
 
 
 def samples(run_dir: Path) -> dict[int, str]:

@@ -70,3 +70,18 @@ class GradientCapture(torch.optim.Optimizer):
 
     def step(self, closure=None):
         self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
+
+
+def one_line_error(capsys) -> str:
+    """The one line a refused command printed on stderr (`error: ...`), asserting there is one and no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def tree(root: Path) -> dict[str, int]:
+    """Every file of a run directory with its modification time, but the lock, which a refused trainer takes too."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.name != ".lock"}

@@ -307,11 +307,14 @@ def test_lora_trains_chat_and_preference_data_on_a_frozen_base(tmp_path, capsys)
                   eval_every=4, val_fraction=0.2, log_every=100, sample_tokens=4, progress=False, lr=1e-2, precision="fp32")  # fmt: skip
     assert train.main(argv({**common, "data": str(chat), "out_dir": str(tmp_path / "chat")})) == 0
     assert train.main(argv({**common, "data": str(pairs), "out_dir": str(tmp_path / "dpo"), "beta": 0.2})) == 0
+    live = {**common, "data": str(pairs), "out_dir": str(tmp_path / "dpo-live"), "beta": 0.2, "reference": "live"}
+    assert train.main(argv(live)) == 0
     err = capsys.readouterr().err
     assert "chat data" in err and "preference data (conversations)" in err
-    assert err.count("LoRA through peft: rank 8, alpha 16") == 2
+    assert err.count("LoRA through peft: rank 8, alpha 16") == 3
+    assert "live reference: the base under the LoRA adapters" in err  # no frozen copy
     records = {}
-    for name in ("chat", "dpo"):
+    for name in ("chat", "dpo", "dpo-live"):
         records[name] = {}
         for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines()):
             records[name].setdefault(r["step"], {}).update(r)
@@ -323,6 +326,11 @@ def test_lora_trains_chat_and_preference_data_on_a_frozen_base(tmp_path, capsys)
     start = 0.2 * 4 * 64 * EPS * math.log(384)
     assert abs(dpo_steps[1]["loss"] - math.log(2)) <= start and abs(dpo_steps[0]["val_rewards/margins"]) <= 2 * start
     assert dpo_steps[4]["rewards/margins"] > 0 and dpo_steps[4]["loss"] < math.log(2)
+    # --reference live with LoRA scores each micro-batch by the base under the adapters: the same rewards as the
+    # reference precomputed before step 1 (to the rounding of forwards in other batches), not the trained policy's 0
+    for step in (1, 4):
+        for key in ("loss", "rewards/margins", "rewards/chosen"):
+            assert records["dpo-live"][step][key] == pytest.approx(dpo_steps[step][key], rel=1e-4, abs=start)
 
 
 def test_the_lora_quick_start_is_the_chat_quick_start_with_adapters():

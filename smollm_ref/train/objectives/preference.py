@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import time
 from pathlib import Path
 
@@ -112,16 +111,6 @@ def disable_dropout(model) -> str | None:
         return None
     what = ", ".join(f"{key} in {count} modules" for key, count in turned.items())
     return f"dropout off for preference tuning (TRL's DPOConfig disable_dropout=True): {what} set to 0"
-
-
-def weights_sha256(model) -> str:
-    """The SHA-256 of a plain (unsharded) model's state dict: names, dtypes, shapes and bytes, in its order."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        h.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return h.hexdigest()
 
 
 class PairLoss:
@@ -262,7 +251,7 @@ class PreferenceObjective:
             from ...weights import load_into
 
             load_into(frozen, distributed.full_model_state(model))  # every rank: under FSDP the shards gather
-            self.initial = {"init_from": _recorded_source(self.init_from), "sha256": weights_sha256(frozen)}
+            self.initial = {"init_from": _recorded_source(self.init_from), "sha256": lora.weights_digest(frozen.state_dict())}
             how = "copied from the initial model"
         else:
             self.initial = self.saved.get("initial_model")
@@ -273,7 +262,7 @@ class PreferenceObjective:
                     "weights with --init-from"
                 )
             frozen = _rebuild(self.initial["init_from"], model.config, self.options.seed, device)
-            if weights_sha256(frozen) != self.initial["sha256"]:
+            if lora.weights_digest(frozen.state_dict()) != self.initial["sha256"]:
                 raise TrainError(
                     f"--reference live scores against the run's initial model, rebuilt from "
                     f"{_named(self.initial['init_from'], self.options.seed)}, "
